@@ -1,0 +1,395 @@
+"""The one dispatch mechanism: every aten op on a BatchedTensor lands in :func:`dispatch`.
+
+``dispatch`` takes the highest level among the arguments, unwraps only that level (tensors
+batched at lower levels are plain values here: the physical call dispatches them again), applies
+the op's batching rule and re-wraps the result.  Per ``OpOverload`` it caches an :class:`_Op`
+holding what the schema says (which argument positions can hold tensors, which are written in
+place) and which handler applies, so the hot path does no schema work and no pytree work:
+aten arguments are flat except ``Tensor[]`` lists, whose positions are cached too.
+
+Handler order for an op: a registered rule; a rule by tag (``pointwise``); the op's own
+CompositeImplicitAutograd decomposition (pitfall 1: composite ops reach us when called below
+autograd, from inside rules); a decomposition from ``torch._decomp.decompositions`` (not the
+whole table: most of it lowers to ``prims.*``, pitfall 2); and last a correct but slow
+per-example loop that warns once per op (:class:`FallbackWarning`) and is counted in
+:func:`fallback_stats`.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import warnings
+
+import torch
+
+from . import levels as _levels
+from .autograd import ensure_sum_hook
+from .batched import BatchedTensor
+from .random import random_dispatch
+from .registry import RULES, on_change
+
+__all__ = ["dispatch", "FallbackWarning", "fallback_stats", "reset_fallback_stats", "op_status",
+           "VmapError"]
+
+aten = torch.ops.aten
+
+
+class FallbackWarning(UserWarning):
+    """An op had no batching rule and ran as a per-example loop (correct, but slow)."""
+
+
+class VmapError(RuntimeError):
+    """An operation that vmap cannot batch (data-dependent control flow, unsafe in-place)."""
+
+
+_fallback_counts: collections.Counter = collections.Counter()
+_warned: set = set()
+_lock = threading.Lock()
+
+
+def fallback_stats() -> dict:
+    """``{op name: number of calls}`` for every op that ran through the loop fallback."""
+    return dict(_fallback_counts)
+
+
+def reset_fallback_stats() -> None:
+    _fallback_counts.clear()
+    _warned.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-op cache
+# ----------------------------------------------------------------------------------------------
+
+_TensorType = torch._C.TensorType
+_OptionalType = torch._C.OptionalType
+_ListType = torch._C.ListType
+
+
+def _is_tensor_type(t) -> bool:
+    if isinstance(t, _OptionalType):
+        t = t.getElementType()
+    return isinstance(t, _TensorType)
+
+
+def _is_tensor_list_type(t) -> bool:
+    if isinstance(t, _OptionalType):
+        t = t.getElementType()
+    return isinstance(t, _ListType) and _is_tensor_type(t.getElementType())
+
+
+# Ops whose *result* depends on tensor values in a way no batched kernel can express.
+_DATA_DEPENDENT_HINTS = {
+    "aten::_local_scalar_dense": "`.item()`, `float(x)`, `int(x)`, `bool(x)` or a Python `if` "
+    "on a per-example value. Use tensor ops instead: `torch.where(cond, a, b)` for a branch, "
+    "keep scalars as 0-dim tensors",
+    "aten::is_nonzero": "a Python `if`/`while` or `bool()` on a per-example value. Use "
+    "`torch.where(cond, a, b)` to select per example",
+    "aten::equal": "`torch.equal` returns one Python bool; compare with `torch.eq(a, b).all()` "
+    "(a per-example 0-dim tensor) instead",
+    "aten::nonzero": "`nonzero` / boolean-mask indexing returns a different number of elements "
+    "per example. Use `torch.where(mask, x, 0)` or multiply by the mask instead",
+    "aten::nonzero_static": None,
+    "aten::masked_select": "`masked_select` / `x[mask]` returns a different number of elements per "
+    "example. Use `torch.where(mask, x, 0)` instead",
+    "aten::unique": "`unique` returns a different number of elements per example",
+    "aten::_unique": "`unique` returns a different number of elements per example",
+    "aten::_unique2": "`unique` returns a different number of elements per example",
+    "aten::unique_dim": "`unique` returns a different number of elements per example",
+    "aten::unique_consecutive": "`unique_consecutive` returns a different number of elements per "
+    "example",
+    "aten::unique_dim_consecutive": "`unique_consecutive` returns a different number of elements "
+    "per example",
+    "aten::allclose": "`allclose` returns one Python bool; use `torch.isclose(a, b).all()`",
+    "aten::is_same_size": None,
+}
+
+
+class _Op:
+    __slots__ = ("func", "name", "tensor_pos", "list_pos", "kw_tensor", "mutable_pos",
+                 "returns_self", "inplace_view", "random", "handler", "kind")
+
+
+def _prepare(func) -> _Op:
+    from .rules import tag_rule  # late: rules import this module
+
+    op = _Op()
+    schema = func._schema
+    op.func = func
+    op.name = schema.name
+    op.tensor_pos, op.list_pos, op.kw_tensor, op.mutable_pos = [], [], [], []
+    for i, arg in enumerate(schema.arguments):
+        is_t, is_l = _is_tensor_type(arg.type), _is_tensor_list_type(arg.type)
+        if arg.kwarg_only:
+            if is_t or is_l:
+                op.kw_tensor.append(arg.name)
+            continue
+        if is_t:
+            op.tensor_pos.append(i)
+        elif is_l:
+            op.list_pos.append(i)
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            op.mutable_pos.append(i)
+    rets = schema.returns
+    op.returns_self = bool(
+        op.mutable_pos == [0] and len(rets) == 1 and rets[0].alias_info is not None
+        and rets[0].alias_info.is_write
+    )
+    tags = func.tags
+    op.inplace_view = torch.Tag.inplace_view in tags
+    op.random = torch.Tag.nondeterministic_seeded in tags
+    op.handler, op.kind = _choose_handler(func, tags, tag_rule)
+    return op
+
+
+def _choose_handler(func, tags, tag_rule):
+    name = func._schema.name
+    if name in _DATA_DEPENDENT_HINTS:
+        return _data_dependent, "error"
+    rule = RULES.get(func)
+    if rule is not None:
+        return _rule_handler(rule), "rule"
+    rule = tag_rule(func, tags)
+    if rule is not None:
+        return _rule_handler(rule), "rule"
+    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+        return _decompose_composite, "decomposition"
+    decomp = _decompositions().get(func)
+    if decomp is not None:
+        return _decomp_handler(decomp), "decomposition"
+    if torch.Tag.dynamic_output_shape in tags or torch.Tag.data_dependent_output in tags:
+        return _data_dependent, "error"
+    return _rule_handler(_loop_fallback), "fallback"
+
+
+_DECOMPS = None
+
+
+def _decompositions() -> dict:
+    """Entries of torch's decomposition table written in ``torch._decomp.decompositions``.
+
+    The rest of the table lowers to ``prims.*`` (pitfall 2), which have no batching rules.
+    """
+    global _DECOMPS
+    if _DECOMPS is None:
+        from torch._decomp import decomposition_table
+
+        mods = ("torch._decomp.decompositions", "torch._refs.nn.functional")
+        _DECOMPS = {
+            op: fn for op, fn in decomposition_table.items()
+            if getattr(fn, "__module__", "") in mods[:1]
+        }
+    return _DECOMPS
+
+
+_OPS: dict = {}
+on_change(_OPS.clear)
+
+
+def op_status(func) -> str:
+    """How vmap handles ``func`` (an OpOverload): 'rule', 'decomposition', 'fallback', 'error'."""
+    op = _OPS.get(func) or _prepare(func)
+    return op.kind
+
+
+# ----------------------------------------------------------------------------------------------
+# The hot path
+# ----------------------------------------------------------------------------------------------
+
+def dispatch(func, args, kwargs, from_mode=False):
+    op = _OPS.get(func)
+    if op is None:
+        op = _OPS[func] = _prepare(func)
+    level = None
+    n = len(args)
+    for i in op.tensor_pos:
+        if i < n:
+            a = args[i]
+            if type(a) is BatchedTensor and (level is None or a.level.id > level.id):
+                level = a.level
+    for i in op.list_pos:
+        if i < n and args[i] is not None:
+            for a in args[i]:
+                if type(a) is BatchedTensor and (level is None or a.level.id > level.id):
+                    level = a.level
+    if kwargs and op.kw_tensor:
+        for name in op.kw_tensor:
+            a = kwargs.get(name)
+            if type(a) is BatchedTensor and (level is None or a.level.id > level.id):
+                level = a.level
+    if op.random:
+        return random_dispatch(op, level, args, kwargs or {}, from_mode)
+    if level is None:
+        return func(*args, **(kwargs or {}))
+    return op.handler(op, level, args, kwargs or {})
+
+
+def unwrap_args(op, level, args):
+    """Replace tensors batched at ``level`` by their physical values; return (args, bdims)."""
+    args = list(args)
+    n = len(args)
+    bdims = [None] * n
+    grad_on = None
+    for i in op.tensor_pos:
+        if i < n:
+            a = args[i]
+            if type(a) is BatchedTensor and a.level is level:
+                args[i] = a.value
+                bdims[i] = a.bdim
+            elif isinstance(a, torch.Tensor) and a.requires_grad:
+                # A tensor captured from outside this level: its gradient will be per-example.
+                if grad_on is None:
+                    grad_on = torch.is_grad_enabled()
+                if grad_on:
+                    ensure_sum_hook(a)
+    for i in op.list_pos:
+        if i < n and args[i] is not None:
+            lst = args[i]
+            if any(type(a) is BatchedTensor and a.level is level for a in lst):
+                vals, bds = [], []
+                for a in lst:
+                    if type(a) is BatchedTensor and a.level is level:
+                        vals.append(a.value)
+                        bds.append(a.bdim)
+                    else:
+                        vals.append(a)
+                        bds.append(None)
+                args[i] = vals
+                bdims[i] = tuple(bds)
+    return args, bdims
+
+
+def wrap_result(out, out_bdims, level):
+    if out_bdims is None:
+        return out
+    if type(out_bdims) is int:
+        return BatchedTensor(out, out_bdims, level)
+    wrapped = [o if b is None else BatchedTensor(o, b, level) for o, b in zip(out, out_bdims)]
+    return wrapped if isinstance(out, list) else tuple(wrapped)
+
+
+def _check_mutation(op, level, args, bdims):
+    for i in op.mutable_pos:
+        if i < len(bdims) and bdims[i] is None and args[i] is not None and any(
+            b is not None for b in bdims
+        ):
+            raise VmapError(
+                f"{describe(level)}: {op.name} writes in place into an argument that is not "
+                "batched (it has no per-example dimension) from a batched value; the result "
+                "cannot fit. Write into a batched tensor instead, e.g. replace "
+                "`y.add_(x)` by `y = y + x`, or pass `y` to vmap as a mapped input."
+            )
+
+
+def _rule_handler(rule):
+    def handle(op, level, args, kwargs):
+        pargs, bdims = unwrap_args(op, level, args)
+        if op.mutable_pos:
+            _check_mutation(op, level, pargs, bdims)
+        if op.kw_tensor and any(type(kwargs.get(k)) is BatchedTensor and kwargs[k].level is level
+                                for k in op.kw_tensor):
+            out, obd = _loop_fallback(level, op.func, pargs, bdims, kwargs)
+        else:
+            out, obd = rule(level, op.func, pargs, bdims, kwargs)
+        if op.returns_self:
+            self = args[0]
+            if op.inplace_view:
+                self._sync_metadata()
+            return self
+        return wrap_result(out, obd, level)
+
+    handle.rule = rule
+    return handle
+
+
+def _decompose_composite(op, level, args, kwargs):
+    out = op.func.decompose(*args, **kwargs)
+    if out is NotImplemented:  # pragma: no cover - kernel table said it had one
+        return _rule_handler(_loop_fallback)(op, level, args, kwargs)
+    return out
+
+
+def _decomp_handler(fn):
+    def handle(op, level, args, kwargs):
+        return fn(*args, **kwargs)
+
+    return handle
+
+
+def _data_dependent(op, level, args, kwargs):
+    hint = _DATA_DEPENDENT_HINTS.get(op.name) or (
+        f"{op.name} has an output whose shape or value depends on the data of each example"
+    )
+    raise VmapError(
+        f"{describe(level)}: data-dependent operation {op.name} on a batched value is not "
+        f"supported: {hint}."
+    )
+
+
+def describe(level) -> str:
+    """The user's call form for error messages (``vmap(f, in_dims=...)(...)``)."""
+    origin = getattr(level, "origin", None)
+    if origin:
+        return origin() if callable(origin) else origin
+    return "vmap"
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop fallback
+# ----------------------------------------------------------------------------------------------
+
+def _select(x, bdim, i):
+    return x if bdim is None else x.select(bdim, i)
+
+
+def _loop_fallback(level, func, args, bdims, kwargs):
+    name = str(func)
+    with _lock:
+        _fallback_counts[name] += 1
+        first = name not in _warned
+        _warned.add(name)
+    if first:
+        warnings.warn(
+            f"ftrans.vmap: no batching rule for {name}; running it as a per-example loop "
+            "(correct but slow). Register one with ftrans.register_batch_rule.",
+            FallbackWarning,
+            stacklevel=2,
+        )
+    results = []
+    for b in range(level.batch_size):
+        call_args = []
+        for a, bd in zip(args, bdims):
+            if isinstance(bd, tuple):
+                call_args.append([_select(x, d, b) for x, d in zip(a, bd)])
+            else:
+                call_args.append(_select(a, bd, b))
+        results.append(func(*call_args, **kwargs))
+    first_out = results[0]
+    if isinstance(first_out, torch.Tensor):
+        return _stack(results, func, level), 0
+    if isinstance(first_out, (tuple, list)):
+        outs, obds = [], []
+        for j, o in enumerate(first_out):
+            if isinstance(o, torch.Tensor):
+                outs.append(_stack([r[j] for r in results], func, level))
+                obds.append(0)
+            else:
+                outs.append(o)
+                obds.append(None)
+        return (list(outs) if isinstance(first_out, list) else tuple(outs)), tuple(obds)
+    if first_out is None:
+        return None, None
+    raise VmapError(
+        f"{describe(level)}: {func} returns a Python {type(first_out).__name__} that depends on "
+        "each example's data; vmap cannot batch it."
+    )
+
+
+def _stack(results, func, level):
+    shape = results[0].shape
+    if any(r.shape != shape for r in results):
+        raise VmapError(
+            f"{describe(level)}: {func} returned outputs of different shapes for different "
+            "examples; vmap needs every example to produce the same shape."
+        )
+    return torch.stack(results)

@@ -1,0 +1,77 @@
+"""The interpreter stack.
+
+Every active transform (a ``vmap`` or a ``grad``-family call) is a :class:`Level` pushed on a
+stack for the duration of the call.  Level ids come from one global, ever-increasing counter, so
+an inner transform always has a higher id than any live outer one, and an id is never reused:
+a tensor tagged with a level can always tell which transform made it, even after that transform
+has returned (``alive`` is then False: pitfall 5 of DESIGN.md, "exited levels").
+
+The stack itself is thread-local (two threads running transforms never see each other's levels),
+but nothing in dispatch reads it: a batched tensor carries its :class:`Level` object, so the
+backward passes that autograd runs on its own device threads dispatch from the tensors' tags
+alone (pitfall 7).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+
+__all__ = ["Level", "push", "pop", "current_stack", "VMAP", "GRAD", "JVP"]
+
+VMAP = "vmap"
+GRAD = "grad"
+JVP = "jvp"
+
+_ids = itertools.count(1)
+_tls = threading.local()
+
+
+class Level:
+    """One transform on the stack.  ``id`` orders levels; ``alive`` is False once it exited."""
+
+    __slots__ = ("id", "kind", "batch_size", "randomness", "alive", "origin", "__weakref__")
+
+    def __init__(self, kind: str, batch_size: int = 0, randomness: str = "error"):
+        self.id = next(_ids)
+        self.kind = kind
+        self.batch_size = batch_size
+        self.randomness = randomness
+        self.alive = True
+        self.origin = None  # str or callable giving the user's call form, for error messages
+
+    def __repr__(self) -> str:
+        extra = f", batch_size={self.batch_size}" if self.kind == VMAP else ""
+        state = "" if self.alive else ", exited"
+        return f"Level({self.kind}, id={self.id}{extra}{state})"
+
+
+def current_stack() -> list:
+    """This thread's stack of live levels, outermost first."""
+    stack = getattr(_tls, "stack", None)
+    if stack is None:
+        stack = _tls.stack = []
+    return stack
+
+
+def push(level: Level) -> Level:
+    current_stack().append(level)
+    return level
+
+
+def pop(level: Level) -> None:
+    """Pop ``level`` (and, defensively, anything an exception left above it) and mark it exited."""
+    stack = current_stack()
+    while stack:
+        top = stack.pop()
+        top.alive = False
+        if top is level:
+            return
+    level.alive = False
+
+
+def innermost(kind: str | None = None):
+    """The innermost live level of ``kind`` (any kind if None) in this thread, or None."""
+    for level in reversed(current_stack()):
+        if kind is None or level.kind == kind:
+            return level
+    return None

@@ -1,0 +1,71 @@
+"""The batching-rule registry: one dict, one decorator, one rule signature.
+
+A batching rule lowers one aten op applied to tensors batched at one vmap level onto native
+torch ops on the physical tensors::
+
+    @register_batch_rule(torch.ops.aten.mm)
+    def mm_rule(level, func, args, bdims, kwargs):
+        ...
+        return out, out_bdim
+
+- ``level``:  the vmap :class:`~ftrans._C.levels.Level` being processed (``level.batch_size``);
+- ``func``:   the ``OpOverload`` being called;
+- ``args``:   its positional arguments, with tensors batched at ``level`` replaced by their
+              physical values (any other tensor is unbatched *at this level*; it may still be
+              batched at a lower level, which the physical call handles by dispatching again);
+- ``bdims``:  a list parallel to ``args``: the batch dim of each physical value, ``None`` for
+              unbatched tensors and non-tensors; for a ``Tensor[]`` argument, a tuple with one
+              entry per element (or ``None`` if no element is batched);
+- ``kwargs``: keyword arguments, untouched.
+
+It returns ``(out, out_bdims)``: ``out`` a tensor or tuple of tensors, ``out_bdims`` an int or
+``None`` (for a tensor) or a tuple of those (for a tuple).  Returning ``None`` bdims means "this
+output does not depend on the batch".
+
+Registering a rule for an ``OpOverloadPacket`` (``torch.ops.aten.mm``) registers it for every
+overload; an ``OpOverload`` (``torch.ops.aten.sum.dim_IntList``) registers just that one.
+Users register rules for their own ``torch.library`` ops with the same decorator.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["register_batch_rule", "get_batch_rule", "RULES"]
+
+RULES: dict = {}
+_listeners: list = []
+
+
+def _overloads(op):
+    if isinstance(op, torch._ops.OpOverload):
+        return [op]
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return [getattr(op, name) for name in op.overloads()]
+    raise TypeError(
+        f"register_batch_rule: expected a torch.ops OpOverload or OpOverloadPacket, got {op!r}"
+    )
+
+
+def register_batch_rule(*ops) -> Callable:
+    """Decorator registering ``fn`` as the batching rule of each op in ``ops``."""
+
+    def decorator(fn):
+        for op in ops:
+            for overload in _overloads(op):
+                RULES[overload] = fn
+        for listener in _listeners:
+            listener()
+        return fn
+
+    return decorator
+
+
+def get_batch_rule(op):
+    return RULES.get(op)
+
+
+def on_change(callback) -> None:
+    """``callback()`` runs whenever a rule is (re)registered: dispatch drops its per-op cache."""
+    _listeners.append(callback)

@@ -1,0 +1,62 @@
+"""Small helpers every rule file uses: moving batch dims, materializing them, logical dims."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["to_front", "batched_front", "logical_rank", "wrap_dim", "any_batched", "pad_rank",
+           "first_batched"]
+
+
+def to_front(x: torch.Tensor, bdim):
+    """``x`` with its batch dim moved to 0 (a view); unbatched tensors are returned as they are."""
+    if bdim is None or bdim == 0:
+        return x
+    return x.movedim(bdim, 0)
+
+
+def batched_front(x: torch.Tensor, bdim, batch_size: int) -> torch.Tensor:
+    """``x`` with a batch dim at 0, expanding an unbatched tensor (no copy)."""
+    if bdim is None:
+        return x.unsqueeze(0).expand((batch_size,) + tuple(x.shape))
+    return x if bdim == 0 else x.movedim(bdim, 0)
+
+
+def logical_rank(x: torch.Tensor, bdim) -> int:
+    return x.dim() - (bdim is not None)
+
+
+def wrap_dim(dim: int, rank: int) -> int:
+    """Normalize a possibly negative logical dim (rank 0 tensors accept -1 and 0)."""
+    r = max(rank, 1)
+    if dim < -r or dim >= r:
+        raise IndexError(
+            f"Dimension out of range (expected to be in range of [{-r}, {r - 1}], but got {dim})"
+        )
+    return dim + r if dim < 0 else dim
+
+
+def any_batched(bdims) -> bool:
+    for b in bdims:
+        if b is not None:
+            if isinstance(b, tuple):
+                if any(x is not None for x in b):
+                    return True
+            else:
+                return True
+    return False
+
+
+def pad_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """A front-batched ``x`` viewed with size-1 dims after the batch dim up to logical ``rank``."""
+    missing = rank - (x.dim() - 1)
+    if missing <= 0:
+        return x
+    shape = x.shape
+    return x.view((shape[0],) + (1,) * missing + tuple(shape[1:]))
+
+
+def first_batched(args, bdims):
+    for a, b in zip(args, bdims):
+        if b is not None and not isinstance(b, tuple):
+            return a, b
+    return None, None

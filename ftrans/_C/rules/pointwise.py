@@ -1,0 +1,81 @@
+"""Pointwise ops: one generic rule for every op torch tags ``pointwise``.
+
+Batched arguments get their batch dim moved to the front and are padded with size-1 dims up to
+the largest logical rank, so torch's own broadcasting lines up the example dims; unbatched
+arguments broadcast as they are.  The batched op is the same native kernel on bigger tensors.
+
+Type promotion needs one care: a batched *logical* 0-dim tensor is physically 1-dim, and torch
+promotes dimensioned tensors over 0-dim ones.  When that changes the result dtype, the 0-dim
+argument is cast to the logical result dtype first (found once per signature on meta tensors).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..registry import register_batch_rule
+from ._util import pad_rank
+
+aten = torch.ops.aten
+
+_promotion_cache: dict = {}
+
+
+def pointwise_rule(level, func, args, bdims, kwargs):
+    rank = 0
+    batched_0dim = False
+    dtypes = set()
+    for a, b in zip(args, bdims):
+        if isinstance(a, torch.Tensor):
+            r = a.dim() - (b is not None)
+            if r > rank:
+                rank = r
+            if r == 0 and b is not None:
+                batched_0dim = True
+            dtypes.add(a.dtype)
+    new_args = list(args)
+    for i, b in enumerate(bdims):
+        if b is not None:
+            x = new_args[i]
+            if b != 0:
+                x = x.movedim(b, 0)
+            new_args[i] = pad_rank(x, rank)
+    if batched_0dim and len(dtypes) > 1:
+        _fix_promotion(func, args, bdims, kwargs, new_args)
+    out = func(*new_args, **kwargs)
+    if isinstance(out, tuple):
+        return out, (0,) * len(out)
+    return out, 0
+
+
+def _fix_promotion(func, args, bdims, kwargs, new_args):
+    key = (func,) + tuple(
+        (a.dtype, a.dim() - (b is not None), b is not None) if isinstance(a, torch.Tensor)
+        else type(a) for a, b in zip(args, bdims)
+    )
+    expected = _promotion_cache.get(key)
+    if expected is None:
+        meta = [
+            torch.empty((1,) * (a.dim() - (b is not None)), dtype=a.dtype, device="meta")
+            if isinstance(a, torch.Tensor) else a
+            for a, b in zip(args, bdims)
+        ]
+        try:
+            out = func(*meta, **kwargs)
+            expected = out[0].dtype if isinstance(out, tuple) else out.dtype
+        except Exception:
+            expected = False
+        _promotion_cache[key] = expected
+    if expected is False:
+        return
+    for i, (a, b) in enumerate(zip(args, bdims)):
+        if (b is not None and a.dim() == 1 and a.dtype != expected and a.dtype != torch.bool
+                and a.dtype.is_floating_point == expected.is_floating_point
+                and a.dtype.is_complex == expected.is_complex):
+            new_args[i] = new_args[i].to(expected)
+
+
+_EXCLUDED = set()
+
+
+def is_pointwise(func, tags) -> bool:
+    return torch.Tag.pointwise in tags and func not in _EXCLUDED

@@ -1,0 +1,69 @@
+"""Shared test utilities: compare vmap against a per-example loop, for every batch-dim placement."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import warnings
+
+import torch
+
+import ftrans
+
+
+def loop_reference(fn, args, in_dims, out_dims=0, kwargs=None):
+    """Stack ``fn`` applied to each example (the oracle)."""
+    kwargs = kwargs or {}
+    sizes = [a.shape[d] for a, d in zip(args, in_dims) if d is not None]
+    B = sizes[0]
+    outs = []
+    for i in range(B):
+        ex = [a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]
+        outs.append(fn(*ex, **kwargs))
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack(outs, dim=out_dims)
+    n = len(outs[0])
+    ods = out_dims if isinstance(out_dims, (tuple, list)) else (out_dims,) * n
+    return type(outs[0])(torch.stack([o[j] for o in outs], dim=ods[j]) for j in range(n))
+
+
+@contextlib.contextmanager
+def no_fallback():
+    """Fail if any op inside ran through the loop fallback."""
+    before = dict(ftrans.fallback_stats())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ftrans.FallbackWarning)
+        yield
+    after = ftrans.fallback_stats()
+    new = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    assert not new, f"ops fell back to the per-example loop: {new}"
+
+
+def bdim_variants(args, in_dims):
+    """Yield (args, in_dims) with each batched arg's batch dim moved to 0, the end, the middle."""
+    choices = []
+    for a, d in zip(args, in_dims):
+        if d is None or not isinstance(a, torch.Tensor):
+            choices.append([(a, d)])
+            continue
+        n = a.dim()
+        opts = []
+        for p in sorted({0, n - 1, n // 2}):
+            opts.append((a.movedim(d, p), p))
+        choices.append(opts)
+    for combo in itertools.product(*choices):
+        yield [c[0] for c in combo], tuple(c[1] for c in combo)
+
+
+def check_vmap(fn, args, in_dims=0, *, kwargs=None, atol=1e-5, rtol=1e-5, allow_fallback=False,
+               all_placements=True, out_dims=0):
+    """Assert vmap(fn) equals the per-example loop for every placement of the batch dims."""
+    if not isinstance(in_dims, tuple):
+        in_dims = (in_dims,) * len(args)
+    variants = bdim_variants(args, in_dims) if all_placements else [(list(args), in_dims)]
+    for vargs, vdims in variants:
+        expected = loop_reference(fn, vargs, vdims, out_dims, kwargs)
+        ctx = contextlib.nullcontext() if allow_fallback else no_fallback()
+        with ctx:
+            got = ftrans.vmap(fn, in_dims=vdims, out_dims=out_dims)(*vargs, **(kwargs or {}))
+        torch.testing.assert_close(got, expected, atol=atol, rtol=rtol, equal_nan=True,
+                                   msg=lambda m: f"in_dims={vdims}: {m}")
