@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BatchedTensor", "add_batch_dim", "remove_batch_dim", "is_batched_at", "unwrap_level"]
+__all__ = ["BatchedTensor", "make_batched", "add_batch_dim", "remove_batch_dim", "is_batched_at", "unwrap_level"]
 
 _PYTHON_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.Python)
 
@@ -33,22 +33,7 @@ class BatchedTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, value: torch.Tensor, bdim: int, level):
-        shape = value.shape
-        strides = value.stride()
-        out = torch.Tensor._make_wrapper_subclass(
-            cls,
-            shape[:bdim] + shape[bdim + 1:],
-            strides=strides[:bdim] + strides[bdim + 1:],
-            storage_offset=value.storage_offset(),
-            dtype=value.dtype,
-            device=value.device,
-            layout=value.layout,
-            requires_grad=False,
-        )
-        out.value = value
-        out.bdim = bdim
-        out.level = level
-        return out
+        return make_batched(value, bdim, level)
 
     def __init__(self, *args, **kwargs):
         pass
@@ -81,6 +66,35 @@ class BatchedTensor(torch.Tensor):
                 self, shape[:bdim] + shape[bdim + 1:], strides[:bdim] + strides[bdim + 1:],
                 value.storage_offset(),
             )
+
+
+_make_wrapper = torch.Tensor._make_wrapper_subclass
+
+
+def make_batched(value: torch.Tensor, bdim: int, level) -> BatchedTensor:
+    """The fast constructor (the dispatch hot path calls it once per output).
+
+    Strides are passed only when they are not the contiguous default: parsing them costs about
+    as much as the rest of the wrapper creation.
+    """
+    shape = value.shape
+    if bdim == 0 and value.is_contiguous():
+        out = _make_wrapper(BatchedTensor, shape[1:], dtype=value.dtype, device=value.device)
+    else:
+        strides = value.stride()
+        out = _make_wrapper(
+            BatchedTensor,
+            shape[:bdim] + shape[bdim + 1:],
+            strides=strides[:bdim] + strides[bdim + 1:],
+            storage_offset=value.storage_offset(),
+            dtype=value.dtype,
+            device=value.device,
+            layout=value.layout,
+        )
+    out.value = value
+    out.bdim = bdim
+    out.level = level
+    return out
 
 
 def is_batched_at(t, level) -> bool:

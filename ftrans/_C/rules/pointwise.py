@@ -20,29 +20,41 @@ aten = torch.ops.aten
 _promotion_cache: dict = {}
 
 
+_Tensor = torch.Tensor
+
+
 def pointwise_rule(level, func, args, bdims, kwargs):
+    # One pass: the largest logical rank, and whether dtypes could promote differently.
     rank = 0
     batched_0dim = False
-    dtypes = set()
+    dtype = None
+    mixed = False
     for a, b in zip(args, bdims):
-        if isinstance(a, torch.Tensor):
-            r = a.dim() - (b is not None)
+        if isinstance(a, _Tensor):
+            r = a.dim()
+            if b is not None:
+                r -= 1
+                if r == 0:
+                    batched_0dim = True
             if r > rank:
                 rank = r
-            if r == 0 and b is not None:
-                batched_0dim = True
-            dtypes.add(a.dtype)
+            if dtype is None:
+                dtype = a.dtype
+            elif a.dtype != dtype:
+                mixed = True
     new_args = list(args)
     for i, b in enumerate(bdims):
         if b is not None:
             x = new_args[i]
             if b != 0:
                 x = x.movedim(b, 0)
-            new_args[i] = pad_rank(x, rank)
-    if batched_0dim and len(dtypes) > 1:
+            if x.dim() - 1 < rank:
+                x = pad_rank(x, rank)
+            new_args[i] = x
+    if batched_0dim and mixed:
         _fix_promotion(func, args, bdims, kwargs, new_args)
     out = func(*new_args, **kwargs)
-    if isinstance(out, tuple):
+    if type(out) is tuple:
         return out, (0,) * len(out)
     return out, 0
 

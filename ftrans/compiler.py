@@ -1,0 +1,172 @@
+"""``ftrans.compile``: trace a transformed function once per input signature, replay flat aten.
+
+Python dispatch costs microseconds per op; a per-sample-gradient step runs hundreds of ops.
+``compile`` runs the function once under ``make_fx`` with fake tensors, which records the
+*physical* aten ops that the batching rules emitted (no BatchedTensor survives tracing), and
+caches the resulting ``GraphModule``.  Later calls with the same signature replay that flat graph
+directly: no levels, no wrappers, no rules.  On CUDA the replay can be captured in a CUDA graph
+(one launch for the whole step), and the flat graph can be handed to ``torch.compile``.
+
+The cache key is the input signature: the pytree structure of the arguments, and for every
+tensor its shape, dtype, device, layout and ``requires_grad``; other leaves by value (or
+identity if unhashable); plus the grad mode.  Any change retraces.  What a trace cannot see is
+Python control flow on tensor *values*: tracing with fake tensors makes it fail loudly
+(``.item()``, ``bool(t)`` raise), in which case ``compile`` warns once and runs the function
+eagerly from then on for that signature.  Tensors the function closes over are read at replay
+time (they are graph constants by reference, so in-place updates to them are seen), but a
+closure rebound to a *new* tensor object is not: pass changing tensors as arguments.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable, Optional
+
+import optree
+import torch
+
+__all__ = ["compile"]
+
+
+class CompileWarning(UserWarning):
+    """ftrans.compile could not trace a signature and runs it eagerly."""
+
+
+def _leaf_key(x):
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.dtype, x.device, x.layout, x.requires_grad)
+    try:
+        hash(x)
+        return ("V", type(x), x)
+    except TypeError:
+        return ("I", id(x))
+
+
+def compile(
+    fn: Callable,
+    *,
+    cuda_graph: Optional[bool] = None,
+    backend: Optional[str] = None,
+    clone_outputs: bool = True,
+) -> Callable:
+    """Trace ``fn`` once per input signature into a flat aten graph and replay it.
+
+    Args:
+        fn: any function of tensors (pytrees allowed), typically ``vmap(grad(loss))``.
+        cuda_graph: capture the replay in a CUDA graph.  Default: on when every tensor input is
+            on a CUDA device and no input requires grad (CUDA-graph replays are not
+            differentiable).
+        backend: if given (e.g. ``"inductor"``), hand the flat graph to ``torch.compile`` with
+            this backend.
+        clone_outputs: with CUDA graphs, return copies of the graph's static output buffers
+            (the next replay overwrites them).  Set False to get the buffers themselves.
+
+    Example:
+        >>> import torch, ftrans
+        >>> w = torch.randn(3)
+        >>> f = ftrans.compile(ftrans.vmap(lambda x: (x * w).sum()))
+        >>> torch.allclose(f(torch.ones(4, 3)), torch.ones(4, 3) @ w)
+        True
+    """
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def compiled(*args, **kwargs):
+        leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
+        key = (spec, tuple(_leaf_key(x) for x in leaves), torch.is_grad_enabled())
+        entry = cache.get(key)
+        if entry is None:
+            entry = cache[key] = _trace(fn, leaves, spec, cuda_graph, backend, clone_outputs)
+        return entry(leaves)
+
+    compiled.cache = cache  # introspection: one entry per traced signature
+    return compiled
+
+
+def _trace(fn, leaves, spec, cuda_graph, backend, clone_outputs):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    template = list(leaves)
+    out_spec_box = []
+
+    def flat_fn(*tensors):
+        full = list(template)
+        for i, t in zip(tensor_pos, tensors):
+            full[i] = t
+        args, kwargs = optree.tree_unflatten(spec, full)
+        out = fn(*args, **kwargs)
+        out_leaves, out_spec = optree.tree_flatten(out, none_is_leaf=True)
+        out_spec_box.append((out_spec, [isinstance(o, torch.Tensor) for o in out_leaves],
+                             [None if isinstance(o, torch.Tensor) else o for o in out_leaves]))
+        return [o for o in out_leaves if isinstance(o, torch.Tensor)]
+
+    example = [leaves[i] for i in tensor_pos]
+    try:
+        gm = make_fx(flat_fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+    except Exception as e:  # data-dependent control flow, or an op fake tensors cannot run
+        warnings.warn(
+            f"ftrans.compile({getattr(fn, '__name__', fn)}): could not trace this input signature "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); running it eagerly. Python "
+            "control flow on tensor values cannot be traced: use torch.where instead.",
+            CompileWarning,
+            stacklevel=3,
+        )
+        return _Eager(fn, spec)
+    out_spec, is_tensor, consts = out_spec_box[-1]
+    runner = gm
+    if backend is not None:
+        runner = torch.compile(gm, backend=backend)
+    devices = {t.device.type for t in example}
+    use_graph = cuda_graph
+    if use_graph is None:
+        use_graph = devices == {"cuda"} and not any(t.requires_grad for t in example)
+    if use_graph:
+        runner = _CudaGraphReplay(runner, example, clone_outputs)
+    return _Replay(runner, tensor_pos, out_spec, is_tensor, consts)
+
+
+class _Replay:
+    def __init__(self, runner, tensor_pos, out_spec, is_tensor, consts):
+        self.runner, self.tensor_pos = runner, tensor_pos
+        self.out_spec, self.is_tensor, self.consts = out_spec, is_tensor, consts
+
+    def __call__(self, leaves):
+        outs = iter(self.runner(*[leaves[i] for i in self.tensor_pos]))
+        flat = [next(outs) if t else c for t, c in zip(self.is_tensor, self.consts)]
+        return optree.tree_unflatten(self.out_spec, flat)
+
+
+class _Eager:
+    def __init__(self, fn, spec):
+        self.fn, self.spec = fn, spec
+
+    def __call__(self, leaves):
+        args, kwargs = optree.tree_unflatten(self.spec, leaves)
+        return self.fn(*args, **kwargs)
+
+
+class _CudaGraphReplay:
+    """Replays ``runner`` inside one captured CUDA graph with static input/output buffers."""
+
+    def __init__(self, runner, example, clone_outputs):
+        self.clone_outputs = clone_outputs
+        self.static_in = [t.detach().clone() for t in example]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up outside the capture (allocator, cuBLAS handles)
+                runner(*self.static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = runner(*self.static_in)
+
+    def __call__(self, *tensors):
+        for buf, t in zip(self.static_in, tensors):
+            if buf.data_ptr() != t.data_ptr():
+                buf.copy_(t)
+        self.graph.replay()
+        if self.clone_outputs:
+            return [o.clone() for o in self.static_out]
+        return list(self.static_out)

@@ -1,0 +1,97 @@
+"""ftrans.compile: trace once per signature, replay the flat aten graph."""
+import warnings
+
+import pytest
+import torch
+
+import ftrans
+from ftrans._C.batched import BatchedTensor
+from ftrans import CompileWarning
+
+
+def test_replay_matches_eager_and_caches_per_signature():
+    w = torch.randn(5, 3)
+    f = ftrans.vmap(lambda t: (t * w[:, 0]).sin().sum())
+    cf = ftrans.compile(f)
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(cf(x), f(x))
+    torch.testing.assert_close(cf(x * 2), f(x * 2))
+    assert len(cf.cache) == 1
+    cf(torch.randn(6, 5))  # new batch size: retrace
+    cf(torch.randn(4, 5, dtype=torch.float64))  # new dtype: retrace
+    assert len(cf.cache) == 3
+    torch.testing.assert_close(cf(torch.ones(6, 5)), f(torch.ones(6, 5)))
+
+
+def test_traced_graph_is_flat_aten():
+    f = ftrans.vmap(lambda t: t.sin() * 2)
+    cf = ftrans.compile(f)
+    cf(torch.randn(3, 2))
+    (entry,) = cf.cache.values()
+    gm = entry.runner
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets and all(isinstance(t, torch._ops.OpOverload) for t in targets)
+    # no wrapper tensor reaches the caller
+    out = cf(torch.randn(3, 2))
+    assert type(out) is torch.Tensor and not isinstance(out, BatchedTensor)
+
+
+def test_data_dependent_control_flow_warns_and_runs_eagerly():
+    def f(x):
+        return x * 2 if x.sum() > 0 else -x
+
+    cf = ftrans.compile(f)
+    with pytest.warns(CompileWarning, match="control flow"):
+        out = cf(torch.ones(3))
+    torch.testing.assert_close(out, torch.full((3,), 2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # same signature, other branch: still correct (eager), and no second warning
+        torch.testing.assert_close(cf(-torch.ones(3)), torch.ones(3))
+
+
+def test_closure_updated_in_place_is_seen():
+    w = torch.ones(3)
+    cf = ftrans.compile(ftrans.vmap(lambda x: (x * w).sum()))
+    x = torch.ones(2, 3)
+    torch.testing.assert_close(cf(x), torch.full((2,), 3.0))
+    with torch.no_grad():
+        w.mul_(2)
+    torch.testing.assert_close(cf(x), torch.full((2,), 6.0))
+
+
+def test_pytree_inputs_and_outputs_with_non_tensor_leaves():
+    def f(d, k):
+        return {"y": d["a"] * k, "n": k, "t": (d["b"].sum(),)}
+
+    cf = ftrans.compile(f)
+    d = {"a": torch.randn(3), "b": torch.randn(2)}
+    out = cf(d, 3)
+    assert out["n"] == 3
+    torch.testing.assert_close(out["y"], d["a"] * 3)
+    torch.testing.assert_close(out["t"][0], d["b"].sum())
+    cf(d, 4)  # non-tensor values are part of the signature
+    assert len(cf.cache) == 2
+
+
+def test_per_example_autograd_inside_compiled_vmap():
+    w = torch.randn(4, 3)
+
+    def per_example_grad(x):
+        w_ = w.detach().requires_grad_()
+        (g,) = torch.autograd.grad((x @ w_).tanh().sum(), w_)
+        return g
+
+    f = ftrans.vmap(per_example_grad)
+    cf = ftrans.compile(f)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(cf(x), f(x))
+    torch.testing.assert_close(cf(x + 1), f(x + 1))
+
+
+def test_random_ops_draw_fresh_values_on_replay():
+    cf = ftrans.compile(ftrans.vmap(lambda x: x + torch.rand(()), randomness="different"))
+    x = torch.zeros(4)
+    a, b = cf(x), cf(x)
+    assert not torch.equal(a, b)
+    assert a.unique().numel() == 4
