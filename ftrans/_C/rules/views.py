@@ -1,21 +1,157 @@
 """View and shape ops.  Rules return *physical views*, so a write through a view mutates the
-base for free; the batch dim is moved to the front (itself a view) before the logical op."""
+base for free; the batch dim is moved to the front (itself a view) before the logical op, which
+then only needs its dim arguments shifted by one.
+
+Most ops here differ only in which arguments are logical dims, so they share one builder,
+:func:`dim_rule`, which reads those arguments *by schema name* (positional or keyword, default
+filled in) and shifts them.  A logical 0-dim tensor is physically 1-dim (``[B]``): ops that accept
+dim 0/-1 on a scalar (``transpose``, ``flip``, the scans) get a size-1 dim appended physically and
+removed again, instead of a special case per op.
+
+In-place view ops (``squeeze_``, ``unsqueeze_``, ``t_``, ``transpose_``, ``as_strided_``) cannot
+use a moved copy of the metadata: they change the physical tensor's own sizes, by mapping each
+logical dim to its physical position, and report where the batch dim ended up (the dispatcher
+stores that and re-syncs the wrapper).
+
+The ``*_copy`` variants are the view rule followed by a contiguous copy.  (The backward ops of
+views, ``select_backward`` & co., live with the scatter rules.)  Argument helpers used by
+``reduce.py`` and ``factory.py`` live here too.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
-from ..registry import register_batch_rule
+from ..registry import RULES, register_batch_rule
 from ._util import to_front, wrap_dim
 
 aten = torch.ops.aten
 
 
-@register_batch_rule(aten.unsqueeze.default, aten.unsqueeze_.default)
+def overloads(*names):
+    """The ``aten`` overloads among ``names`` ("squeeze.dims") that this torch version has."""
+    found = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        p = getattr(aten, packet, None)
+        if p is None:
+            continue
+        if not overload:
+            found.append(p)
+        elif overload in p.overloads():
+            found.append(getattr(p, overload))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument access by schema name (shared with reduce.py and factory.py)
+# ----------------------------------------------------------------------------------------------
+
+_SPECS: dict = {}
+
+
+def _spec(func, name):
+    key = (func, name)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = (-1, None)  # no such argument: reads as None
+        for i, a in enumerate(func._schema.arguments):
+            if a.name == name:
+                default = a.default_value if a.has_default_value() else None
+                spec = (None if a.kwarg_only else i, default)
+                break
+        _SPECS[key] = spec
+    return spec
+
+
+def get_arg(func, args, kwargs, name):
+    """The value of argument ``name`` of this call (its schema default if not passed)."""
+    pos, default = _spec(func, name)
+    if pos is not None and 0 <= pos < len(args):
+        return args[pos]
+    return kwargs.get(name, default)
+
+
+def set_arg(func, args: list, kwargs: dict, name, value) -> None:
+    pos, _ = _spec(func, name)
+    if pos is not None and 0 <= pos < len(args):
+        args[pos] = value
+    else:
+        kwargs[name] = value
+
+
+def finish(out, unpad=False):
+    """(out, out_bdims) with every tensor output batched at 0; ``unpad`` drops the size-1 dim
+    that a logical 0-dim input was given (see the module docstring)."""
+    if isinstance(out, torch.Tensor):
+        return (_unpad(out) if unpad else out), 0
+    outs = [(_unpad(o) if unpad else o) if isinstance(o, torch.Tensor) else o for o in out]
+    bd = tuple(0 if isinstance(o, torch.Tensor) else None for o in outs)
+    return (outs if isinstance(out, list) else tuple(outs)), bd
+
+
+def _unpad(o):
+    return aten.squeeze.dims(o, [1]) if o.dim() > 1 else o
+
+
+def _shift(d, rank):
+    if isinstance(d, (list, tuple)):
+        return [wrap_dim(x, rank) + 1 for x in d]
+    return wrap_dim(d, rank) + 1
+
+
+def dim_rule(*names, rank_offset=0, scalar_ok=False):
+    """Rule for ops whose arguments ``names`` are logical dims (ints or int lists).
+
+    ``rank_offset``: the dims index the output, of rank ``rank + rank_offset`` (``unsqueeze``).
+    ``scalar_ok``: the op accepts dim 0/-1 on a 0-dim tensor and keeps the rank (or reduces).
+    """
+
+    def rule(level, func, args, bdims, kwargs):
+        x = to_front(args[0], bdims[0])
+        args, kwargs = list(args), dict(kwargs)
+        rank = x.dim() - 1 + rank_offset
+        pad = scalar_ok and rank == 0
+        if pad:
+            x = aten.unsqueeze.default(x, 1)
+        args[0] = x
+        for name in names:
+            d = get_arg(func, args, kwargs, name)
+            if d is not None:
+                set_arg(func, args, kwargs, name, _shift(d, rank))
+        return finish(func(*args, **kwargs), pad)
+
+    return rule
+
+
+for _ops, _rule in [
+    (overloads("transpose.int", "swapdims.default"), dim_rule("dim0", "dim1", scalar_ok=True)),
+    (overloads("swapaxes.default"), dim_rule("axis0", "axis1", scalar_ok=True)),
+    (overloads("select.int", "slice.Tensor", "narrow.default", "narrow_copy.default",
+               "unbind.int", "split.Tensor", "split_with_sizes.default", "unsafe_split.Tensor",
+               "unsafe_split_with_sizes.default", "chunk.default"), dim_rule("dim")),
+    (overloads("diagonal.default"), dim_rule("dim1", "dim2")),
+    (overloads("flip.default"), dim_rule("dims", scalar_ok=True)),
+    (overloads("rot90.default"), dim_rule("dims")),
+    (overloads("diag_embed.default"), dim_rule("dim1", "dim2", rank_offset=1)),
+]:
+    register_batch_rule(*_ops)(_rule)
+
+
+@register_batch_rule(aten.unsqueeze.default)
 def unsqueeze_rule(level, func, args, bdims, kwargs):
-    x, dim = args[0], args[1]
-    x = to_front(x, bdims[0])
-    dim = wrap_dim(dim, x.dim())  # logical rank + 1
-    return func(x, dim + 1), 0
+    x = to_front(args[0], bdims[0])
+    return func(x, wrap_dim(args[1], x.dim()) + 1), 0  # x.dim() == logical rank + 1
+
+
+@register_batch_rule(aten.unfold.default)
+def unfold_rule(level, func, args, bdims, kwargs):
+    x = to_front(args[0], bdims[0])
+    dim, size, step = args[1:4]
+    if x.dim() == 1:  # logical 0-dim: unfold gives shape [size] (size <= 1)
+        return aten.select.int(func(aten.unsqueeze.default(x, 1), 1, size, step), 1, 0), 0
+    return func(x, wrap_dim(dim, x.dim() - 1) + 1, size, step), 0
 
 
 @register_batch_rule(aten.expand.default)
@@ -33,7 +169,231 @@ def expand_rule(level, func, args, bdims, kwargs):
     return x.expand([x.shape[0]] + size, **kwargs), 0
 
 
-@register_batch_rule(aten.detach.default, aten.alias.default, aten.clone.default,
-                     aten.contiguous.default)
+@register_batch_rule(*overloads("view.default", "_unsafe_view.default", "reshape.default",
+                                "_reshape_copy.default"))
+def view_rule(level, func, args, bdims, kwargs):
+    x = to_front(args[0], bdims[0])
+    return func(x, [x.shape[0]] + list(args[1])), 0
+
+
+@register_batch_rule(aten._reshape_alias.default)
+def reshape_alias_rule(level, func, args, bdims, kwargs):
+    # Torch only emits _reshape_alias where a view exists, and then the physical view exists too.
+    x = to_front(args[0], bdims[0])
+    return aten.view.default(x, [x.shape[0]] + list(args[1])), 0
+
+
+@register_batch_rule(aten.view_as.default)
+def view_as_rule(level, func, args, bdims, kwargs):
+    x = to_front(args[0], bdims[0])
+    other, ob = args[1], bdims[1]
+    shape = list(other.shape)
+    if ob is not None:
+        del shape[ob]
+    if bdims[0] is None:  # only `other` is batched: the result does not depend on the batch
+        return aten.view.default(args[0], shape), None
+    return aten.view.default(x, [x.shape[0]] + shape), 0
+
+
+@register_batch_rule(*overloads("view.dtype", "view_as_complex.default", "pixel_shuffle.default",
+                                "pixel_unshuffle.default", "tril.default", "triu.default",
+                                "tril_.default", "triu_.default"))
+def front_rule(level, func, args, bdims, kwargs):
+    """Ops that act on trailing dims and accept any number of leading ones."""
+    return func(to_front(args[0], bdims[0]), *args[1:], **kwargs), 0
+
+
+@register_batch_rule(*overloads("detach.default", "alias.default", "lift_fresh.default",
+                                "_conj.default", "_neg_view.default", "view_as_real.default",
+                                "resolve_conj.default", "resolve_neg.default"))
 def same_layout_rule(level, func, args, bdims, kwargs):
+    # view_as_real appends its trailing dim of 2, which leaves the batch dim where it was.
     return func(args[0], *args[1:], **kwargs), bdims[0]
+
+
+@register_batch_rule(aten.permute.default)
+def permute_rule(level, func, args, bdims, kwargs):
+    x = to_front(args[0], bdims[0])
+    r = x.dim() - 1
+    return func(x, [0] + [wrap_dim(d, r) + 1 for d in args[1]]), 0
+
+
+@register_batch_rule(*overloads("movedim.int", "movedim.intlist", "moveaxis.int",
+                                "moveaxis.intlist"))
+def movedim_rule(level, func, args, bdims, kwargs):
+    x = to_front(args[0], bdims[0])
+    r = x.dim() - 1
+    src, dst = args[1], args[2]
+    if isinstance(src, int):
+        src, dst = [src], [dst]
+    src = [wrap_dim(d, r) for d in src]
+    dst = [wrap_dim(d, r) for d in dst]
+    if len(src) != len(dst):
+        raise RuntimeError(
+            f"movedim: Invalid source or destination dims: source ({src} dims) should contain "
+            f"the same number of dims as destination ({dst} dims)"
+        )
+    perm = [-1] * r
+    for s, d in zip(src, dst):
+        perm[d] = s
+    rest = iter(i for i in range(r) if i not in src)
+    perm = [p if p >= 0 else next(rest) for p in perm]
+    return aten.permute.default(x, [0] + [p + 1 for p in perm]), 0
+
+
+@register_batch_rule(aten.t.default)
+def t_rule(level, func, args, bdims, kwargs):
+    x = to_front(args[0], bdims[0])
+    if x.dim() - 1 < 2:
+        return aten.alias.default(x), 0
+    return aten.transpose.int(x, 1, 2), 0
+
+
+@register_batch_rule(*overloads("squeeze.default", "squeeze.dim", "squeeze.dims"))
+def squeeze_rule(level, func, args, bdims, kwargs):
+    x, b = args[0], bdims[0]
+    pdims, nb = _squeeze_plan(x, b, args[1] if len(args) > 1 else None)
+    return aten.squeeze.dims(x, pdims), nb
+
+
+def _squeeze_plan(x, b, dims):
+    """Physical dims to squeeze and the new batch dim, without moving the batch dim."""
+    r = x.dim() - 1
+    if dims is None or r == 0:  # squeezing a 0-dim tensor is a no-op
+        logical = range(r)
+    else:
+        logical = [wrap_dim(d, r) for d in ([dims] if isinstance(dims, int) else dims)]
+    pdims = sorted({d if d < b else d + 1 for d in logical} - {b})
+    pdims = [p for p in pdims if x.shape[p] == 1]
+    return pdims, b - sum(1 for p in pdims if p < b)
+
+
+def _phys(d, b):
+    return d if d < b else d + 1
+
+
+# In-place view ops: change the physical tensor itself and report the new batch dim.
+
+@register_batch_rule(*overloads("squeeze_.default", "squeeze_.dim", "squeeze_.dims"))
+def squeeze__rule(level, func, args, bdims, kwargs):
+    x, b = args[0], bdims[0]
+    pdims, nb = _squeeze_plan(x, b, args[1] if len(args) > 1 else None)
+    if pdims:
+        aten.squeeze_.dims(x, pdims)
+    return x, nb
+
+
+@register_batch_rule(aten.unsqueeze_.default)
+def unsqueeze__rule(level, func, args, bdims, kwargs):
+    x, b = args[0], bdims[0]
+    d = wrap_dim(args[1], x.dim())
+    if d < b:
+        func(x, d)
+        return x, b + 1
+    func(x, d + 1)
+    return x, b
+
+
+@register_batch_rule(aten.transpose_.default, aten.t_.default)
+def transpose__rule(level, func, args, bdims, kwargs):
+    x, b = args[0], bdims[0]
+    r = x.dim() - 1
+    if func is aten.t_.default:
+        if r < 2:
+            return x, b
+        d0, d1 = 0, 1
+    else:
+        d0, d1 = wrap_dim(args[1], r), wrap_dim(args[2], r)
+    aten.transpose_.default(x, _phys(d0, b), _phys(d1, b))  # the batch dim stays put
+    return x, b
+
+
+def _as_strided_args(args, bdims):
+    # Each example starts ``stride(bdim)`` elements after the previous one in storage, and the
+    # default storage offset is the example's own, so per-example semantics match the loop.
+    x, b = args[0], bdims[0]
+    size, stride = list(args[1]), list(args[2])
+    off = args[3] if len(args) > 3 and args[3] is not None else x.storage_offset()
+    return x, [x.shape[b]] + size, [x.stride(b)] + stride, off
+
+
+@register_batch_rule(aten.as_strided.default)
+def as_strided_rule(level, func, args, bdims, kwargs):
+    return func(*_as_strided_args(args, bdims)), 0
+
+
+@register_batch_rule(aten.as_strided_.default)
+def as_strided__rule(level, func, args, bdims, kwargs):
+    x, size, stride, off = _as_strided_args(args, bdims)
+    func(x, size, stride, off)
+    return x, 0
+
+
+@register_batch_rule(aten.roll.default)
+def roll_rule(level, func, args, bdims, kwargs):
+    x = to_front(args[0], bdims[0])
+    shifts = args[1]
+    dims = list(args[2]) if len(args) > 2 else list(kwargs.get("dims", []))
+    if not dims:  # roll of the flattened example
+        flat = aten.reshape.default(x, [x.shape[0], math.prod(x.shape[1:])])
+        return aten.view.default(func(flat, shifts, [1]), list(x.shape)), 0
+    r = x.dim() - 1
+    if r == 0:
+        return finish(func(aten.unsqueeze.default(x, 1), shifts, _shift(dims, 0)), True)
+    return func(x, shifts, _shift(dims, r)), 0
+
+
+@register_batch_rule(aten.repeat.default)
+def repeat_rule(level, func, args, bdims, kwargs):
+    x = to_front(args[0], bdims[0])
+    reps = list(args[1])
+    extra = len(reps) - (x.dim() - 1)
+    if extra < 0:
+        raise RuntimeError(
+            "Number of dimensions of repeat dims can not be smaller than number of dimensions "
+            "of tensor"
+        )
+    x = x.view((x.shape[0],) + (1,) * extra + tuple(x.shape[1:]))
+    return func(x, [1] + reps), 0
+
+
+@register_batch_rule(aten.channel_shuffle.default, *overloads("native_channel_shuffle.default"))
+def channel_shuffle_rule(level, func, args, bdims, kwargs):
+    # The channel dim is logical dim 1: fold the batch into logical dim 0.
+    x = to_front(args[0], bdims[0])
+    shape = list(x.shape)
+    out = func(aten.reshape.default(x, [shape[0] * shape[1]] + shape[2:]), *args[1:])
+    return aten.view.default(out, shape), 0
+
+
+# ----------------------------------------------------------------------------------------------
+# *_copy variants: the view, then a contiguous copy of each output
+# ----------------------------------------------------------------------------------------------
+
+def _copy_variant(view_op):
+    def rule(level, func, args, bdims, kwargs):
+        out, obd = RULES[view_op](level, view_op, args, bdims, kwargs)
+        if isinstance(out, torch.Tensor):
+            return aten.clone.default(to_front(out, obd), memory_format=torch.contiguous_format), (
+                None if obd is None else 0)
+        outs = [aten.clone.default(to_front(o, d), memory_format=torch.contiguous_format)
+                for o, d in zip(out, obd)]
+        return (outs if isinstance(out, list) else tuple(outs)), tuple(
+            None if d is None else 0 for d in obd)
+
+    return rule
+
+
+for _name in ("expand", "permute", "squeeze", "unsqueeze", "select", "slice", "t", "transpose",
+              "view", "diagonal", "unfold", "alias", "detach", "split", "split_with_sizes",
+              "unbind", "as_strided", "view_as_real", "view_as_complex", "_reshape_alias"):
+    _copy_packet = getattr(aten, _name + "_copy", None)
+    _view_packet = getattr(aten, _name, None)
+    if _copy_packet is None or _view_packet is None:
+        continue
+    for _ov in _copy_packet.overloads():
+        if "out" in _ov or _ov not in _view_packet.overloads():
+            continue
+        _view_op = getattr(_view_packet, _ov)
+        if _view_op in RULES:
+            register_batch_rule(getattr(_copy_packet, _ov))(_copy_variant(_view_op))

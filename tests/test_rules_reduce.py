@@ -1,0 +1,166 @@
+"""Batching rules for reductions, scans and sort/topk (ftrans/_C/rules/reduce.py), compared with
+the per-example loop for every batch-dim placement with the loop fallback forbidden.  The cases
+that go wrong when the batch dim is forgotten get their own entries: dim=None / dim=[] (all
+*logical* dims), keepdim, negative dims and logical 0-dim inputs."""
+import pytest
+import torch
+
+import ftrans
+from tests._helpers import check_vmap, no_fallback
+
+aten = torch.ops.aten
+B = 3
+
+R = [
+    ("sum", lambda x: x.sum()),
+    ("sum_dtype", lambda x: x.sum(dtype=torch.float64)),
+    ("sum_dim", lambda x: x.sum(-1)),
+    ("sum_dims_keep", lambda x: x.sum((0, -1), keepdim=True)),
+    ("sum_empty_list", lambda x: aten.sum.dim_IntList(x, [])),
+    ("sum_none_keep", lambda x: aten.sum.dim_IntList(x, None, True)),
+    ("nansum", lambda x: x.nansum(1)),
+    ("nansum_all", lambda x: x.nansum()),
+    ("mean", lambda x: x.mean()),
+    ("mean_dim", lambda x: x.mean(0, keepdim=True)),
+    ("prod", lambda x: x.prod()),
+    ("prod_dim", lambda x: x.prod(-1, keepdim=True)),
+    ("amax", lambda x: x.amax((0, 1))),
+    ("amin_all", lambda x: x.amin()),
+    ("max", lambda x: x.max()),
+    ("min", lambda x: x.min()),
+    ("max_dim", lambda x: x.max(-1)),
+    ("min_dim_keep", lambda x: x.min(0, keepdim=True)),
+    ("aminmax", lambda x: torch.aminmax(x)),
+    ("aminmax_dim", lambda x: torch.aminmax(x, dim=-1, keepdim=True)),
+    ("aminmax_none_keep", lambda x: torch.aminmax(x, keepdim=True)),
+    ("argmax", lambda x: x.argmax()),
+    ("argmax_keep", lambda x: x.argmax(keepdim=True)),
+    ("argmax_dim", lambda x: x.argmax(-1)),
+    ("argmin_dim_keep", lambda x: x.argmin(0, keepdim=True)),
+    ("var", lambda x: x.var()),
+    ("var_dim", lambda x: x.var(-1, correction=0)),
+    ("std_keep", lambda x: x.std(0, keepdim=True)),
+    ("std_all", lambda x: torch.std(x, unbiased=False)),
+    ("var_mean", lambda x: torch.var_mean(x, 1)),
+    ("std_mean_all", lambda x: torch.std_mean(x)),
+    ("norm", lambda x: x.norm()),
+    ("norm_p", lambda x: x.norm(1, -1)),
+    ("norm_dtype", lambda x: aten.norm.ScalarOpt_dtype(x, 3, dtype=torch.float64)),
+    ("norm_dim_dtype",
+     lambda x: aten.norm.ScalarOpt_dim_dtype(x, 2, [0], True, dtype=torch.float64)),
+    ("norm_scalar", lambda x: aten.norm.Scalar(x, 1)),
+    ("vector_norm", lambda x: torch.linalg.vector_norm(x, 3)),
+    ("vector_norm_dim", lambda x: torch.linalg.vector_norm(x, float("inf"), (-1,), True)),
+    ("logsumexp", lambda x: x.logsumexp(-1)),
+    ("logsumexp_dims", lambda x: x.logsumexp((0, 1), keepdim=True)),
+    ("cumsum", lambda x: x.cumsum(-1)),
+    ("cumsum_dtype", lambda x: x.cumsum(0, dtype=torch.float64)),
+    ("cumprod", lambda x: x.cumprod(0)),
+    ("cummax", lambda x: x.cummax(-1)),
+    ("cummin", lambda x: x.cummin(0)),
+    ("logcumsumexp", lambda x: x.logcumsumexp(1)),
+    ("cumsum_", lambda x: x.clone().cumsum_(1)),
+    ("cumprod_", lambda x: x.clone().cumprod_(-1)),
+    ("sort", lambda x: x.sort()),
+    ("sort_dim_desc", lambda x: x.sort(0, descending=True)),
+    ("sort_stable", lambda x: x.sort(stable=True, dim=0)),
+    ("argsort", lambda x: x.argsort(-1)),
+    ("msort", lambda x: x.msort()),
+    ("topk", lambda x: x.topk(2)),
+    ("topk_dim", lambda x: x.topk(1, 0, largest=False)),
+    ("kthvalue", lambda x: x.kthvalue(2)),
+    ("kthvalue_dim_keep", lambda x: x.kthvalue(1, 0, keepdim=True)),
+    ("median", lambda x: x.median()),
+    ("median_dim", lambda x: x.median(-1)),
+    ("nanmedian", lambda x: x.nanmedian()),
+    ("nanmedian_dim", lambda x: x.nanmedian(0, keepdim=True)),
+    ("mode", lambda x: x.round().mode()),
+    ("mode_dim", lambda x: x.round().mode(0, keepdim=True)),
+    ("all", lambda x: (x > -1).all()),
+    ("all_dim", lambda x: (x > 0).all(-1)),
+    ("all_dims", lambda x: aten.all.dims(x > 0, [0, 1], True)),
+    ("all_dims_empty", lambda x: aten.all.dims(x > 0, [])),
+    ("any", lambda x: (x > 1).any()),
+    ("any_dim_keep", lambda x: (x > 0).any(0, keepdim=True)),
+    ("any_dims_none", lambda x: aten.any.dims(x > 1, None)),
+    ("count_nonzero", lambda x: (x > 0).count_nonzero()),
+    ("count_nonzero_dim", lambda x: (x > 0).count_nonzero(-1)),
+    ("count_nonzero_dims", lambda x: (x > 0).count_nonzero((0, 1))),
+]
+
+
+@pytest.mark.parametrize("fn", [c[1] for c in R], ids=[c[0] for c in R])
+def test_reduction(fn):
+    check_vmap(fn, (torch.randn(B, 4, 5),))
+
+
+# Ops accepting dim 0/-1 (or no dim) on a logical 0-dim tensor: physically 1-dim.
+SCALAR = [
+    lambda x: x.sum(), lambda x: x.sum(0), lambda x: x.sum(-1, keepdim=True),
+    lambda x: x.mean(0), lambda x: x.prod(0), lambda x: x.amax(), lambda x: x.max(),
+    lambda x: x.max(0), lambda x: x.argmax(), lambda x: x.argmax(0, keepdim=True),
+    lambda x: x.cumsum(0), lambda x: x.cummax(-1), lambda x: x.sort(), lambda x: x.topk(1),
+    lambda x: x.kthvalue(1), lambda x: x.median(), lambda x: x.median(0),
+    lambda x: x.var(0, correction=0), lambda x: x.norm(), lambda x: x.logsumexp(0),
+    lambda x: (x > 0).all(), lambda x: (x > 0).any(0), lambda x: torch.aminmax(x),
+    lambda x: x.count_nonzero(), lambda x: torch.std_mean(x, correction=0),
+]
+
+
+@pytest.mark.parametrize("i", range(len(SCALAR)))
+def test_reduction_of_0dim(i):
+    check_vmap(SCALAR[i], (torch.randn(B),))
+
+
+def test_reduction_dtypes():
+    x = torch.randint(-3, 4, (B, 4, 5))
+    check_vmap(lambda t: t.sum(), (x,))
+    check_vmap(lambda t: t.sum(0), (x,))
+    check_vmap(lambda t: t.prod(), (x,))
+    check_vmap(lambda t: t.cumsum(0), (x,))
+    check_vmap(lambda t: t.sum(), (torch.randn(B, 2) > 0,))
+    check_vmap(lambda t: t.amax(0), (x,))
+
+
+def test_reduction_two_batched_levels():
+    x = torch.randn(2, 3, 4, 5)
+    fns = [lambda t: t.sum(), lambda t: t.sum(-1, keepdim=True), lambda t: t.max(0)[1],
+           lambda t: t.argmax(), lambda t: t.sort(-1)[0], lambda t: torch.var_mean(t, 0)[0],
+           lambda t: t.cumsum(1), lambda t: t.median()]
+    for fn in fns:
+        expected = torch.stack([torch.stack([fn(x[i, j]) for j in range(3)]) for i in range(2)])
+        with no_fallback():
+            got = ftrans.vmap(ftrans.vmap(fn))(x)
+            got2 = ftrans.vmap(ftrans.vmap(fn, in_dims=1), in_dims=3)(x.permute(2, 1, 3, 0))
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(got2, expected)
+
+
+def test_reduction_with_unbatched_second_arg():
+    # max(x, other) / cumsum over a batched + unbatched mix goes through pointwise + reduce.
+    x, y = torch.randn(B, 4), torch.randn(4)
+    check_vmap(lambda a, b: torch.max(a, b).sum(0), (x, y), in_dims=(0, None))
+
+
+COVERED = [
+    "sum.default", "sum.dim_IntList", "nansum.default", "mean.default", "mean.dim",
+    "prod.default", "prod.dim_int", "amax.default", "amin.default", "max.default", "max.dim",
+    "min.default", "min.dim", "aminmax.default", "argmax.default", "argmin.default",
+    "var.correction", "std.correction", "var_mean.correction", "std_mean.correction",
+    "norm.Scalar", "norm.ScalarOpt_dim", "norm.ScalarOpt_dim_dtype", "norm.ScalarOpt_dtype",
+    "linalg_vector_norm.default", "logsumexp.default", "cumsum.default", "cumsum_.default",
+    "cumprod.default", "cumprod_.default", "cummax.default", "cummin.default",
+    "logcumsumexp.default", "sort.default", "sort.stable", "topk.default", "kthvalue.default",
+    "median.default", "median.dim", "nanmedian.default", "nanmedian.dim", "mode.default",
+    "all.default", "all.dim", "all.dims", "any.default", "any.dim", "any.dims",
+    "count_nonzero.default", "count_nonzero.dim_IntList",
+]
+
+
+@pytest.mark.parametrize("name", COVERED)
+def test_op_status_is_rule(name):
+    packet, _, overload = name.partition(".")
+    p = getattr(aten, packet)
+    if overload not in p.overloads():
+        pytest.skip(f"{name} not in this torch")
+    assert ftrans.op_status(getattr(p, overload)) == "rule"
