@@ -8,18 +8,30 @@ need care at a vmap boundary:
    leave through :class:`AddBatchDim` / :class:`RemoveBatchDim`, a pair of autograd Functions
    whose backwards call each other's ``apply``, so double backward stays differentiable.
 2. Tensors a vmapped function *closes over* (captured parameters) receive per-example
-   gradients, because autograd sees only logical shapes.  Once their vmap has exited, such a
-   gradient must be summed over the exited level (pitfall 5).  ``ensure_sum_hook`` registers,
-   once per captured tensor, a gradient hook that does exactly that, and leaves gradients of
-   live levels alone (a vjp function called under a newer vmap is per-example on purpose).
+   gradients, because autograd sees only logical shapes; once their vmap has exited, such a
+   gradient must be summed over the exited level (pitfall 5).  The sum has to happen per *use*
+   (per autograd edge), not per tensor: a tensor hook sees the total gradient, and when a
+   captured tensor is used both inside a vmap (batched contributions) and outside it, or its
+   per-example contributions were already summed on another path (MAML, ``jacfwd(jacfwd)``),
+   summing the total over the batch multiplies the unbatched part by the batch size.  So
+   :func:`batched_torch_function` (the ``__torch_function__`` of BatchedTensor, which runs
+   *above* autograd) replaces every requires-grad argument that is not batched at the op's
+   level by a fresh alias ``a.view_as(a)`` whose hook sums, out of the gradient flowing
+   through that alias only, every exited level that ``a`` itself does not carry.  Saved
+   tensors of the op's backward are the alias too, so higher-order contributions are summed
+   on the same edge.  Live levels are left alone (a vjp function called under a newer vmap is
+   per-example on purpose).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from .batched import BatchedTensor, add_batch_dim, remove_batch_dim
 
-__all__ = ["AddBatchDim", "RemoveBatchDim", "sum_exited_levels", "ensure_sum_hook"]
+__all__ = ["AddBatchDim", "RemoveBatchDim", "sum_exited_levels", "ensure_sum_hook",
+           "batched_torch_function"]
 
 
 class AddBatchDim(torch.autograd.Function):
@@ -53,25 +65,163 @@ def exited_levels(t) -> list:
     return levels
 
 
-def sum_exited_levels(g):
-    """Sum a gradient over every batch level in it whose vmap has already returned."""
+def sum_exited_levels(g, keep=()):
+    """Sum a gradient over every batch level in it whose vmap has returned (except ``keep``)."""
     if type(g) is not BatchedTensor:
         return g
+    # Under create_graph the sum must stay differentiable (forward-over-reverse differentiates
+    # through it, with the cotangent as the variable).
+    differentiable = g.requires_grad and torch.is_grad_enabled()
     for level in exited_levels(g):
-        g = remove_batch_dim(g, level, level.batch_size, 0).sum(0)
+        if level in keep:
+            continue
+        if differentiable:
+            g = RemoveBatchDim.apply(g, level, level.batch_size, 0).sum(0)
+        else:
+            g = remove_batch_dim(g, level, level.batch_size, 0).sum(0)
     return g
 
 
-def _hook(g):
-    return sum_exited_levels(g) if type(g) is BatchedTensor else g
-
-
 def ensure_sum_hook(t) -> None:
-    """Once per tensor: gradients reaching ``t`` get exited levels summed out."""
-    try:
-        if t.__dict__.get("_ftrans_sum_hook"):
-            return
-        t.register_hook(_hook)
-        t._ftrans_sum_hook = True
-    except RuntimeError:  # e.g. inference tensors; nothing can flow back to them anyway
-        pass
+    """Kept for the dispatcher's call site; the per-use lift below does the summing now."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-use lift of captured tensors (runs as BatchedTensor.__torch_function__)
+# ----------------------------------------------------------------------------------------------
+
+_DisableTF = torch._C.DisableTorchFunctionSubclass
+
+
+def _levels_of(t) -> tuple:
+    out = []
+    while type(t) is BatchedTensor:
+        out.append(t.level)
+        t = t.value
+    return tuple(out)
+
+
+def _sum_hook(keep, g):
+    return sum_exited_levels(g, keep) if type(g) is BatchedTensor else g
+
+
+def _lift(a):
+    b = a.view_as(a)
+    if not b.requires_grad:  # below autograd (a rule's own torch calls): nothing is recorded
+        return a
+    b.register_hook(functools.partial(_sum_hook, _levels_of(a)))
+    return b
+
+
+def _top_level(args, kwargs):
+    top = None
+    for a in args:
+        if type(a) is BatchedTensor:
+            if top is None or a.level.id > top.id:
+                top = a.level
+        elif type(a) in (list, tuple):
+            for x in a:
+                if type(x) is BatchedTensor and (top is None or x.level.id > top.id):
+                    top = x.level
+    if kwargs:
+        for a in kwargs.values():
+            if type(a) is BatchedTensor and (top is None or a.level.id > top.id):
+                top = a.level
+    return top
+
+
+def _needs_lift(a, top) -> bool:
+    return isinstance(a, torch.Tensor) and a.requires_grad and not (
+        type(a) is BatchedTensor and a.level is top) and _born_before(a, top)
+
+
+def _lift_args(func, args, kwargs, top):
+    name = getattr(func, "__name__", "")
+    # Never alias the tensor an in-place op writes into (the write must reach the original).
+    skip0 = name.endswith("_") or name.startswith("__i") or name == "__setitem__"
+    new_args = list(args)
+    changed = False
+    for i, a in enumerate(args):
+        if i == 0 and skip0:
+            continue
+        if type(a) in (list, tuple):
+            if any(_needs_lift(x, top) for x in a):
+                new_args[i] = type(a)(_lift(x) if _needs_lift(x, top) else x for x in a)
+                changed = True
+        elif _needs_lift(a, top):
+            new_args[i] = _lift(a)
+            changed = True
+    if kwargs:
+        for k, a in kwargs.items():
+            if k != "out" and _needs_lift(a, top):
+                kwargs = dict(kwargs)
+                kwargs[k] = _lift(a)
+    return (tuple(new_args) if changed else args), kwargs
+
+
+# Autograd's own entry points take tensors to differentiate *with respect to*: aliasing those
+# would disconnect them.
+_NO_LIFT = {torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward}
+
+
+_disabled_tf = torch._C._disabled_torch_function_impl
+_grad_enabled = torch.is_grad_enabled
+_OVERRIDES: dict = {}
+
+
+def _any_lift(args, kwargs, top) -> bool:
+    for a in args:
+        t = type(a)
+        if t is BatchedTensor:
+            # Attribute access on a BatchedTensor would re-enter this function.
+            if a.level is not top:
+                with _DisableTF():
+                    if _needs_lift(a, top):
+                        return True
+        elif t in (list, tuple):
+            with _DisableTF():
+                if any(_needs_lift(x, top) for x in a):
+                    return True
+        elif isinstance(a, torch.Tensor) and a.requires_grad and _born_before(a, top):
+            return True
+    if kwargs:
+        with _DisableTF():
+            return any(_needs_lift(a, top) for a in kwargs.values())
+    return False
+
+
+def _born_before(a, top) -> bool:
+    # Inputs that a grad level made for itself inside ``top`` are differentiated while ``top``
+    # is alive: their per-example gradients are wanted as they are.
+    born = a.__dict__.get("_ftrans_born") if type(a) is not BatchedTensor else None
+    return born is None or born < top.id
+
+
+def batched_torch_function(cls, func, types, args=(), kwargs=None):
+    """``__torch_function__`` of BatchedTensor: lift captured requires-grad args, then call.
+
+    The common case (grad off, or no captured requires-grad argument) costs one dict lookup and
+    a scan of the arguments.  torch functions with an out-of-place replacement under transforms
+    (the fused RNN kernels, see ``rnn.py``) are swapped here, above autograd.
+    """
+    override = _OVERRIDES.get(func)
+    if override is not None:
+        try:
+            return override(*args, **(kwargs or {}))
+        except NotImplementedError:
+            pass
+    if _grad_enabled() and func not in _NO_LIFT:
+        top = _top_level(args, kwargs)
+        if top is not None and _any_lift(args, kwargs, top):
+            with _DisableTF():
+                args, kwargs = _lift_args(func, args, kwargs, top)
+    return _disabled_tf(func, types, args, kwargs or {})
+
+
+def _install_overrides():
+    from .rnn import OVERRIDES
+
+    _OVERRIDES.update(OVERRIDES)
+
+
+_install_overrides()

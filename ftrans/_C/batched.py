@@ -28,8 +28,9 @@ _PYTHON_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.Python)
 class BatchedTensor(torch.Tensor):
     __slots__ = ("value", "bdim", "level")
 
-    # The torch-function layer adds nothing for us and costs microseconds per op.
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    # Runs above autograd: lifts captured requires-grad tensors per use (see _C/autograd.py).
+    # Installed at the end of this module as a classmethod of the function itself: no
+    # extra Python frame per op.
 
     @staticmethod
     def __new__(cls, value: torch.Tensor, bdim: int, level):
@@ -153,3 +154,8 @@ def unwrap_level(t, level):
     if type(t) is BatchedTensor and t.level is level:
         return t.value, t.bdim
     return t, None
+
+
+from .autograd import batched_torch_function as _batched_torch_function  # noqa: E402,I001
+
+BatchedTensor.__torch_function__ = classmethod(_batched_torch_function)

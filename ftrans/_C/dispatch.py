@@ -24,7 +24,7 @@ import torch
 
 from . import levels as _levels
 from .autograd import ensure_sum_hook
-from .batched import BatchedTensor
+from .batched import BatchedTensor, make_batched
 from .random import random_dispatch
 from .registry import RULES, on_change
 
@@ -137,7 +137,9 @@ def _prepare(func) -> _Op:
     )
     tags = func.tags
     op.inplace_view = torch.Tag.inplace_view in tags
-    op.random = torch.Tag.nondeterministic_seeded in tags
+    # A rule marked `handles_randomness` (attention with dropout_p=0 is deterministic) decides.
+    op.random = (torch.Tag.nondeterministic_seeded in tags
+                 and not getattr(RULES.get(func), "handles_randomness", False))
     op.handler, op.kind = _choose_handler(func, tags, tag_rule)
     return op
 
@@ -152,6 +154,8 @@ def _choose_handler(func, tags, tag_rule):
     rule = tag_rule(func, tags)
     if rule is not None:
         return _rule_handler(rule), "rule"
+    if func.namespace == "prim":  # metadata queries (prim::device, prim::layout, ...)
+        return _metadata_query, "rule"
     if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
         return _decompose_composite, "decomposition"
     decomp = _decompositions().get(func)
@@ -159,6 +163,8 @@ def _choose_handler(func, tags, tag_rule):
         return _decomp_handler(decomp), "decomposition"
     if torch.Tag.dynamic_output_shape in tags or torch.Tag.data_dependent_output in tags:
         return _data_dependent, "error"
+    if torch.Tag.inplace_view in tags:  # a loop would resize each example's view, not the batch
+        return _inplace_view_unsupported, "error"
     return _rule_handler(_loop_fallback), "fallback"
 
 
@@ -217,6 +223,8 @@ def dispatch(func, args, kwargs, from_mode=False):
             a = kwargs.get(name)
             if type(a) is BatchedTensor and (level is None or a.level.id > level.id):
                 level = a.level
+    if level is not None and not level.alive and _graph_task_id() < 0:
+        _escaped(op, level)
     if op.random:
         return random_dispatch(op, level, args, kwargs or {}, from_mode)
     if level is None:
@@ -263,8 +271,8 @@ def wrap_result(out, out_bdims, level):
     if out_bdims is None:
         return out
     if type(out_bdims) is int:
-        return BatchedTensor(out, out_bdims, level)
-    wrapped = [o if b is None else BatchedTensor(o, b, level) for o, b in zip(out, out_bdims)]
+        return make_batched(out, out_bdims, level)
+    wrapped = [o if b is None else make_batched(o, b, level) for o, b in zip(out, out_bdims)]
     return wrapped if isinstance(out, list) else tuple(wrapped)
 
 
@@ -281,25 +289,94 @@ def _check_mutation(op, level, args, bdims):
             )
 
 
-def _rule_handler(rule):
-    def handle(op, level, args, kwargs):
-        pargs, bdims = unwrap_args(op, level, args)
-        if op.mutable_pos:
-            _check_mutation(op, level, pargs, bdims)
-        if op.kw_tensor and any(type(kwargs.get(k)) is BatchedTensor and kwargs[k].level is level
-                                for k in op.kw_tensor):
-            out, obd = _loop_fallback(level, op.func, pargs, bdims, kwargs)
+_SetExclude = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
+_DK = torch._C.DispatchKey
+
+
+def _with_view_bits(rule):
+    """Pitfall 8: below the Python key torch excludes the Conjugate/Negative fallbacks, so a
+    kernel handed a lazy ``conj()``/``neg()`` view would read it as plain data (silently wrong
+    complex gradients: fft, mul by ``v.conj()``).  Re-enable them while a rule runs."""
+    if _SetExclude is None:
+        return rule
+
+    def guarded(level, func, args, bdims, kwargs):
+        # The guard costs about a microsecond: only pay it when a view bit is actually set.
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if type(a) is BatchedTensor:
+                    break  # a lower level's physical bits are checked when it dispatches
+                if a.is_conj() or a.is_neg():
+                    break
+            elif type(a) in (list, tuple) and any(
+                    isinstance(x, torch.Tensor) and type(x) is not BatchedTensor
+                    and (x.is_conj() or x.is_neg()) for x in a):
+                break
         else:
-            out, obd = rule(level, op.func, pargs, bdims, kwargs)
-        if op.returns_self:
-            self = args[0]
-            if op.inplace_view:
-                self._sync_metadata()
-            return self
+            return rule(level, func, args, bdims, kwargs)
+        with _SetExclude(_DK.Conjugate, False), _SetExclude(_DK.Negative, False):
+            return rule(level, func, args, bdims, kwargs)
+
+    guarded.__dict__.update(rule.__dict__)
+    guarded.__wrapped__ = rule
+    return guarded
+
+
+def _rule_handler(rule):
+    rule = _with_view_bits(rule)
+
+    def handle(op, level, args, kwargs):
+        if op.list_pos or op.mutable_pos or op.kw_tensor:
+            return _general_rule_call(rule, op, level, args, kwargs)
+        # Fast path (most ops): flat tensor arguments, nothing written in place.
+        pargs = list(args)
+        bdims = [None] * len(pargs)
+        grad_on = None
+        for i in op.tensor_pos:
+            if i < len(pargs):
+                a = pargs[i]
+                if type(a) is BatchedTensor and a.level is level:
+                    pargs[i] = a.value
+                    bdims[i] = a.bdim
+                elif isinstance(a, torch.Tensor) and a.requires_grad:
+                    # Captured from outside this level: its gradient will be per-example.
+                    if grad_on is None:
+                        grad_on = torch.is_grad_enabled()
+                    if grad_on:
+                        ensure_sum_hook(a)
+        out, obd = rule(level, op.func, pargs, bdims, kwargs)
+        if obd is None:
+            return out
+        if type(obd) is int:
+            return make_batched(out, obd, level)
         return wrap_result(out, obd, level)
 
     handle.rule = rule
     return handle
+
+
+def _general_rule_call(rule, op, level, args, kwargs):
+    pargs, bdims = unwrap_args(op, level, args)
+    # A rule marked `checks_mutation` (batch norm writes its stats only when training) decides.
+    if op.mutable_pos and not getattr(rule, "checks_mutation", False):
+        _check_mutation(op, level, pargs, bdims)
+    if op.kw_tensor and any(type(kwargs.get(k)) is BatchedTensor and kwargs[k].level is level
+                            for k in op.kw_tensor):
+        out, obd = _loop_fallback(level, op.func, pargs, bdims, kwargs)
+    else:
+        out, obd = rule(level, op.func, pargs, bdims, kwargs)
+    if op.returns_self:
+        self = args[0]
+        if op.inplace_view:
+            if type(obd) is int:  # squeeze_ & co. may move the physical batch dim
+                self.bdim = obd
+            self._sync_metadata()
+        return self
+    return wrap_result(out, obd, level)
+
+
+def _metadata_query(op, level, args, kwargs):
+    return op.func(*[a.value if type(a) is BatchedTensor else a for a in args], **kwargs)
 
 
 def _decompose_composite(op, level, args, kwargs):
@@ -323,6 +400,35 @@ def _data_dependent(op, level, args, kwargs):
     raise VmapError(
         f"{describe(level)}: data-dependent operation {op.name} on a batched value is not "
         f"supported: {hint}."
+    )
+
+
+def _inplace_view_unsupported(op, level, args, kwargs):
+    raise VmapError(
+        f"{describe(level)}: {op.name} changes the shape or storage of a batched value in place, "
+        "which vmap does not support; use the out-of-place op (e.g. `x = x.reshape(...)` or "
+        "`torch.empty(...)` instead of `x.resize_(...)`)."
+    )
+
+
+# Outside a backward pass, a value batched at an exited vmap escaped it (stored in a global or a
+# closure): batching it again would hand out per-example values with no batch in sight.  Inside
+# a backward pass (graph task id >= 0) exited levels are legitimate: autograd replays the vmap's
+# ops on its saved BatchedTensors.  Without the query (old torch), never refuse.
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)
+# Harmless on an escaped value (the next real op still refuses), and what ftrans itself does to
+# gradients that carry an exited level before summing it out (sum_exited_levels).
+_ESCAPE_OK = frozenset({"aten::detach", "aten::alias"})
+
+
+def _escaped(op, level):
+    if op.name in _ESCAPE_OK:
+        return
+    raise VmapError(
+        f"{describe(level)}: {op.name} was called on a per-example value (BatchedTensor) that "
+        "escaped its vmap, which has already returned (it was saved to a global, a list or an "
+        "attribute inside the vmapped function). Return the value from the vmapped function "
+        "instead, so that vmap stacks it over the batch."
     )
 
 

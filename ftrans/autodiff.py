@@ -1,0 +1,420 @@
+"""Reverse-mode transforms: ``grad``, ``grad_and_value``, ``vjp``, ``jacrev``.
+
+They are levels of the same interpreter stack as ``vmap``, but they need no tensor wrapper of
+their own: torch's autograd already records on whatever tensors flow through ``func``, batched
+or not.  What makes the nesting correct is how inputs *enter* a level (DESIGN.md, grad entry):
+
+- an input that already requires grad enters as ``x.view_as(x)``: a new autograd node, still
+  connected to the outer graph, so ``grad(grad(f))`` differentiates through the inner call and
+  ``grad(lambda x: grad(lambda y: x * y)(x))`` keeps the two roles of ``x`` apart (reusing ``x``
+  itself gives the perturbation-confused 2.0 instead of 1);
+- any other input enters as a fresh leaf, ``x.detach().requires_grad_()``.
+
+``torch.autograd.grad`` is then called with ``create_graph=True`` only when something outside
+can still differentiate the result (an outer grad/jvp level is alive, or the caller has grad
+mode on and differentiable inputs): recording the backward graph costs time for nothing
+otherwise.  Gradients leaving autograd may carry the batch dim of a vmap that ran *inside*
+``func`` and has since returned; those are summed out (pitfall 5).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import optree
+import torch
+
+from ._C import levels as _levels
+from ._C.autograd import sum_exited_levels
+from .vmap import vmap
+
+__all__ = ["grad", "grad_and_value", "vjp", "jacrev"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers (also used by ftrans.forward)
+# ----------------------------------------------------------------------------------------------
+
+def _name(func) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def _tree_flatten(tree):
+    return optree.tree_flatten(tree, none_is_leaf=True)
+
+
+def _tree_unflatten(spec, leaves):
+    return optree.tree_unflatten(spec, leaves)
+
+
+def _tree_map(fn, tree):
+    return optree.tree_map(fn, tree, none_is_leaf=True)
+
+
+def check_argnums(argnums, num_args: int, form: str):
+    """Normalize ``argnums`` (int or non-empty tuple of distinct ints) against ``num_args``."""
+    def one(a):
+        if not isinstance(a, int) or isinstance(a, bool):
+            raise RuntimeError(f"{form}: argnum must be int, got: {type(a)}")
+        if -num_args <= a < num_args:
+            return a % num_args
+        raise RuntimeError(f"{form}: Got argnum={a}, but only {num_args} positional inputs")
+
+    if isinstance(argnums, int) and not isinstance(argnums, bool):
+        return one(argnums)
+    if isinstance(argnums, tuple):
+        if len(argnums) == 0:
+            raise RuntimeError(f"{form}: argnums must be non-empty")
+        wrapped = tuple(one(a) for a in argnums)
+        if len(set(wrapped)) != len(wrapped):
+            raise RuntimeError(f"{form}: argnums elements must be unique, got {argnums}")
+        return wrapped
+    raise RuntimeError(f"{form}: argnums must be int or Tuple[int, ...], got: {type(argnums)}")
+
+
+def select_argnums(args, argnums):
+    return args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+
+
+def replace_argnums(args, argnums, new):
+    args = list(args)
+    if isinstance(argnums, int):
+        args[argnums] = new
+    else:
+        for i, v in zip(argnums, new):
+            args[i] = v
+    return tuple(args)
+
+
+def _has_forward_tangent(x) -> bool:
+    fwd = torch.autograd.forward_ad
+    if getattr(fwd, "_current_level", -1) < 0:
+        return False
+    return fwd.unpack_dual(x).tangent is not None
+
+
+def enter(x, form: str):
+    """Make ``x`` an input of a new differentiation level (see the module docstring)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(
+            f"{form}: Thing passed to transform API must be Tensor, got {type(x)} (every leaf "
+            "of the arguments selected by argnums must be a Tensor; pass other values through "
+            "a non-differentiated argument)"
+        )
+    if not (x.is_floating_point() or x.is_complex()):
+        raise RuntimeError(
+            f"{form}: only floating point and complex Tensors can be differentiated, got a "
+            f"Tensor of dtype {x.dtype}"
+        )
+    if x.requires_grad:
+        return x.view_as(x)
+    if _has_forward_tangent(x):
+        x = x.clone().requires_grad_()
+    else:
+        x = x.detach().requires_grad_()
+    # A fresh leaf is differentiated only by this level, while every vmap around it is alive:
+    # its uses need no per-use lift (ftrans/_C/autograd.py), which saves work on every op.
+    x._ftrans_born = _levels.current_stack()[-1].id
+    return x
+
+
+def outer_needs_graph(grad_enabled: bool, tensors) -> bool:
+    """Can anything outside this call still differentiate its results?"""
+    for level in _levels.current_stack():
+        if level.kind != _levels.VMAP:
+            return True
+    if grad_enabled:
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                return True
+    return False
+
+
+def zeros_for(x):
+    # Unbatched zeros: the logical value is the same for every example, and vmap broadcasts it.
+    return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+
+
+def autograd_grad(outputs, inputs, grad_outputs, create_graph: bool, retain_graph=None):
+    """``torch.autograd.grad`` with torch.func's conventions: unconnected inputs get zeros."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+    if not pairs:
+        return [zeros_for(x) for x in inputs]
+    outs, gos = zip(*pairs)
+    grads = torch.autograd.grad(
+        outs, inputs, gos, retain_graph=retain_graph, create_graph=create_graph,
+        allow_unused=True,
+    )
+    return [zeros_for(x) if g is None else sum_exited_levels(g) for g, x in zip(grads, inputs)]
+
+
+def detach_tree(tree):
+    return _tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def split_aux(out, has_aux: bool, form: str):
+    if not has_aux:
+        return out, None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise RuntimeError(
+            f"{form}: output of function f should be a tuple: (output, aux) if has_aux is True"
+        )
+    return out
+
+
+def check_tensor_outputs(flat_out, form: str):
+    if not flat_out:
+        raise RuntimeError(f"{form}: Expected f to be a function that has non-empty output")
+    for o in flat_out:
+        if not isinstance(o, torch.Tensor):
+            raise RuntimeError(
+                f"{form}: expected f(*primals) to return only tensors, got unsupported type "
+                f"{type(o)}"
+            )
+        if not (o.is_floating_point() or o.is_complex()):
+            raise RuntimeError(
+                f"{form}: All outputs of f must be floating-point or complex Tensors, got "
+                f"Tensor with dtype {o.dtype}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# grad / grad_and_value
+# ----------------------------------------------------------------------------------------------
+
+def _grad_form(func, argnums, has_aux, api="grad"):
+    extra = "" if argnums == 0 else f", argnums={argnums!r}"
+    extra += ", has_aux=True" if has_aux else ""
+    return f"{api}({_name(func)}{extra})(*args)"
+
+
+def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
+    form = _grad_form(func, argnums, has_aux, api)
+    argnums = check_argnums(argnums, len(args), form)
+    diff = select_argnums(args, argnums)
+    flat_diff, spec = _tree_flatten(diff)
+    need = outer_needs_graph(torch.is_grad_enabled(), flat_diff)
+    level = _levels.push(_levels.Level(_levels.GRAD))
+    try:
+        with torch.enable_grad():
+            entered = [enter(x, form) for x in flat_diff]
+            args = replace_argnums(args, argnums, _tree_unflatten(spec, entered))
+            output, aux = split_aux(func(*args, **kwargs), has_aux, form)
+            if not isinstance(output, torch.Tensor):
+                raise RuntimeError(
+                    f"{form}: Expected f(*args) to return a Tensor, got {type(output)}"
+                )
+            if output.dim() != 0:
+                raise RuntimeError(
+                    f"{form}: Expected f(*args) to return a scalar Tensor, got tensor with "
+                    f"{output.dim()} dims. Maybe you wanted to use the vjp or jacrev APIs "
+                    "instead?"
+                )
+            grads = autograd_grad([output], entered, [torch.ones_like(output)],
+                                  create_graph=need)
+    finally:
+        _levels.pop(level)
+    grads = _tree_unflatten(spec, grads)
+    if not need:
+        output, aux = output.detach(), detach_tree(aux)
+    return grads, ((output, aux) if has_aux else output)
+
+
+def grad_and_value(func: Callable, argnums: Any = 0, has_aux: bool = False) -> Callable:
+    """Like :func:`grad`, but the returned function gives ``(gradient, value)``.
+
+    With ``has_aux=True`` it gives ``(gradient, (value, aux))``.
+
+    Example:
+        >>> import torch, ftrans
+        >>> g, v = ftrans.grad_and_value(lambda x: (x ** 2).sum())(torch.tensor([1., 2.]))
+        >>> g, v
+        (tensor([2., 4.]), tensor(5.))
+    """
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad_and_value")
+
+    return wrapper
+
+
+def grad(func: Callable, argnums: Any = 0, has_aux: bool = False) -> Callable:
+    """Gradient transform: ``grad(f)(x)`` is the gradient of the scalar ``f(x)`` w.r.t. ``x``.
+
+    ``argnums`` (int or tuple of ints) picks which positional arguments to differentiate; each
+    may be a pytree of tensors, and the gradient has the same structure.  With ``has_aux=True``
+    ``f`` returns ``(scalar, aux)`` and the transform returns ``(gradient, aux)``.  Outputs
+    that do not depend on an input give zero gradients; inside ``torch.no_grad()`` nothing is
+    tracked.  Composes with every other transform (``vmap(grad(f))``, ``grad(grad(f))``...).
+
+    Example:
+        >>> import torch, ftrans
+        >>> ftrans.grad(torch.sin)(torch.tensor(0.))
+        tensor(1.)
+        >>> ftrans.grad(ftrans.grad(lambda x: x ** 3))(torch.tensor(2.))
+        tensor(12.)
+        >>> dot = lambda x, y: (x * y).sum()
+        >>> ftrans.grad(dot, argnums=(0, 1))(torch.ones(2), torch.ones(2) * 3)
+        (tensor([3., 3.]), tensor([1., 1.]))
+    """
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        g, value = _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad")
+        return (g, value[1]) if has_aux else g
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------------------------
+# vjp
+# ----------------------------------------------------------------------------------------------
+
+class _VjpFn:
+    """The pullback returned by :func:`vjp`; may be called many times, and under a newer vmap."""
+
+    def __init__(self, outputs, out_spec, entered, primals, primal_spec, form):
+        self._outputs = outputs
+        self._out_spec = out_spec
+        self._entered = entered
+        self._primals = primals
+        self._primal_spec = primal_spec
+        self._form = form
+
+    def __call__(self, cotangents, retain_graph: bool = True, create_graph: bool | None = None):
+        flat_ct, ct_spec = _tree_flatten(cotangents)
+        if ct_spec != self._out_spec:
+            raise RuntimeError(
+                f"{self._form} vjp_fn: Expected pytree structure of cotangents to be the same as "
+                f"pytree structure of outputs to the function. cotangents: {ct_spec}, primal "
+                f"output: {self._out_spec}"
+            )
+        for i, (c, o) in enumerate(zip(flat_ct, self._outputs)):
+            if not isinstance(c, torch.Tensor):
+                raise RuntimeError(
+                    f"{self._form} vjp_fn: Expected cotangents to only contain Tensors, got "
+                    f"{type(c)}"
+                )
+            if c.shape != o.shape:
+                raise RuntimeError(
+                    f"{self._form} vjp_fn: cotangent {i} has shape {tuple(c.shape)} but the "
+                    f"output it pairs with has shape {tuple(o.shape)}"
+                )
+        if create_graph is None:
+            create_graph = outer_needs_graph(torch.is_grad_enabled(),
+                                             list(self._primals) + list(flat_ct))
+        with torch.enable_grad():
+            grads = autograd_grad(self._outputs, self._entered, flat_ct,
+                                  create_graph=create_graph, retain_graph=retain_graph)
+        return _tree_unflatten(self._primal_spec, grads)
+
+
+def vjp_impl(func, primals, argnums, has_aux, form, kwargs=None):
+    """Run ``func`` at a new GRAD level; return (output, vjp_fn, aux, need).
+
+    ``vjp_fn`` gives gradients for ``primals[argnums]`` (all primals when argnums is None,
+    as a tuple).
+    """
+    diff = tuple(primals) if argnums is None else select_argnums(primals, argnums)
+    flat_diff, spec = _tree_flatten(diff)
+    need = outer_needs_graph(torch.is_grad_enabled(), flat_diff)
+    level = _levels.push(_levels.Level(_levels.GRAD))
+    try:
+        with torch.enable_grad():
+            entered = [enter(x, form) for x in flat_diff]
+            diff_in = _tree_unflatten(spec, entered)
+            args = diff_in if argnums is None else replace_argnums(primals, argnums, diff_in)
+            output, aux = split_aux(func(*args, **(kwargs or {})), has_aux, form)
+            flat_out, out_spec = _tree_flatten(output)
+            check_tensor_outputs(flat_out, form)
+    finally:
+        _levels.pop(level)
+    vjp_fn = _VjpFn(flat_out, out_spec, entered, flat_diff, spec, form)
+    if not need:
+        output, aux = detach_tree(output), detach_tree(aux)
+    return output, vjp_fn, aux, need
+
+
+def vjp(func: Callable, *primals, has_aux: bool = False):
+    """Vector-Jacobian product: returns ``(func(*primals), vjp_fn)``.
+
+    ``vjp_fn(cotangents)`` (cotangents shaped like the output) returns a tuple with one
+    gradient per primal.  It may be called several times, and inside a later ``vmap`` (that is
+    how :func:`jacrev` works).  With ``has_aux=True``: ``(output, vjp_fn, aux)``.
+
+    Example:
+        >>> import torch, ftrans
+        >>> out, vjp_fn = ftrans.vjp(torch.sin, torch.zeros(3))
+        >>> vjp_fn(torch.ones(3))
+        (tensor([1., 1., 1.]),)
+    """
+    form = f"vjp({_name(func)}, *primals)"
+    output, vjp_fn, aux, _ = vjp_impl(func, primals, None, has_aux, form)
+    return (output, vjp_fn, aux) if has_aux else (output, vjp_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# jacrev
+# ----------------------------------------------------------------------------------------------
+
+def identity_basis(flat, dtype_from=None):
+    """One standard-basis cotangent batch per tensor in ``flat``: shapes ``(total, *t.shape)``."""
+    numels = [t.numel() for t in flat]
+    total = sum(numels)
+    ref = flat[0]
+    eye = torch.eye(total, dtype=ref.dtype, device=ref.device)
+    out, start = [], 0
+    for t, n in zip(flat, numels):
+        out.append(eye[:, start:start + n].to(t.dtype).reshape(total, *t.shape))
+        start += n
+    return out, numels, total
+
+
+def jacrev(func: Callable, argnums: Any = 0, *, has_aux: bool = False,
+           chunk_size: int | None = None) -> Callable:
+    """Jacobian by reverse mode: vmap of the vjp function over an identity basis.
+
+    For each output leaf ``o`` and differentiated input leaf ``x`` the block has shape
+    ``o.shape + x.shape``; the result has the output's pytree structure, each entry the
+    input's structure (a tuple over ``argnums`` when it is a tuple).  ``chunk_size`` bounds
+    how many basis rows are pushed back at once.
+
+    Example:
+        >>> import torch, ftrans
+        >>> ftrans.jacrev(torch.sin)(torch.zeros(2))
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"jacrev({_name(func)}, chunk_size={chunk_size!r}): `chunk_size` should "
+                         "be greater than 0.")
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        form = f"jacrev({_name(func)}{'' if argnums == 0 else f', argnums={argnums!r}'})(*args)"
+        nums = check_argnums(argnums, len(args), form)
+        output, vjp_fn, aux, _ = vjp_impl(func, args, nums, has_aux, form, kwargs)
+        flat_out, out_spec = _tree_flatten(output)
+        flat_vjp_out = vjp_fn._outputs
+        basis, numels, _ = identity_basis(flat_vjp_out)
+
+        def push(*cts):
+            return vjp_fn(_tree_unflatten(out_spec, list(cts)))
+
+        rows = vmap(push, chunk_size=chunk_size)(*basis)   # structure of the diff args
+        flat_rows, in_spec = _tree_flatten(rows)
+        per_output, start = [], 0
+        for o, n in zip(flat_vjp_out, numels):
+            blocks = [r[start:start + n].reshape(*o.shape, *r.shape[1:]) for r in flat_rows]
+            per_output.append(_tree_unflatten(in_spec, blocks))
+            start += n
+        jac = _tree_unflatten(out_spec, per_output)
+        return (jac, aux) if has_aux else jac
+
+    return wrapper
+
+
+# The rest of the public differentiation API, so that ``ftrans/__init__.py`` needs one line.
+from .forward import hessian, jacfwd, jvp, linearize  # noqa: E402
+from .nn import functional_call, stack_module_state  # noqa: E402
+
+__all__ += ["jvp", "jacfwd", "hessian", "linearize", "functional_call", "stack_module_state"]

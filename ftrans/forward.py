@@ -1,0 +1,214 @@
+"""Forward-mode transforms: ``jvp``, ``linearize``, ``jacfwd``, ``hessian``.
+
+torch's ``forward_ad`` cannot nest (``jvp(jvp(f))`` raises) and hit layout asserts with batched
+tangents (DESIGN.md pitfall 6), so forward mode here is built from reverse mode with the
+double-vjp trick: for a dummy cotangent ``u``, ``g(u) = J^T u`` is linear in ``u``, and the
+vjp of ``g`` with cotangent ``v`` is ``J v``::
+
+    jvp(f)(x; v) = d/du <vjp(f)(x)(u), v>
+
+Both backward passes are ordinary ``torch.autograd.grad`` calls on the same stack as everything
+else, so the trick works at any nesting depth and under ``vmap`` (``vmap(jvp)``, ``jvp(jvp)``,
+``jvp(grad)``, ``grad(jvp)``, ``jacfwd(jacrev)``).  The price is one extra backward pass; the
+forward pass of ``f`` runs once per call whatever the number of tangents, which is what makes
+``jacfwd`` (a vmap over tangents) cheap.  ``u`` is an unbatched zero tensor: under ``vmap`` its
+gradient comes out batched where ``J`` is, which is exactly the per-example ``J v``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+from ._C import levels as _levels
+from .autodiff import (_name, _tree_flatten, _tree_unflatten, autograd_grad, check_argnums,
+                       check_tensor_outputs, detach_tree, enter, jacrev, outer_needs_graph,
+                       replace_argnums, select_argnums, split_aux, identity_basis)
+from .vmap import vmap
+
+__all__ = ["jvp", "jacfwd", "hessian", "linearize"]
+
+
+class _Linearized:
+    """``f`` linearized at fixed primals: ``self(tangents) = J @ tangents`` (flat lists)."""
+
+    def __init__(self, func, flat_primals, spec, form, has_aux=False):
+        self.form = form
+        self.need = outer_needs_graph(torch.is_grad_enabled(), flat_primals)
+        level = _levels.push(_levels.Level(_levels.JVP))
+        try:
+            with torch.enable_grad():
+                self.primals = flat_primals
+                entered = [enter(x, form) for x in flat_primals]
+                out, aux = split_aux(func(*_tree_unflatten(spec, entered)), has_aux, form)
+                flat_out, self.out_spec = _tree_flatten(out)
+                check_tensor_outputs(flat_out, form)
+                self.flat_out = flat_out
+                self.us = [torch.zeros(o.shape, dtype=o.dtype, device=o.device,
+                                       requires_grad=True) for o in flat_out]
+                # g = J^T u, kept differentiable in u (and in x, for outer levels).
+                gs = autograd_grad(flat_out, entered, self.us, create_graph=True,
+                                   retain_graph=True)
+                self.gs = gs
+        finally:
+            _levels.pop(level)
+        self.output = out if self.need else detach_tree(out)
+        self.aux = aux if self.need else detach_tree(aux)
+
+    def __call__(self, flat_tangents, need=None, retain_graph=True):
+        if need is None:
+            need = self.need or outer_needs_graph(torch.is_grad_enabled(), flat_tangents)
+        with torch.enable_grad():
+            res = autograd_grad(self.gs, self.us, flat_tangents, create_graph=need,
+                                retain_graph=retain_graph)
+        return _tree_unflatten(self.out_spec, res)
+
+
+def _check_primals_tangents(form, primals, tangents):
+    if not isinstance(primals, tuple):
+        raise RuntimeError(
+            f"{form}: Expected primals to be a tuple. E.g. it should be valid to call f(*primals)."
+        )
+    flat_p, p_spec = _tree_flatten(primals)
+    flat_t, t_spec = _tree_flatten(tangents if isinstance(tangents, tuple) else (tangents,))
+    if not isinstance(tangents, tuple) or p_spec != t_spec:
+        raise RuntimeError(
+            f"{form}: Expected primals and tangents to have the same python structure. For "
+            f"example, if primals is a tuple of 3 tensors, tangents also must be. Got primals "
+            f"with structure {p_spec} and tangents with structure {t_spec}"
+        )
+    for i, (p, t) in enumerate(zip(flat_p, flat_t)):
+        for name, v in (("primals", p), ("tangents", t)):
+            if not isinstance(v, torch.Tensor):
+                raise RuntimeError(
+                    f"{form}: Expected {name} to only contain Tensors, got {type(v)}"
+                )
+        if p.shape != t.shape:
+            raise RuntimeError(
+                f"{form}: tangent:{i} with shape {tuple(t.shape)} in flattened pytree doesn't "
+                f"match the shape {tuple(p.shape)} of the corresponding primal."
+            )
+    return flat_p, p_spec, flat_t
+
+
+def jvp(func: Callable, primals: tuple, tangents: tuple, *, strict: bool = False,
+        has_aux: bool = False):
+    """Jacobian-vector product: returns ``(func(*primals), J @ tangents)``.
+
+    ``primals`` and ``tangents`` are tuples with the same pytree structure and shapes.  With
+    ``has_aux=True`` ``func`` returns ``(output, aux)`` and jvp returns
+    ``(output, jvp_out, aux)``.  Nests freely (``jvp(jvp)``, ``vmap(jvp)``, ``jvp(grad)``).
+
+    Example:
+        >>> import torch, ftrans
+        >>> x = torch.tensor([0., 1.])
+        >>> ftrans.jvp(torch.sin, (x,), (torch.ones(2),))[1]
+        tensor([1.0000, 0.5403])
+    """
+    form = f"jvp({_name(func)}, primals, tangents)"
+    if strict:
+        raise RuntimeError(f"{form}: strict=True is not supported (as in torch.func)")
+    flat_p, spec, flat_t = _check_primals_tangents(form, primals, tangents)
+    lin = _Linearized(func, flat_p, spec, form, has_aux)
+    jvp_out = lin(flat_t, lin.need or outer_needs_graph(torch.is_grad_enabled(), flat_t),
+                  retain_graph=False)
+    if has_aux:
+        return lin.output, jvp_out, lin.aux
+    return lin.output, jvp_out
+
+
+def linearize(func: Callable, *primals):
+    """``(func(*primals), jvp_fn)`` where ``jvp_fn(*tangents)`` evaluates the jvp at ``primals``.
+
+    The forward pass (and one backward pass) run once; each ``jvp_fn`` call costs one
+    backward pass.
+
+    Example:
+        >>> import torch, ftrans
+        >>> out, jvp_fn = ftrans.linearize(lambda x: x ** 2, torch.tensor([1., 2.]))
+        >>> jvp_fn(torch.ones(2))
+        tensor([2., 4.])
+    """
+    form = f"linearize({_name(func)}, *primals)"
+    flat_p, spec = _tree_flatten(tuple(primals))
+    lin = _Linearized(func, flat_p, spec, form)
+
+    def jvp_fn(*tangents):
+        _, _, flat_t = _check_primals_tangents(f"{form} jvp_fn", tuple(primals), tangents)
+        return lin(flat_t)
+
+    return lin.output, jvp_fn
+
+
+def jacfwd(func: Callable, argnums: Any = 0, has_aux: bool = False, *,
+           randomness: str = "error", chunk_size: int | None = None) -> Callable:
+    """Jacobian by forward mode: vmap of :func:`jvp` over an identity basis of tangents.
+
+    Same output layout as :func:`jacrev` (blocks of shape ``out.shape + in.shape``);
+    ``randomness`` is passed to the vmap over tangents; ``chunk_size`` (an ftrans extension,
+    as in :func:`jacrev`) bounds how many tangents are pushed forward at once.
+
+    Example:
+        >>> import torch, ftrans
+        >>> ftrans.jacfwd(lambda x: x ** 2)(torch.tensor([1., 2.]))
+        tensor([[2., 0.],
+                [0., 4.]])
+    """
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"jacfwd({_name(func)}, chunk_size={chunk_size!r}): `chunk_size` should "
+                         "be greater than 0.")
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        form = f"jacfwd({_name(func)}{'' if argnums == 0 else f', argnums={argnums!r}'})(*args)"
+        nums = check_argnums(argnums, len(args), form)
+        diff = select_argnums(args, nums)
+        flat_diff, in_spec = _tree_flatten(diff)
+        for x in flat_diff:
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"{form}: Thing passed to transform API must be Tensor, got "
+                                 f"{type(x)}")
+
+        def f_diff(*flat):
+            return func(*replace_argnums(args, nums, _tree_unflatten(in_spec, list(flat))),
+                        **kwargs)
+
+        basis, numels, total = identity_basis(flat_diff)
+
+        def push(*tangents):
+            # The forward pass runs once here: primals are not batched, only tangents are.
+            lin = _Linearized(f_diff, flat_diff, _flat_spec(len(flat_diff)), form, has_aux)
+            return lin(list(tangents)), lin.aux
+
+        cols, aux = vmap(push, out_dims=(0, None), randomness=randomness,
+                         chunk_size=chunk_size)(*basis)
+        flat_cols, out_spec = _tree_flatten(cols)
+        per_output = []
+        for c in flat_cols:
+            c = c.movedim(0, -1)  # (*out.shape, total)
+            blocks, start = [], 0
+            for x, n in zip(flat_diff, numels):
+                blocks.append(c[..., start:start + n].reshape(*c.shape[:-1], *x.shape))
+                start += n
+            per_output.append(_tree_unflatten(in_spec, blocks))
+        jac = _tree_unflatten(out_spec, per_output)
+        return (jac, aux) if has_aux else jac
+
+    return wrapper
+
+
+def _flat_spec(n):
+    return _tree_flatten(tuple(range(n)))[1]
+
+
+def hessian(func: Callable, argnums: Any = 0) -> Callable:
+    """Hessian as ``jacfwd(jacrev(func, argnums), argnums)`` (forward-over-reverse).
+
+    Example:
+        >>> import torch, ftrans
+        >>> ftrans.hessian(lambda x: (x ** 3).sum())(torch.tensor([1., 2.]))
+        tensor([[ 6.,  0.],
+                [ 0., 12.]])
+    """
+    return jacfwd(jacrev(func, argnums), argnums)
