@@ -85,7 +85,9 @@ def vmap(
     def vmapped(*args, **kwargs):
         return _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs)
 
-    return vmapped
+    # Under torch.compile, dynamo must not trace into the Python dispatch machinery (its optree
+    # polyfills fail on in_dims pytrees): it graph-breaks here and runs vmap eagerly.
+    return torch.compiler.disable(vmapped)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
     level = _levels.Level(_levels.VMAP, batch_size, randomness)
     level.origin = functools.partial(_call_form, func, in_dims, out_dims)
     grad_on = torch.is_grad_enabled()
-    with vmap_mode():
+    with vmap_mode(randomness):
         _levels.push(level)
         try:
             wrapped = []
@@ -275,7 +277,15 @@ def _chunked(func, in_dims, out_dims, randomness, chunk_size, leaves, treespec, 
              batch_size, kwargs):
     starts = range(0, batch_size, chunk_size)
     chunk_outs = []
+    # 'same' is one draw for the whole batch, so every chunk replays the same generator state.
+    cuda = randomness == "same" and torch.cuda.is_initialized()
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None) \
+        if randomness == "same" else None
     for s in starts:
+        if rng is not None:
+            torch.set_rng_state(rng[0])
+            if cuda:
+                torch.cuda.set_rng_state_all(rng[1])
         n = min(chunk_size, batch_size - s)
         chunk_leaves = [
             x if d is None else x.narrow(d, s, n) for x, d in zip(leaves, flat_dims)

@@ -6,32 +6,48 @@ routes every op to :func:`~ftrans._C.dispatch.dispatch` (which it would reach an
 arguments) and lets dispatch see random ops whose arguments are all unbatched.  Random ops are
 found generically by ``torch.Tag.nondeterministic_seeded``.
 
-:func:`random_dispatch` peels the applicable vmap levels innermost first.  For one level:
+:func:`random_dispatch` peels the applicable vmap levels innermost first; each level decides
+and hands the rest of the call to the levels below it (``call_rest``), so nested vmaps combine
+per level (outer 'different' + inner 'same' varies along the outer batch only).  For one level:
 
-- 'error': raise.
+- 'error': raise, naming the op.
 - 'same', nothing batched at this level: draw once (the lower levels decide their own).
 - 'same', a batched argument: the draws must not vary across examples.  Ops whose randomness is
-  a value-independent noise (``*_like``, dropout, bernoulli with a tensor ``p``) draw the noise
-  on one example's shape; any other op runs per example from the same generator state, which is
-  the definition of 'same'.
+  value-independent noise are rewritten as one draw of that noise on one example's shape,
+  combined with the batched values by native ops: ``*_like`` and ``bernoulli.p`` (values are
+  unused), in-place draws into a batched tensor (draw into one example, broadcast-copy),
+  ``bernoulli`` with a tensor ``p`` (``rand < p``), ``normal`` with tensor mean/std
+  (``mean + std * randn``), dropout (one mask), ``multinomial`` (shared uniforms through the
+  inverse CDF, or shared Gumbel noise without replacement).  The few ops whose noise depends on
+  the values (``poisson``, gamma...) run per example from the same generator state, which is the
+  definition of 'same'.
 - 'different', batched arguments: the physical call draws independently per element already.
 - 'different', nothing batched: factories get the batch size prepended to their ``size``,
   ops with tensor arguments get those expanded to the batch, and an in-place draw into an
   unbatched tensor raises (it could not hold per-example values).
+
+Dropout on CPU is a composite (``empty_like(x).bernoulli_(1 - p)``), so with an unbatched ``x``
+the noise tensor is unbatched and 'different' could not draw into it.  Whenever a vmap with
+randomness other than 'error' is live, :class:`_DropoutMode` (a torch-function mode) replaces
+the dropout family by out-of-place draws (``native_dropout``, ``bernoulli`` of a ``p`` tensor)
+that the rules above batch; with 'error' nothing is pushed, so the default costs nothing.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import levels as _levels
-from .batched import BatchedTensor, add_batch_dim
+from .batched import add_batch_dim
 
 __all__ = ["vmap_mode", "random_dispatch"]
 
+aten = torch.ops.aten
 _tls = threading.local()
 _dispatch = None
 
@@ -50,21 +66,27 @@ _VmapMode.__torch_dispatch__ = _mode_dispatch
 
 
 @contextlib.contextmanager
-def vmap_mode():
-    """Push the vmap mode unless this thread already has it (nested vmaps share one)."""
+def vmap_mode(randomness: str = "error"):
+    """Push the vmap mode unless this thread already has it (nested vmaps share one); push the
+    dropout mode for the first level that may draw random numbers."""
     global _dispatch
     if _dispatch is None:
         from .dispatch import dispatch as _dispatch
-    if getattr(_tls, "active", False):
+    with contextlib.ExitStack() as stack:
+        if not getattr(_tls, "active", False):
+            _tls.active = True
+            stack.callback(setattr, _tls, "active", False)
+            stack.enter_context(_VmapMode())
+        if randomness != "error" and not getattr(_tls, "dropout", False):
+            _tls.dropout = True
+            stack.callback(setattr, _tls, "dropout", False)
+            stack.enter_context(_DropoutMode())
         yield
-        return
-    _tls.active = True
-    try:
-        with _VmapMode():
-            yield
-    finally:
-        _tls.active = False
 
+
+# ----------------------------------------------------------------------------------------------
+# Level peeling
+# ----------------------------------------------------------------------------------------------
 
 def _applicable_levels(level, from_mode):
     stack = [l for l in _levels.current_stack() if l.kind == _levels.VMAP]
@@ -80,6 +102,20 @@ def _applicable_levels(level, from_mode):
 
 def random_dispatch(op, level, args, kwargs, from_mode=False):
     return _random(op, _applicable_levels(level, from_mode), args, kwargs)
+
+
+def _op(func):
+    from .dispatch import _OPS, _prepare
+
+    op = _OPS.get(func)
+    if op is None:
+        op = _OPS[func] = _prepare(func)
+    return op
+
+
+def _draw(func, levels, *args, **kwargs):
+    """Call random op ``func`` as if from user code running at ``levels`` (outermost first)."""
+    return _random(_op(func), levels, args, kwargs)
 
 
 def _random(op, levels, args, kwargs):
@@ -115,28 +151,35 @@ def _random(op, levels, args, kwargs):
     if level.randomness == "different":
         out, obd = _aligned_call(call_rest, pargs, bdims, kwargs, op)
     else:
-        out, obd = _same_batched(op, level, call_rest, pargs, bdims, kwargs)
+        out, obd = _same_batched(op, level, rest, call_rest, pargs, bdims, kwargs)
     if op.returns_self:
         return args[0]
     return wrap_result(out, obd, level)
+
+
+# ----------------------------------------------------------------------------------------------
+# 'different'
+# ----------------------------------------------------------------------------------------------
+
+def _front(x, b):
+    return x if b is None or b == 0 else x.movedim(b, 0)
 
 
 def _aligned_call(call, pargs, bdims, kwargs, op):
     """Physical call with every batched arg front-batched and rank-aligned (elementwise ops)."""
     from .rules._util import pad_rank
 
+    if op.name == "aten::multinomial":
+        probs = _front(pargs[0], bdims[0])
+        flat = probs.reshape(-1, probs.shape[-1])
+        out = call(flat, *pargs[1:], **kwargs)
+        return out.reshape(probs.shape[:-1] + out.shape[-1:]), 0
     rank = max((a.dim() - (b is not None) for a, b in zip(pargs, bdims)
                 if isinstance(a, torch.Tensor)), default=0)
     new = list(pargs)
     for i, b in enumerate(bdims):
         if b is not None and not isinstance(b, tuple):
-            x = new[i] if b == 0 else new[i].movedim(b, 0)
-            new[i] = pad_rank(x, rank)
-    if op.name == "aten::multinomial":
-        probs = new[0]
-        flat = probs.reshape(-1, probs.shape[-1])
-        out = call(flat, *new[1:], **kwargs)
-        return out.reshape(probs.shape[:-1] + out.shape[-1:]), 0
+            new[i] = pad_rank(_front(new[i], b), rank)
     out = call(*new, **kwargs)
     if isinstance(out, tuple):
         return out, (0,) * len(out)
@@ -164,46 +207,141 @@ def _different_unbatched(op, level, call_rest, args, kwargs):
             args[i] = [B] + list(args[i])
         else:
             kwargs[_SIZE_ARG] = [B] + list(kwargs[_SIZE_ARG])
-        out = call_rest(*args, **kwargs)
-        return add_batch_dim(out, 0, level)
+        return add_batch_dim(call_rest(*args, **kwargs), 0, level)
     tensor_pos = [i for i in op.tensor_pos if i < len(args) and args[i] is not None]
     if tensor_pos:
         for i in tensor_pos:
             x = args[i]
             args[i] = x.unsqueeze(0).expand((B,) + tuple(x.shape))
+        if op.name == "aten::multinomial":
+            probs = args[0]
+            out = call_rest(probs.reshape(-1, probs.shape[-1]), *args[1:], **kwargs)
+            return add_batch_dim(out.reshape(probs.shape[:-1] + out.shape[-1:]), 0, level)
         out = call_rest(*args, **kwargs)
-        if op.name == "aten::multinomial" and args[tensor_pos[0]].dim() > 2:
-            raise VmapError(f"{describe(level)}: multinomial takes 1-D or 2-D probabilities")
         if isinstance(out, tuple):
             return tuple(add_batch_dim(o, 0, level) for o in out)
         return add_batch_dim(out, 0, level)
-    # No size and no tensor (randperm): one draw per example.
+    # No size and no tensor (randperm): one draw per example, as torch.func does.
     return add_batch_dim(torch.stack([call_rest(*args, **kwargs) for _ in range(B)]), 0, level)
 
 
-def _same_batched(op, level, call_rest, pargs, bdims, kwargs):
+# ----------------------------------------------------------------------------------------------
+# 'same' with batched arguments
+# ----------------------------------------------------------------------------------------------
+
+_VALUE_FREE_INPLACE = {
+    "aten::uniform_", "aten::normal_", "aten::random_", "aten::exponential_", "aten::cauchy_",
+    "aten::log_normal_", "aten::geometric_", "aten::bernoulli_",
+}
+
+
+def _example(x, b):
+    """One example of a physical value (a view; still batched at lower levels)."""
+    return x if b is None else x.select(b, 0)
+
+
+def _same_batched(op, level, rest, call_rest, pargs, bdims, kwargs):
+    from .rules._util import pad_rank
+
     name = op.name
-    if name.endswith("_like"):
-        x, b = pargs[0], bdims[0]
-        stand_in = x.select(b, 0)
-        return call_rest(stand_in, *pargs[1:], **kwargs), None
+    overload = op.func._overloadname
+    tensor_bds = [b for i, b in enumerate(bdims) if i in op.tensor_pos]
+    gen = {"generator": kwargs["generator"]} if kwargs.get("generator") is not None else {}
+
+    if name.endswith("_like") and all(b is None for b in tensor_bds[1:]):
+        # The values of `self` are unused: draw on one example's shape.
+        return call_rest(_example(pargs[0], bdims[0]), *pargs[1:], **kwargs), None
+    if name == "aten::bernoulli" and overload == "p":
+        return call_rest(_example(pargs[0], bdims[0]), *pargs[1:], **kwargs), None
+
+    if name in _VALUE_FREE_INPLACE and all(b is None for b in tensor_bds[1:]):
+        # Draw into a copy of one example, then write it to every example.
+        x = _front(pargs[0], bdims[0])
+        one = call_rest(x[0].clone(), *pargs[1:], **kwargs)
+        x.copy_(one)
+        return x, 0
+
+    if name in ("aten::bernoulli", "aten::bernoulli_"):
+        # bernoulli(p) == (U < p) with one U shared by all examples.
+        inplace = name.endswith("_")
+        p, pb = (pargs[1], bdims[1]) if inplace or overload == "Tensor" else (pargs[0], bdims[0])
+        like = _broadcast_example(pargs, bdims, (0, 1) if inplace or overload == "Tensor"
+                                  else (0,))
+        u = _rand(rest, like.shape, _float_dtype(p), like.device, gen)
+        hit = u < (pad_rank(_front(p, pb), u.dim()) if pb is not None else p)
+        if inplace:
+            x = _front(pargs[0], bdims[0])
+            x.copy_(hit.to(x.dtype))
+            return x, 0
+        return hit.to(pargs[0].dtype), 0
+
+    if name == "aten::normal" and overload in ("Tensor_float", "float_Tensor", "Tensor_Tensor"):
+        # normal(mean, std) == mean + std * Z with one Z shared by all examples.
+        ms = [pargs[0], pargs[1] if len(pargs) > 1 else kwargs.get("std", 1.0)]
+        bds = [bdims[0], bdims[1] if len(bdims) > 1 else None]
+        tensors = [i for i in (0, 1) if isinstance(ms[i], torch.Tensor)]
+        like = _broadcast_example(ms, bds, tensors)
+        z = _rand(rest, like.shape, like.dtype, like.device, gen, normal=True)
+        m, s = [pad_rank(_front(ms[i], bds[i]), z.dim()) if bds[i] is not None else ms[i]
+                for i in (0, 1)]
+        return m + s * z, 0
+
     if name == "aten::native_dropout" and bdims[0] is not None:
-        x = pargs[0].movedim(bdims[0], 0)
-        ones = torch.ones(x.shape[1:], dtype=x.dtype, device=x.device)
-        scaled, mask = call_rest(ones, *pargs[1:], **kwargs)
+        x = _front(pargs[0], bdims[0])
+        scaled, mask = call_rest(torch.ones_like(x[0]), *pargs[1:], **kwargs)
         return (x * scaled, mask.expand(x.shape)), (0, 0)
-    if name == "aten::bernoulli" and len(pargs) == 1 and op.func._overloadname == "default":
-        p = pargs[0].movedim(bdims[0], 0)
-        u = torch.rand(p.shape[1:], dtype=p.dtype, device=p.device)
-        return (u < p).to(p.dtype), 0
+
+    if name == "aten::multinomial" and bdims[0] is not None:
+        return _same_multinomial(rest, pargs, bdims, gen), 0
+
     return _same_by_forked_generator(op, level, call_rest, pargs, bdims, kwargs)
 
 
+def _rand(levels, shape, dtype, device, gen, normal=False):
+    """One uniform (or normal) draw of ``shape`` as user code at ``levels`` would make it."""
+    base = aten.randn if normal else aten.rand
+    func, kw = (base.generator, gen) if gen else (base.default, {})
+    return _draw(func, levels, list(shape), dtype=dtype, device=device, **kw)
+
+
+def _float_dtype(t):
+    return t.dtype if t.dtype.is_floating_point else torch.get_default_dtype()
+
+
+def _broadcast_example(pargs, bdims, positions):
+    """A tensor with one example's broadcast shape of the tensors at ``positions``."""
+    exs = [_example(pargs[i], bdims[i]) for i in positions if isinstance(pargs[i], torch.Tensor)]
+    return exs[0] if len(exs) == 1 else torch.broadcast_tensors(*exs)[0]
+
+
+def _same_multinomial(rest, pargs, bdims, gen):
+    probs = _front(pargs[0], bdims[0])  # [B, (M,) S]
+    n = pargs[1]
+    replacement = pargs[2] if len(pargs) > 2 else False
+    shape = probs.shape[1:-1] + (n,)
+    if replacement:
+        # Inverse CDF with one set of uniforms shared by all examples.
+        cdf = probs.double().cumsum(-1)
+        cdf = cdf / cdf[..., -1:]
+        u = _rand(rest, shape, torch.double, probs.device, gen)
+        u = u.expand(probs.shape[:1] + shape).contiguous()
+        idx = torch.searchsorted(cdf.contiguous(), u, right=True)
+        return idx.clamp_(max=probs.shape[-1] - 1)
+    # Without replacement: Gumbel-top-k with one Gumbel draw shared by all examples.
+    e = _rand(rest, probs.shape[1:], torch.double, probs.device, gen)
+    g = -torch.log(-torch.log(e.clamp(min=1e-300)))
+    keys = torch.log(probs.double()) + g
+    return keys.topk(n, dim=-1).indices
+
+
 def _same_by_forked_generator(op, level, call_rest, pargs, bdims, kwargs):
-    """Run the op per example, each time from the same generator state."""
+    """Run the op per example, each time from the same generator state (value-dependent noise
+    such as ``poisson`` has no shared-noise form)."""
     from .dispatch import _select
 
     gen = kwargs.get("generator")
+    if gen is None:
+        gen = next((a for a in pargs if isinstance(a, torch.Generator)), None)
     device = next((a.device for a in pargs if isinstance(a, torch.Tensor)), torch.device("cpu"))
 
     def get_state():
@@ -230,6 +368,111 @@ def _same_by_forked_generator(op, level, call_rest, pargs, bdims, kwargs):
             for a, bd in zip(pargs, bdims)
         ]
         outs.append(call_rest(*call_args, **kwargs))
+    if op.returns_self:
+        return pargs[0], bdims[0]
     if isinstance(outs[0], tuple):
         return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
     return torch.stack(outs), 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout: replace the composites that draw into a fresh unbatched tensor
+# ----------------------------------------------------------------------------------------------
+
+_ALPHA = 1.7580993408473766
+
+
+def _dropout(x, p, train, inplace, feature=False, alpha=False):
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not train or p == 0 or x.numel() == 0:
+        return x
+    if p == 1:
+        return x.mul_(0) if inplace else x * 0
+    if not feature and not alpha:
+        out = aten.native_dropout.default(x, p, True)[0]
+        return x.copy_(out) if inplace else out
+    if feature:
+        if x.dim() < 2:
+            raise RuntimeError(
+                "Feature dropout requires at least 2 dimensions in the input")
+        shape = tuple(x.shape[:2]) + (1,) * (x.dim() - 2)
+    else:
+        shape = tuple(x.shape)
+    probs = torch.full(shape, 1 - p, dtype=x.dtype, device=x.device)
+    noise = aten.bernoulli.default(probs)
+    if alpha:
+        a = 1.0 / math.sqrt((_ALPHA * _ALPHA * p + 1) * (1 - p))
+        b = (noise - 1) * (_ALPHA * a) + _ALPHA * a * p
+        noise = noise * a
+        return x.mul_(noise).add_(b) if inplace else x * noise + b
+    noise = noise / (1 - p)
+    return x.mul_(noise) if inplace else x * noise
+
+
+def _with_batch(fn, x, lo):
+    """F.dropout1d/3d accept an input without its batch dim (rank ``lo``)."""
+    if x.dim() == lo:
+        return fn(x.unsqueeze(0)).squeeze(0)
+    return fn(x)
+
+
+def _f_dropout(input, p=0.5, training=True, inplace=False):
+    return _dropout(input, p, training, inplace)
+
+
+def _f_alpha_dropout(input, p=0.5, training=False, inplace=False):
+    return _dropout(input, p, training, inplace, alpha=True)
+
+
+def _f_feature_alpha_dropout(input, p=0.5, training=False, inplace=False):
+    return _dropout(input, p, training, inplace, feature=True, alpha=True)
+
+
+def _f_dropout_nd(lo, hi, name):
+    def f(input, p=0.5, training=True, inplace=False):
+        if name != "dropout2d" and input.dim() not in (lo, hi):
+            raise RuntimeError(
+                f"{name}: Expected {lo}D or {hi}D input, but received a {input.dim()}D input.")
+        if name == "dropout2d":
+            return _dropout(input, p, training, inplace, feature=True)
+        return _with_batch(lambda t: _dropout(t, p, training, inplace, feature=True), input, lo)
+    return f
+
+
+def _intercepts():
+    F = torch.nn.functional
+    table = {
+        F.dropout: _f_dropout,
+        F.alpha_dropout: _f_alpha_dropout,
+        F.feature_alpha_dropout: _f_feature_alpha_dropout,
+        F.dropout1d: _f_dropout_nd(2, 3, "dropout1d"),
+        F.dropout2d: _f_dropout_nd(3, 4, "dropout2d"),
+        F.dropout3d: _f_dropout_nd(4, 5, "dropout3d"),
+    }
+    for name, feature, alpha in (("dropout", False, False), ("feature_dropout", True, False),
+                                 ("alpha_dropout", False, True),
+                                 ("feature_alpha_dropout", True, True)):
+        for inplace in (False, True):
+            fn = getattr(torch, name + ("_" if inplace else ""), None)
+            if fn is not None:
+                table[fn] = (lambda f, a, i: lambda input, p, train: _dropout(
+                    input, p, train, i, feature=f, alpha=a))(feature, alpha, inplace)
+    return table
+
+
+_INTERCEPT = None
+
+
+class _DropoutMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        global _INTERCEPT
+        if _INTERCEPT is None:
+            _INTERCEPT = _intercepts()
+        try:
+            handler = _INTERCEPT.get(func)
+        except TypeError:  # an unhashable callable
+            handler = None
+        if handler is None:
+            return func(*args, **(kwargs or {}))
+        return handler(*args, **(kwargs or {}))

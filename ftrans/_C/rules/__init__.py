@@ -17,7 +17,8 @@ import importlib
 
 from .pointwise import is_pointwise, pointwise_rule
 
-_FAMILIES = ("views", "reduce", "linalg", "conv", "nn", "index", "factory", "misc")
+_FAMILIES = ("views", "reduce", "linalg", "conv", "nn", "index", "scatter", "join", "factory",
+             "misc", "fft", "loss")
 for _name in _FAMILIES:
     try:
         importlib.import_module(f"{__name__}.{_name}")

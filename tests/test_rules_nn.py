@@ -1,0 +1,175 @@
+"""Normalization, softmax, loss, embedding, attention, glu and prelu rules (forward and the
+backward kernels, via per-example gradients under vmap)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ftrans
+from _helpers import check_vmap, loop_reference, no_fallback
+
+B = 3
+PW = torch.rand(4) + 0.5
+
+
+def _match(fn, args, in_dims, atol=1e-4):
+    with no_fallback():
+        got = ftrans.vmap(fn, in_dims=in_dims)(*args)
+    torch.testing.assert_close(got, loop_reference(fn, args, in_dims), atol=atol, rtol=atol)
+
+
+def _with_grads(make_out, n_params):
+    """fn(*tensors) -> (out, *grads of sum(out**3) wrt the first n_params + 1 tensors)."""
+    def fn(*ts):
+        ts = [t.detach().requires_grad_() if i <= n_params else t for i, t in enumerate(ts)]
+        out = make_out(*ts)
+        return (out,) + torch.autograd.grad((out ** 3).sum(), ts[: n_params + 1])
+    return fn
+
+
+@pytest.mark.parametrize("in_dims", [(0, None, None), (2, 0, 1), (None, 0, None)])
+def test_layer_norm(in_dims):
+    fn = _with_grads(lambda x, w, b: F.layer_norm(x, (5,), w, b), 2)
+    x, w, b = torch.randn(B, 4, 5), torch.randn(B, 5), torch.randn(B, 5)
+    args = [t.movedim(0, d) if d is not None else t[0] for t, d in zip((x, w, b), in_dims)]
+    _match(fn, args, in_dims)
+    check_vmap(lambda x: F.layer_norm(x, (4, 5)), (x,), 0)
+
+
+@pytest.mark.parametrize("in_dims", [(0, None, None), (0, 0, None), (None, 0, 0)])
+def test_group_norm(in_dims):
+    fn = _with_grads(lambda x, w, b: F.group_norm(x, 2, w, b), 2)
+    x, w, b = torch.randn(B, 2, 4, 5), torch.randn(B, 4), torch.randn(B, 4)
+    _match(fn, [t if d is not None else t[0] for t, d in zip((x, w, b), in_dims)], in_dims)
+
+
+@pytest.mark.parametrize("in_dims", [(0, None, None), (0, 0, None), (None, 0, 0)])
+def test_batch_norm_training_no_stats(in_dims):
+    fn = _with_grads(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), 2)
+    x, w, b = torch.randn(B, 6, 4, 5), torch.randn(B, 4), torch.randn(B, 4)
+    _match(fn, [t if d is not None else t[0] for t, d in zip((x, w, b), in_dims)], in_dims)
+
+
+def test_batch_norm_eval_with_unbatched_stats():
+    fn = _with_grads(lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, training=False), 2)
+    args = (torch.randn(B, 6, 4, 5), torch.randn(4), torch.randn(4), torch.randn(4),
+            torch.rand(4) + 0.5)
+    _match(fn, args, (0, None, None, None, None))
+    _match(fn, (args[0], torch.randn(B, 4)) + args[2:], (0, 0, None, None, None))
+
+
+def test_batch_norm_training_updates_batched_stats():
+    def f(x, rm, rv):
+        out = F.batch_norm(x, rm, rv, None, None, training=True, momentum=0.3)
+        return out, rm.clone(), rv.clone()
+
+    x, rm, rv = torch.randn(B, 6, 4), torch.randn(B, 4), torch.rand(B, 4) + 0.5
+    expected = loop_reference(f, (x, rm.clone(), rv.clone()), (0, 0, 0))
+    rm_t = rm.clone().t()  # batch dim 1: exercises the copy-back of a non-contiguous update
+    with no_fallback():
+        got = ftrans.vmap(f, in_dims=(0, 1, 0))(x, rm_t, rv.clone())
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(rm_t.t(), expected[1])
+
+
+def test_batch_norm_training_unbatched_stats_raises():
+    def f(x, rm, rv):
+        return F.batch_norm(x, rm, rv, None, None, training=True)
+
+    with pytest.raises(RuntimeError, match="running statistics"):
+        ftrans.vmap(f, in_dims=(0, None, None))(torch.randn(B, 6, 4), torch.zeros(4),
+                                                torch.ones(4))
+
+
+def test_softmax_glu():
+    def fn(x0):
+        x = x0.detach().requires_grad_()
+        outs = [F.softmax(x, -1), F.log_softmax(x, 0), F.glu(x, -1), F.glu(x, 0)[..., :2]]
+        return tuple(outs) + torch.autograd.grad(sum((o ** 2).sum() for o in outs), x)
+    _match(fn, (torch.randn(B, 4, 6),), (0,))
+    check_vmap(lambda x: F.softmax(x, 0), (torch.randn(B),), 0)
+
+
+@pytest.mark.parametrize("case", ["2d", "unbatched_x", "nd", "1d"])
+def test_cross_entropy_nll(case):
+    def fn(x0, t, w):
+        x = x0.detach().requires_grad_()
+        outs = [F.cross_entropy(x, t, weight=w),
+                F.cross_entropy(x, t, reduction="none", ignore_index=1),
+                F.cross_entropy(x, t, reduction="sum"),
+                F.nll_loss(x, t, weight=w, ignore_index=2)]
+        if x0.dim() > 1 and case != "unbatched_x":
+            outs.append(F.cross_entropy(x, t, label_smoothing=0.1))
+        return tuple(outs) + torch.autograd.grad(sum((o ** 2).sum() for o in outs), x)
+
+    if case == "2d":
+        args, d = (torch.randn(B, 5, 4), torch.randint(0, 4, (B, 5)), torch.rand(4)), (0, 0, None)
+    elif case == "unbatched_x":
+        args, d = (torch.randn(5, 4), torch.randint(0, 4, (B, 5)), torch.rand(B, 4)), (None, 0, 0)
+    elif case == "nd":
+        args, d = (torch.randn(B, 5, 4, 3), torch.randint(0, 4, (B, 5, 3)), torch.rand(4)), (0, 0, None)
+    else:
+        args, d = (torch.randn(B, 4), torch.randint(0, 4, (B,)), torch.rand(4)), (0, 0, None)
+    _match(fn, args, d)
+
+
+@pytest.mark.parametrize("in_dims", [(0, 0), (0, None), (None, 0)])
+def test_elementwise_losses(in_dims):
+    def fn(x0, t):
+        x = x0.detach().requires_grad_()
+        outs = [F.mse_loss(x, t), F.huber_loss(x, t, reduction="sum", delta=0.5),
+                F.smooth_l1_loss(x, t, beta=0.3), F.soft_margin_loss(x, t.sign()),
+                F.binary_cross_entropy(x.sigmoid(), t.sigmoid()),
+                F.binary_cross_entropy(x.sigmoid(), t.sigmoid(), weight=PW, reduction="sum"),
+                F.binary_cross_entropy_with_logits(x, t.sigmoid(), pos_weight=PW),
+                F.kl_div(x.log_softmax(-1), t.softmax(-1), reduction="batchmean"),
+                F.mse_loss(x, t, reduction="none"), F.l1_loss(x, t)]
+        return tuple(outs) + torch.autograd.grad(sum((o ** 2).sum() for o in outs), x)
+
+    x, t = torch.randn(B, 5, 4), torch.randn(B, 5, 4)
+    _match(fn, [a if d == 0 else a[0] for a, d in zip((x, t), in_dims)], in_dims)
+
+
+@pytest.mark.parametrize("in_dims", [(0, None), (None, 0), (0, 0)])
+def test_embedding(in_dims):
+    def fn(i, w0):
+        w = w0.detach().requires_grad_()
+        outs = [F.embedding(i, w), F.embedding(i, w, padding_idx=1),
+                F.embedding(i, w, scale_grad_by_freq=True)]
+        loss = sum(((o ** 2) * (k + 1)).sum() for k, o in enumerate(outs))
+        return tuple(outs) + torch.autograd.grad(loss, w)
+
+    i, w = torch.randint(0, 6, (B, 2, 5)), torch.randn(B, 6, 3)
+    _match(fn, [a if d == 0 else a[0] for a, d in zip((i, w), in_dims)], in_dims)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa(causal):
+    def fn(q, k, v):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return (o,) + torch.autograd.grad((o ** 2).sum(), (q, k, v))
+
+    q, k, v = torch.randn(B, 2, 3, 4, 5), torch.randn(B, 2, 3, 6, 5), torch.randn(2, 3, 6, 5)
+    _match(fn, (q, k, v), (0, 0, None))
+    mask = torch.rand(4, 6) > 0.3
+    mask[:, 0] = True
+    check_vmap(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+               (q, k, v), (0, 0, None))
+
+
+def test_sdpa_dropout_needs_randomness():
+    q = torch.randn(B, 1, 2, 4, 5)
+    f = ftrans.vmap(lambda q: F.scaled_dot_product_attention(q, q, q, dropout_p=0.5))
+    with pytest.raises(RuntimeError, match="random"):
+        f(q)
+
+
+@pytest.mark.parametrize("in_dims", [(0, None), (None, 0), (0, 0)])
+def test_prelu(in_dims):
+    def fn(x0, w0):
+        x, w = x0.detach().requires_grad_(), w0.detach().requires_grad_()
+        o = F.prelu(x, w)
+        return (o,) + torch.autograd.grad((o ** 2).sum(), (x, w))
+
+    x, w = torch.randn(B, 2, 3, 4), torch.rand(B, 3)
+    _match(fn, [a if d == 0 else a[0] for a, d in zip((x, w), in_dims)], in_dims)
