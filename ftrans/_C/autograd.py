@@ -219,9 +219,10 @@ def batched_torch_function(cls, func, types, args=(), kwargs=None):
 
 
 def _install_overrides():
-    from .rnn import OVERRIDES
+    from . import indexing, rnn
 
-    _OVERRIDES.update(OVERRIDES)
+    _OVERRIDES.update(rnn.OVERRIDES)
+    _OVERRIDES.update(indexing.OVERRIDES)
 
 
 _install_overrides()
