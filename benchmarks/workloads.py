@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.func
@@ -53,6 +54,16 @@ def per_sample_rows(device, quick, only):
             }
             rows.append(run_row(f"per-sample grads {name}", f"B={B}", impls, device,
                                 reps=5 if quick else 11))
+            compiled = ftrans.compile(
+                lambda p, xb, yb: _per_sample_grads(ftrans, model, p, buffers, xb, yb))
+            t0 = time.perf_counter()
+            compiled(params, x, y)
+            trace_s = time.perf_counter() - t0
+            impls["ftrans"] = lambda: compiled(params, x, y)
+            row = run_row(f"per-sample grads {name} [ftrans.compile]", f"B={B}", impls, device,
+                          reps=5 if quick else 11)
+            row.note += f"first call (trace) {trace_s:.2f} s"
+            rows.append(row)
     return rows
 
 

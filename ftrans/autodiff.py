@@ -21,8 +21,9 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import optree
 import torch
+
+from . import _pytree
 
 from ._C import levels as _levels
 from ._C.autograd import sum_exited_levels
@@ -40,15 +41,15 @@ def _name(func) -> str:
 
 
 def _tree_flatten(tree):
-    return optree.tree_flatten(tree, none_is_leaf=True)
+    return _pytree.tree_flatten(tree)
 
 
 def _tree_unflatten(spec, leaves):
-    return optree.tree_unflatten(spec, leaves)
+    return _pytree.tree_unflatten(spec, leaves)
 
 
 def _tree_map(fn, tree):
-    return optree.tree_map(fn, tree, none_is_leaf=True)
+    return _pytree.tree_map(fn, tree)
 
 
 def check_argnums(argnums, num_args: int, form: str):

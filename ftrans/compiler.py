@@ -22,8 +22,9 @@ import functools
 import warnings
 from typing import Callable, Optional
 
-import optree
 import torch
+
+from . import _pytree
 
 __all__ = ["compile"]
 
@@ -72,7 +73,7 @@ def compile(
 
     @functools.wraps(fn)
     def compiled(*args, **kwargs):
-        leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
+        leaves, spec = _pytree.tree_flatten((args, kwargs))
         key = (spec, tuple(_leaf_key(x) for x in leaves), torch.is_grad_enabled())
         entry = cache.get(key)
         if entry is None:
@@ -94,9 +95,9 @@ def _trace(fn, leaves, spec, cuda_graph, backend, clone_outputs):
         full = list(template)
         for i, t in zip(tensor_pos, tensors):
             full[i] = t
-        args, kwargs = optree.tree_unflatten(spec, full)
+        args, kwargs = _pytree.tree_unflatten(spec, full)
         out = fn(*args, **kwargs)
-        out_leaves, out_spec = optree.tree_flatten(out, none_is_leaf=True)
+        out_leaves, out_spec = _pytree.tree_flatten(out)
         out_spec_box.append((out_spec, [isinstance(o, torch.Tensor) for o in out_leaves],
                              [None if isinstance(o, torch.Tensor) else o for o in out_leaves]))
         return [o for o in out_leaves if isinstance(o, torch.Tensor)]
@@ -134,7 +135,7 @@ class _Replay:
     def __call__(self, leaves):
         outs = iter(self.runner(*[leaves[i] for i in self.tensor_pos]))
         flat = [next(outs) if t else c for t, c in zip(self.is_tensor, self.consts)]
-        return optree.tree_unflatten(self.out_spec, flat)
+        return _pytree.tree_unflatten(self.out_spec, flat)
 
 
 class _Eager:
@@ -142,7 +143,7 @@ class _Eager:
         self.fn, self.spec = fn, spec
 
     def __call__(self, leaves):
-        args, kwargs = optree.tree_unflatten(self.spec, leaves)
+        args, kwargs = _pytree.tree_unflatten(self.spec, leaves)
         return self.fn(*args, **kwargs)
 
 

@@ -53,6 +53,7 @@ def fallback_stats() -> dict:
 
 
 def reset_fallback_stats() -> None:
+    """Clear :func:`fallback_stats` and re-arm the once-per-op :class:`FallbackWarning`."""
     _fallback_counts.clear()
     _warned.clear()
 

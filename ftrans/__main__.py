@@ -1,0 +1,186 @@
+"""``python -m ftrans``: what is installed, and how much of aten vmap handles natively.
+
+Bug reports need the versions and the device; users deciding whether ftrans fits their model
+need to know which ops run as batched kernels and which fall back to a per-example loop.  The
+coverage counts how :func:`ftrans.op_status` classifies a fixed, version-independent set of aten
+ops: every op with a registered batching rule, every op torch tags ``pointwise``, and a list of
+ops that common models and torch's OpInfo samples reach (conv, pooling, norms, losses,
+reductions, indexing, linear algebra, and their backward ops).
+
+    python -m ftrans                 # summary
+    python -m ftrans --list fallback # also list the ops in one category (rule, decomposition,
+                                     # fallback, error, missing)
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import platform
+import sys
+
+import torch
+
+import ftrans
+
+# Aten ops (packet names) that common models and torch's OpInfo samples reach, forward and
+# backward.  Names missing from the installed torch are reported as "missing", not errors.
+COMMON_OPS = (
+    # linear algebra
+    "mm", "bmm", "addmm", "addmv", "addbmm", "baddbmm", "mv", "dot", "vdot", "matmul", "linear",
+    "einsum", "outer", "cross", "linalg_vector_norm", "linalg_solve", "linalg_inv_ex",
+    "linalg_cholesky_ex", "linalg_qr", "linalg_eigh", "linalg_svd", "linalg_det", "_linalg_det",
+    "linalg_slogdet", "_linalg_slogdet", "triangular_solve", "linalg_solve_triangular",
+    "cholesky_solve", "trace", "diag", "diagonal", "diag_embed", "tril", "triu",
+    # convolution and pooling
+    "convolution", "convolution_backward", "conv1d", "conv2d", "conv3d", "conv_transpose2d",
+    "max_pool2d_with_indices", "max_pool2d_with_indices_backward", "avg_pool2d",
+    "avg_pool2d_backward", "adaptive_avg_pool2d", "_adaptive_avg_pool2d",
+    "_adaptive_avg_pool2d_backward", "max_pool1d", "max_pool3d_with_indices", "upsample_nearest2d",
+    "upsample_bilinear2d", "im2col", "col2im", "pixel_shuffle",
+    # normalization, softmax, dropout
+    "native_layer_norm", "native_layer_norm_backward", "native_batch_norm",
+    "native_batch_norm_backward", "_native_batch_norm_legit", "native_group_norm",
+    "native_group_norm_backward", "_softmax", "_softmax_backward_data", "_log_softmax",
+    "_log_softmax_backward_data", "logsumexp", "native_dropout", "native_dropout_backward",
+    "rms_norm", "_fused_rms_norm",
+    # losses
+    "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "mse_loss",
+    "mse_loss_backward", "binary_cross_entropy", "binary_cross_entropy_backward",
+    "binary_cross_entropy_with_logits", "smooth_l1_loss", "huber_loss", "l1_loss", "kl_div",
+    # reductions and scans
+    "sum", "mean", "prod", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean",
+    "norm", "argmax", "argmin", "all", "any", "cumsum", "cumprod", "logcumsumexp", "cummax",
+    "sort", "topk", "kthvalue", "median", "mode",
+    # views and shapes
+    "view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "squeeze",
+    "unsqueeze", "select", "slice", "narrow", "unfold", "as_strided", "flip", "roll", "repeat",
+    "cat", "stack", "split", "split_with_sizes", "chunk", "unbind", "movedim", "clone",
+    "contiguous", "_to_copy", "alias", "view_as_real", "view_as_complex", "constant_pad_nd",
+    "reflection_pad2d", "replication_pad2d",
+    # indexing
+    "index", "index_put", "index_select", "index_add", "index_copy", "index_fill", "gather",
+    "scatter", "scatter_add", "scatter_reduce", "masked_fill", "masked_scatter", "take",
+    "take_along_dim", "embedding", "embedding_dense_backward", "one_hot", "where",
+    "select_backward", "slice_backward", "index_select_backward",
+    # factories and misc
+    "zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty",
+    "new_full", "fill", "zero", "copy", "lerp", "clamp", "searchsorted", "bucketize",
+    "histc", "_fft_r2c", "_fft_c2r", "_fft_c2c", "polar", "complex",
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    # data-dependent: these raise inside vmap (docs/limitations.md says what to write instead)
+    "nonzero", "masked_select", "_unique2", "unique_consecutive", "_local_scalar_dense", "equal",
+    "is_nonzero", "allclose",
+)
+
+CATEGORIES = ("rule", "decomposition", "fallback", "error")
+
+
+def _is_out_variant(op) -> bool:
+    """``out=`` overloads (``aten.sum.IntList_out``): rare inside vmap, so left out of the counts."""
+    return any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
+               for a in op._schema.arguments)
+
+
+def _takes_tensors(op) -> bool:
+    """False for TorchScript's list/str/scalar overloads (``aten.sum.int``): no tensor to map."""
+    return any("Tensor" in str(a.type) for a in op._schema.arguments)
+
+
+def _overloads(packet_name):
+    packet = getattr(torch.ops.aten, packet_name, None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return None
+    return [getattr(packet, o) for o in packet.overloads()]
+
+
+def _pointwise_overloads():
+    out = []
+    for name in dir(torch.ops.aten):
+        try:
+            packet = getattr(torch.ops.aten, name)
+        except Exception:  # a few attributes of the namespace are not ops
+            continue
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        for o in packet.overloads():
+            overload = getattr(packet, o)
+            if torch.Tag.pointwise in overload.tags:
+                out.append(overload)
+    return out
+
+
+def coverage() -> dict:
+    """``{category: sorted overload names}`` over the op set the module docstring describes."""
+    from ftrans._C.registry import RULES
+
+    ops = {op for op in RULES if getattr(op, "namespace", None) == "aten"}
+    ops.update(_pointwise_overloads())
+    missing = []
+    for name in COMMON_OPS:
+        overloads = _overloads(name)
+        if overloads is None:
+            missing.append(name)
+        else:
+            ops.update(overloads)
+    result = collections.defaultdict(list)
+    for op in sorted(ops, key=str):
+        if _is_out_variant(op) or not _takes_tensors(op):
+            continue
+        try:
+            kind = ftrans.op_status(op)
+        except RuntimeError:  # TorchScript-only overloads: not in the dispatcher, never reached
+            continue
+        result[kind].append(str(op))
+    for k in result:
+        result[k].sort()
+    result["missing"] = sorted(missing)
+    return dict(result)
+
+
+def device_line() -> str:
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def report(list_category: str | None = None) -> str:
+    cov = coverage()
+    total = sum(len(v) for k, v in cov.items() if k != "missing")
+    lines = [
+        f"ftrans {ftrans.__version__}",
+        f"torch {torch.__version__}, Python {platform.python_version()} ({sys.platform})",
+        f"device: {device_line()}",
+        f"vmap coverage of {total} aten overloads (registered rules + pointwise-tagged ops + "
+        f"{len(COMMON_OPS)} common ops; out= and non-tensor overloads not counted):",
+    ]
+    explain = {
+        "rule": "batching rule (native batched kernels)",
+        "decomposition": "decomposed into ops with rules",
+        "fallback": "per-example loop (correct, slow; FallbackWarning)",
+        "error": "raise (data-dependent output or unsupported in-place view)",
+    }
+    for k in CATEGORIES:
+        n = len(cov.get(k, []))
+        pct = 100.0 * n / total if total else 0.0
+        lines.append(f"  {k:<14}{n:5d}  {pct:5.1f}%  {explain[k]}")
+    if cov["missing"]:
+        lines.append(f"  (not in this torch: {', '.join(cov['missing'])})")
+    if list_category:
+        lines.append(f"{list_category}:")
+        lines.extend(f"  {name}" for name in cov.get(list_category, []))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ftrans", description=__doc__.splitlines()[0])
+    parser.add_argument("--list", choices=CATEGORIES + ("missing",), default=None,
+                        help="also list the op overloads in this category")
+    args = parser.parse_args(argv)
+    print(report(args.list))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
