@@ -18,6 +18,7 @@ otherwise.  Gradients leaving autograd may carry the batch dim of a vmap that ra
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
@@ -94,6 +95,24 @@ def _has_forward_tangent(x) -> bool:
     return fwd.unpack_dual(x).tangent is not None
 
 
+@contextlib.contextmanager
+def _differentiating():
+    """Grad mode on, and inference mode off: a transform differentiates even when the caller
+    runs under ``torch.no_grad()`` or ``torch.inference_mode()`` (as torch.func does)."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    else:
+        with torch.enable_grad():
+            yield
+
+
+def check_callable(func, api: str) -> None:
+    if not callable(func):
+        raise TypeError(f"{api}(func): expected `func` to be a callable, got "
+                        f"{type(func).__name__}")
+
+
 def enter(x, form: str):
     """Make ``x`` an input of a new differentiation level (see the module docstring)."""
     if not isinstance(x, torch.Tensor):
@@ -107,6 +126,8 @@ def enter(x, form: str):
             f"{form}: only floating point and complex Tensors can be differentiated, got a "
             f"Tensor of dtype {x.dtype}"
         )
+    if x.is_inference():  # cannot carry autograd history: start from a normal copy
+        x = x.clone()
     if x.requires_grad:
         return x.view_as(x)
     if _has_forward_tangent(x):
@@ -197,7 +218,7 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
     need = outer_needs_graph(torch.is_grad_enabled(), flat_diff)
     level = _levels.push(_levels.Level(_levels.GRAD))
     try:
-        with torch.enable_grad():
+        with _differentiating():
             entered = [enter(x, form) for x in flat_diff]
             args = replace_argnums(args, argnums, _tree_unflatten(spec, entered))
             output, aux = split_aux(func(*args, **kwargs), has_aux, form)
@@ -232,6 +253,8 @@ def grad_and_value(func: Callable, argnums: Any = 0, has_aux: bool = False) -> C
         >>> g, v
         (tensor([2., 4.]), tensor(5.))
     """
+    check_callable(func, "grad_and_value")
+
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad_and_value")
@@ -258,6 +281,8 @@ def grad(func: Callable, argnums: Any = 0, has_aux: bool = False) -> Callable:
         >>> ftrans.grad(dot, argnums=(0, 1))(torch.ones(2), torch.ones(2) * 3)
         (tensor([3., 3.]), tensor([1., 1.]))
     """
+    check_callable(func, "grad")
+
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         g, value = _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad")
@@ -303,7 +328,7 @@ class _VjpFn:
         if create_graph is None:
             create_graph = outer_needs_graph(torch.is_grad_enabled(),
                                              list(self._primals) + list(flat_ct))
-        with torch.enable_grad():
+        with _differentiating():
             grads = autograd_grad(self._outputs, self._entered, flat_ct,
                                   create_graph=create_graph, retain_graph=retain_graph)
         return _tree_unflatten(self._primal_spec, grads)
@@ -320,7 +345,7 @@ def vjp_impl(func, primals, argnums, has_aux, form, kwargs=None):
     need = outer_needs_graph(torch.is_grad_enabled(), flat_diff)
     level = _levels.push(_levels.Level(_levels.GRAD))
     try:
-        with torch.enable_grad():
+        with _differentiating():
             entered = [enter(x, form) for x in flat_diff]
             diff_in = _tree_unflatten(spec, entered)
             args = diff_in if argnums is None else replace_argnums(primals, argnums, diff_in)
@@ -385,6 +410,7 @@ def jacrev(func: Callable, argnums: Any = 0, *, has_aux: bool = False,
         tensor([[1., 0.],
                 [0., 1.]])
     """
+    check_callable(func, "jacrev")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"jacrev({_name(func)}, chunk_size={chunk_size!r}): `chunk_size` should "
                          "be greater than 0.")

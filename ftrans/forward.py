@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 
 from ._C import levels as _levels
-from .autodiff import (_name, _tree_flatten, _tree_unflatten, autograd_grad, check_argnums,
+from .autodiff import (_differentiating, _name, _tree_flatten, _tree_unflatten, autograd_grad,
+                       check_argnums, check_callable,
                        check_tensor_outputs, detach_tree, enter, jacrev, outer_needs_graph,
                        replace_argnums, select_argnums, split_aux, identity_basis)
 from .vmap import vmap
@@ -38,7 +39,7 @@ class _Linearized:
         self.need = outer_needs_graph(torch.is_grad_enabled(), flat_primals)
         level = _levels.push(_levels.Level(_levels.JVP))
         try:
-            with torch.enable_grad():
+            with _differentiating():
                 self.primals = flat_primals
                 entered = [enter(x, form) for x in flat_primals]
                 out, aux = split_aux(func(*_tree_unflatten(spec, entered)), has_aux, form)
@@ -59,7 +60,7 @@ class _Linearized:
     def __call__(self, flat_tangents, need=None, retain_graph=True):
         if need is None:
             need = self.need or outer_needs_graph(torch.is_grad_enabled(), flat_tangents)
-        with torch.enable_grad():
+        with _differentiating():
             res = autograd_grad(self.gs, self.us, flat_tangents, create_graph=need,
                                 retain_graph=retain_graph)
         return _tree_unflatten(self.out_spec, res)
@@ -155,6 +156,7 @@ def jacfwd(func: Callable, argnums: Any = 0, has_aux: bool = False, *,
         tensor([[2., 0.],
                 [0., 4.]])
     """
+    check_callable(func, "jacfwd")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"jacfwd({_name(func)}, chunk_size={chunk_size!r}): `chunk_size` should "
                          "be greater than 0.")
@@ -181,6 +183,7 @@ def jacfwd(func: Callable, argnums: Any = 0, has_aux: bool = False, *,
             lin = _Linearized(f_diff, flat_diff, _flat_spec(len(flat_diff)), form, has_aux)
             return lin(list(tangents)), lin.aux
 
+        push._ftrans_origin = form  # errors inside name the user's jacfwd call
         cols, aux = vmap(push, out_dims=(0, None), randomness=randomness,
                          chunk_size=chunk_size)(*basis)
         flat_cols, out_spec = _tree_flatten(cols)
@@ -211,4 +214,13 @@ def hessian(func: Callable, argnums: Any = 0) -> Callable:
         tensor([[ 6.,  0.],
                 [ 0., 12.]])
     """
-    return jacfwd(jacrev(func, argnums), argnums)
+    check_callable(func, "hessian")
+    inner = jacfwd(jacrev(func, argnums), argnums)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        form = f"hessian({_name(func)}{'' if argnums == 0 else f', argnums={argnums!r}'})(*args)"
+        check_argnums(argnums, len(args), form)
+        return inner(*args, **kwargs)
+
+    return wrapper

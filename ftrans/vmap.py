@@ -188,8 +188,14 @@ _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims, batch_size,
                kwargs):
+    if torch.is_inference_mode_enabled():
+        # Wrappers and any transform inside need ordinary tensors (version counters, autograd).
+        with torch.inference_mode(False):
+            return _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
+                              batch_size, kwargs)
     level = _levels.Level(_levels.VMAP, batch_size, randomness)
-    level.origin = functools.partial(_call_form, func, in_dims, out_dims)
+    level.origin = getattr(func, "_ftrans_origin", None) or functools.partial(
+        _call_form, func, in_dims, out_dims)
     grad_on = torch.is_grad_enabled()
     with vmap_mode(randomness):
         _levels.push(level)

@@ -470,7 +470,11 @@ def _loop_fallback(level, func, args, bdims, kwargs):
                 call_args.append([_select(x, d, b) for x, d in zip(a, bd)])
             else:
                 call_args.append(_select(a, bd, b))
-        results.append(func(*call_args, **kwargs))
+        # Keyword-only tensors batched at this level (segment_reduce's `lengths=`): per example
+        # too, or the call would re-dispatch here forever.
+        call_kwargs = {k: v.value.select(v.bdim, b) if type(v) is BatchedTensor and v.level is level
+                       else v for k, v in kwargs.items()}
+        results.append(func(*call_args, **call_kwargs))
     first_out = results[0]
     if isinstance(first_out, torch.Tensor):
         return _stack(results, func, level), 0
