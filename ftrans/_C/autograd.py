@@ -30,7 +30,7 @@ import torch
 
 from .batched import BatchedTensor, add_batch_dim, remove_batch_dim
 
-__all__ = ["AddBatchDim", "RemoveBatchDim", "sum_exited_levels", "ensure_sum_hook",
+__all__ = ["AddBatchDim", "RemoveBatchDim", "sum_exited_levels",
            "batched_torch_function"]
 
 
@@ -81,9 +81,6 @@ def sum_exited_levels(g, keep=()):
             g = remove_batch_dim(g, level, level.batch_size, 0).sum(0)
     return g
 
-
-def ensure_sum_hook(t) -> None:
-    """Kept for the dispatcher's call site; the per-use lift below does the summing now."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import warnings
 import torch
 
 from . import levels as _levels
-from .autograd import ensure_sum_hook
 from .batched import BatchedTensor, make_batched
 from .random import random_dispatch
 from .registry import RULES, on_change
@@ -108,7 +107,7 @@ _DATA_DEPENDENT_HINTS = {
 
 class _Op:
     __slots__ = ("func", "name", "tensor_pos", "list_pos", "kw_tensor", "mutable_pos",
-                 "returns_self", "inplace_view", "random", "handler", "kind")
+                 "returns_self", "inplace_view", "random", "handler", "kind", "general")
 
 
 def _prepare(func) -> _Op:
@@ -136,6 +135,8 @@ def _prepare(func) -> _Op:
         op.mutable_pos == [0] and len(rets) == 1 and rets[0].alias_info is not None
         and rets[0].alias_info.is_write
     )
+    # Tensor lists, in-place writes or keyword tensors take the general (slower) path.
+    op.general = bool(op.list_pos or op.mutable_pos or op.kw_tensor)
     tags = func.tags
     op.inplace_view = torch.Tag.inplace_view in tags
     # A rule marked `handles_randomness` (attention with dropout_p=0 is deterministic) decides.
@@ -233,24 +234,24 @@ def dispatch(func, args, kwargs, from_mode=False):
     return op.handler(op, level, args, kwargs or {})
 
 
-def unwrap_args(op, level, args):
-    """Replace tensors batched at ``level`` by their physical values; return (args, bdims)."""
+def _unwrap_flat(op, level, args):
+    """Physical values for the single-tensor positions batched at ``level``; (args, bdims)."""
     args = list(args)
     n = len(args)
     bdims = [None] * n
-    grad_on = None
     for i in op.tensor_pos:
         if i < n:
             a = args[i]
             if type(a) is BatchedTensor and a.level is level:
                 args[i] = a.value
                 bdims[i] = a.bdim
-            elif isinstance(a, torch.Tensor) and a.requires_grad:
-                # A tensor captured from outside this level: its gradient will be per-example.
-                if grad_on is None:
-                    grad_on = torch.is_grad_enabled()
-                if grad_on:
-                    ensure_sum_hook(a)
+    return args, bdims
+
+
+def unwrap_args(op, level, args):
+    """Replace tensors batched at ``level`` by their physical values; return (args, bdims)."""
+    args, bdims = _unwrap_flat(op, level, args)
+    n = len(args)
     for i in op.list_pos:
         if i < n and args[i] is not None:
             lst = args[i]
@@ -327,24 +328,10 @@ def _rule_handler(rule):
     rule = _with_view_bits(rule)
 
     def handle(op, level, args, kwargs):
-        if op.list_pos or op.mutable_pos or op.kw_tensor:
+        if op.general:
             return _general_rule_call(rule, op, level, args, kwargs)
         # Fast path (most ops): flat tensor arguments, nothing written in place.
-        pargs = list(args)
-        bdims = [None] * len(pargs)
-        grad_on = None
-        for i in op.tensor_pos:
-            if i < len(pargs):
-                a = pargs[i]
-                if type(a) is BatchedTensor and a.level is level:
-                    pargs[i] = a.value
-                    bdims[i] = a.bdim
-                elif isinstance(a, torch.Tensor) and a.requires_grad:
-                    # Captured from outside this level: its gradient will be per-example.
-                    if grad_on is None:
-                        grad_on = torch.is_grad_enabled()
-                    if grad_on:
-                        ensure_sum_hook(a)
+        pargs, bdims = _unwrap_flat(op, level, args)
         out, obd = rule(level, op.func, pargs, bdims, kwargs)
         if obd is None:
             return out
