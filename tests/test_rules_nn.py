@@ -173,3 +173,22 @@ def test_prelu(in_dims):
 
     x, w = torch.randn(B, 2, 3, 4), torch.rand(B, 3)
     _match(fn, [a if d == 0 else a[0] for a, d in zip((x, w), in_dims)], in_dims)
+
+
+@pytest.mark.parametrize("q_shape, m_shape", [
+    ((3, 1, 2, 3, 2), (3, 1, 1, 1, 3)),   # 4-D per-example mask
+    ((3, 2, 4, 5, 8), (3, 5, 5)),         # 2-D per-example mask, q with N
+    ((3, 4, 5, 8), (3, 5, 5)),            # q without N
+])
+def test_attention_with_batched_keyword_mask_no_fallback(q_shape, m_shape):
+    import torch.nn.functional as F
+
+    q, m = torch.randn(q_shape, dtype=torch.float64), torch.randn(m_shape, dtype=torch.float64)
+    f = lambda q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m)  # noqa: E731
+    with no_fallback():
+        got = ftrans.vmap(f)(q, m)
+        g = ftrans.vmap(ftrans.grad(lambda q, m: f(q, m).sum()))(q, m)
+    torch.testing.assert_close(got, torch.stack([f(q[i], m[i]) for i in range(3)]))
+    ref = torch.stack([torch.autograd.grad(f(qi, m[i]).sum(), qi)[0]
+                       for i, qi in enumerate(q.clone().requires_grad_())])
+    torch.testing.assert_close(g, ref)

@@ -343,13 +343,31 @@ def _rule_handler(rule):
     return handle
 
 
+class BDims(list):
+    """``bdims`` for a rule marked ``kw_bdims = True``: also ``.kw``, the batch dims of the
+    keyword-only tensor arguments batched at this level (their physical values are in kwargs)."""
+
+    def __init__(self, bdims):
+        super().__init__(bdims)
+        self.kw = {}
+
+
 def _general_rule_call(rule, op, level, args, kwargs):
     pargs, bdims = unwrap_args(op, level, args)
     # A rule marked `checks_mutation` (batch norm writes its stats only when training) decides.
     if op.mutable_pos and not getattr(rule, "checks_mutation", False):
         _check_mutation(op, level, pargs, bdims)
-    if op.kw_tensor and any(type(kwargs.get(k)) is BatchedTensor and kwargs[k].level is level
-                            for k in op.kw_tensor):
+    batched_kw = [k for k in op.kw_tensor
+                  if type(kwargs.get(k)) is BatchedTensor and kwargs[k].level is level]
+    if batched_kw and getattr(rule, "kw_bdims", False):
+        # The rule takes keyword-only tensors too: physical values, batch dims in bdims.kw.
+        kwargs = dict(kwargs)
+        bdims = BDims(bdims)
+        for k in batched_kw:
+            bdims.kw[k] = kwargs[k].bdim
+            kwargs[k] = kwargs[k].value
+        out, obd = rule(level, op.func, pargs, bdims, kwargs)
+    elif batched_kw:
         out, obd = _loop_fallback(level, op.func, pargs, bdims, kwargs)
     else:
         out, obd = rule(level, op.func, pargs, bdims, kwargs)

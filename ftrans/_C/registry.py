@@ -22,6 +22,11 @@ It returns ``(out, out_bdims)``: ``out`` a tensor or tuple of tensors, ``out_bdi
 ``None`` (for a tensor) or a tuple of those (for a tuple).  Returning ``None`` bdims means "this
 output does not depend on the batch".
 
+Keyword-only tensor arguments (``attn_mask=`` of the attention kernels) reach a rule batched
+only if it is marked ``rule.kw_bdims = True``: ``kwargs`` then holds their physical values and
+``bdims.kw`` maps each batched one's name to its batch dim.  Unmarked rules never see a batched
+keyword tensor (such calls take the loop fallback).
+
 Registering a rule for an ``OpOverloadPacket`` (``torch.ops.aten.mm``) registers it for every
 overload; an ``OpOverload`` (``torch.ops.aten.sum.dim_IntList``) registers just that one.
 Users register rules for their own ``torch.library`` ops with the same decorator.

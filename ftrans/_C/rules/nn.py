@@ -77,10 +77,11 @@ def layer_norm_rule(level, func, args, bdims, kwargs):
 def layer_norm_backward_rule(level, func, args, bdims, kwargs):
     go, x, ns, mean, rstd, w, b, mask = args
     B = level.batch_size
-    g = _expand_front(go, bdims[0], B)
-    x = _expand_front(x, bdims[1], B)
-    mean = _expand_front(mean, bdims[3], B)
-    rstd = _expand_front(rstd, bdims[4], B)
+    # torch 2.13's CPU kernel reads expanded (stride-0) mean/rstd as if contiguous: NaNs.
+    g = _expand_front(go, bdims[0], B).contiguous()
+    x = _expand_front(x, bdims[1], B).contiguous()
+    mean = _expand_front(mean, bdims[3], B).contiguous()
+    rstd = _expand_front(rstd, bdims[4], B).contiguous()
     rank, k = x.dim() - 1, len(ns)
     dims = list(range(1, rank - k + 1))
     gi = gw = gb = None
@@ -112,7 +113,7 @@ def group_norm_rule(level, func, args, bdims, kwargs):
     x, w, b, N, C, HxW, G, eps = args
     B = level.batch_size
     x = _expand_front(x, bdims[0], B)
-    xf = x.reshape((B * N,) + tuple(x.shape[2:]))
+    xf = x.reshape((B * N,) + tuple(x.shape[2:])).contiguous()  # the kernel demands it
     affine_later = bdims[1] is not None or bdims[2] is not None
     out, mean, rstd = func(xf, None if affine_later else w, None if affine_later else b,
                            B * N, C, HxW, G, eps)
@@ -132,10 +133,12 @@ def group_norm_rule(level, func, args, bdims, kwargs):
 def group_norm_backward_rule(level, func, args, bdims, kwargs):
     go, x, mean, rstd, w, N, C, HxW, G, mask = args
     B = level.batch_size
-    g = _expand_front(go, bdims[0], B)
-    x = _expand_front(x, bdims[1], B)
-    mean = _expand_front(mean, bdims[2], B).reshape(B * N, G)
-    rstd = _expand_front(rstd, bdims[3], B).reshape(B * N, G)
+    # Contiguous: folding an expanded (stride-0) tensor into N can stay a stride-0 view, which
+    # torch 2.13's CPU kernel misreads (as native_layer_norm_backward does).
+    g = _expand_front(go, bdims[0], B).contiguous()
+    x = _expand_front(x, bdims[1], B).contiguous()
+    mean = _expand_front(mean, bdims[2], B).reshape(B * N, G).contiguous()
+    rstd = _expand_front(rstd, bdims[3], B).reshape(B * N, G).contiguous()
     rank = x.dim() - 1
     fold = (B * N,) + tuple(x.shape[2:])
     gi = gw = gb = None
@@ -389,15 +392,10 @@ def attention_rule(cores, dropout_pos=None, mask_pos=None):
                     x = x.expand((B, N) + tuple(x.shape[2:]))
                 x = x.reshape((B * N,) + tuple(x.shape[2:]))
             args[pos] = x
-        if N is not None:
-            masks = [(kwargs, "attn_mask")] if "attn_mask" in kwargs else []
-            for holder, key in masks:
-                m = holder[key]
-                if isinstance(m, torch.Tensor) and m.dim() == 4:
-                    m = m.expand((N,) + tuple(m.shape[1:]))
-                    m = m.unsqueeze(0).expand((B,) + tuple(m.shape)).reshape(
-                        (B * N,) + tuple(m.shape[1:]))
-                    kwargs = dict(kwargs, **{key: m})
+        mask = kwargs.get("attn_mask")
+        mask_bdim = getattr(bdims, "kw", {}).get("attn_mask")
+        if isinstance(mask, torch.Tensor) and (mask_bdim is not None or N is not None):
+            kwargs = dict(kwargs, attn_mask=_fold_mask(mask, mask_bdim, B, N))
         out = func(*args, **kwargs)
         outs, obds = [], []
         for o in out:
@@ -414,7 +412,24 @@ def attention_rule(cores, dropout_pos=None, mask_pos=None):
         return tuple(outs), tuple(obds)
 
     rule.handles_randomness = True
+    rule.kw_bdims = True
     return rule
+
+
+def _fold_mask(mask, bdim, B, N):
+    """An attention mask (logical shape broadcastable to [N, H, L, S], or [H, L, S] / [L, S]
+    when q has no N dim) laid out for the kernel call on the folded [B*N, ...] tensors."""
+    if bdim is None:
+        if mask.dim() < 4 or N is None:
+            return mask  # broadcasts against the folded tensors as it is
+        m = mask.expand((N,) + tuple(mask.shape[1:]))
+        return m.unsqueeze(0).expand((B,) + tuple(m.shape)).reshape((B * N,) + tuple(m.shape[1:]))
+    m = mask.movedim(bdim, 0)
+    if N is None:  # q was [B, H, L, E]: the mask's batch dim lines up with q's
+        return pad_rank(m, 3)
+    m = pad_rank(m, 4)  # [B, n, h, L, S] with n, h possibly 1
+    m = m.expand((B, N) + tuple(m.shape[2:]))
+    return m.reshape((B * N,) + tuple(m.shape[2:]))
 
 
 _ATTN = {

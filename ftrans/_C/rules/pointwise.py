@@ -87,7 +87,10 @@ def _fix_promotion(func, args, bdims, kwargs, new_args):
 
 
 _EXCLUDED = set()
+# Elementwise ops torch forgot to tag ``pointwise`` (found by the ModuleInfo sweep).
+_UNTAGGED = {getattr(aten, n).default for n in ("hardshrink_backward", "softshrink_backward")
+             if hasattr(aten, n)}
 
 
 def is_pointwise(func, tags) -> bool:
-    return torch.Tag.pointwise in tags and func not in _EXCLUDED
+    return (torch.Tag.pointwise in tags or func in _UNTAGGED) and func not in _EXCLUDED
