@@ -5,9 +5,15 @@ import contextlib
 import itertools
 import warnings
 
+import pytest
 import torch
 
 import ftrans
+
+# For test modules whose subject is a transform, not a rule (``pytestmark = QUIET_FALLBACKS``):
+# rules for some ops are written concurrently, and a fallback there is slow but must still be
+# right, so its warning is noise.  Tests that must see no fallback use ``no_fallback()``.
+QUIET_FALLBACKS = pytest.mark.filterwarnings("ignore::ftrans.FallbackWarning")
 
 
 def loop_reference(fn, args, in_dims, out_dims=0, kwargs=None):
@@ -67,3 +73,31 @@ def check_vmap(fn, args, in_dims=0, *, kwargs=None, atol=1e-5, rtol=1e-5, allow_
             got = ftrans.vmap(fn, in_dims=vdims, out_dims=out_dims)(*vargs, **(kwargs or {}))
         torch.testing.assert_close(got, expected, atol=atol, rtol=rtol, equal_nan=True,
                                    msg=lambda m: f"in_dims={vdims}: {m}")
+
+
+def check_nested_vmap(fns, x):
+    """Assert ``vmap(vmap(fn))`` equals a double loop over the first two dims of the 4-dim ``x``,
+    with the two batch dims in front and, on a permuted copy, in the middle and at the end."""
+    for fn in fns:
+        expected = torch.stack([torch.stack([fn(x[i, j]) for j in range(x.shape[1])])
+                                for i in range(x.shape[0])])
+        with no_fallback():
+            got = ftrans.vmap(ftrans.vmap(fn))(x)
+            got2 = ftrans.vmap(ftrans.vmap(fn, in_dims=1), in_dims=3)(x.permute(2, 1, 3, 0))
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(got2, expected)
+
+
+class Cube(torch.autograd.Function):
+    """``x ** 3`` as a custom autograd.Function with a hand-written backward, the way user code
+    extends autograd: transforms must run its forward and backward, not decompose it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g

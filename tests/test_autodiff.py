@@ -3,23 +3,15 @@
 torch.func is the oracle throughout; compositions with vmap and each other live in
 test_compositions.py.
 """
-import warnings
-
 import pytest
 import torch
 
 import ftrans
 from ftrans._C import levels
+from tests._helpers import QUIET_FALLBACKS, Cube
 
 assert_close = torch.testing.assert_close
-
-
-@pytest.fixture(autouse=True)
-def _quiet_fallbacks():
-    # Rules for some ops are written concurrently; a fallback is slow but must still be right.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ftrans.FallbackWarning)
-        yield
+pytestmark = QUIET_FALLBACKS
 
 
 def f_scalar(x):
@@ -129,17 +121,6 @@ def test_grad_input_requiring_grad_stays_connected():
 
 
 def test_custom_function_inside_grad():
-    class Cube(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x ** 3
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return 3 * x ** 2 * g
-
     x = torch.randn(4)
     assert_close(ftrans.grad(lambda x: Cube.apply(x).sum())(x), 3 * x ** 2)
 

@@ -4,23 +4,15 @@ The per-sample-gradient models go through ``functional_call``; ops whose batchin
 still missing run through the loop fallback there (correct, slower): those tests allow it and
 the MLP one, whose rules are core, asserts there is none.
 """
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
 import ftrans
-from tests._helpers import no_fallback
+from tests._helpers import QUIET_FALLBACKS, Cube, no_fallback
 
 assert_close = torch.testing.assert_close
-
-
-@pytest.fixture(autouse=True)
-def _quiet_fallbacks():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ftrans.FallbackWarning)
-        yield
+pytestmark = QUIET_FALLBACKS
 
 
 # ------------------------------------------------------------------ per-sample gradients
@@ -300,17 +292,6 @@ def test_plain_backward_through_vmap_mapped_input():
 
 
 def test_custom_function_inside_vmap_and_grad():
-    class Cube(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x ** 3
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return 3 * x ** 2 * g
-
     x = torch.randn(4, 3)
     assert_close(ftrans.vmap(Cube.apply)(x), x ** 3)
     assert_close(ftrans.vmap(ftrans.grad(lambda x: Cube.apply(x).sum()))(x), 3 * x ** 2)

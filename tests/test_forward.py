@@ -1,19 +1,12 @@
 """jvp, linearize, jacfwd, hessian: values against torch.func and torch.autograd.functional."""
-import warnings
-
 import pytest
 import torch
 
 import ftrans
+from tests._helpers import QUIET_FALLBACKS
 
 assert_close = torch.testing.assert_close
-
-
-@pytest.fixture(autouse=True)
-def _quiet_fallbacks():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ftrans.FallbackWarning)
-        yield
+pytestmark = QUIET_FALLBACKS
 
 
 def f(x, y):

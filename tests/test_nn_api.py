@@ -1,20 +1,13 @@
 """functional_call and stack_module_state: torch.func semantics, restore-on-exception, ensembles."""
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
 import ftrans
+from tests._helpers import QUIET_FALLBACKS
 
 assert_close = torch.testing.assert_close
-
-
-@pytest.fixture(autouse=True)
-def _quiet_fallbacks():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ftrans.FallbackWarning)
-        yield
+pytestmark = QUIET_FALLBACKS
 
 
 class Tied(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ftrans
-from tests._helpers import check_vmap, no_fallback
+from tests._helpers import check_nested_vmap, check_vmap
 
 aten = torch.ops.aten
 B = 3
@@ -127,13 +127,7 @@ def test_reduction_two_batched_levels():
     fns = [lambda t: t.sum(), lambda t: t.sum(-1, keepdim=True), lambda t: t.max(0)[1],
            lambda t: t.argmax(), lambda t: t.sort(-1)[0], lambda t: torch.var_mean(t, 0)[0],
            lambda t: t.cumsum(1), lambda t: t.median()]
-    for fn in fns:
-        expected = torch.stack([torch.stack([fn(x[i, j]) for j in range(3)]) for i in range(2)])
-        with no_fallback():
-            got = ftrans.vmap(ftrans.vmap(fn))(x)
-            got2 = ftrans.vmap(ftrans.vmap(fn, in_dims=1), in_dims=3)(x.permute(2, 1, 3, 0))
-        torch.testing.assert_close(got, expected)
-        torch.testing.assert_close(got2, expected)
+    check_nested_vmap(fns, x)
 
 
 def test_reduction_with_unbatched_second_arg():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ftrans
-from tests._helpers import check_vmap, no_fallback
+from tests._helpers import check_nested_vmap, check_vmap, no_fallback
 
 aten = torch.ops.aten
 B = 3
@@ -181,13 +181,7 @@ def test_nested_vmap_views():
     x = torch.randn(2, 3, 4, 5)
     fns = [lambda t: t.transpose(0, 1).reshape(-1), lambda t: t.unsqueeze(0).expand(2, 4, 5),
            lambda t: t.unbind(-1)[1], lambda t: t.movedim(0, 1)[1:].flip(0)]
-    for fn in fns:
-        expected = torch.stack([torch.stack([fn(x[i, j]) for j in range(3)]) for i in range(2)])
-        with no_fallback():
-            got = ftrans.vmap(ftrans.vmap(fn))(x)
-            got2 = ftrans.vmap(ftrans.vmap(fn, in_dims=1), in_dims=3)(x.permute(2, 1, 3, 0))
-        torch.testing.assert_close(got, expected)
-        torch.testing.assert_close(got2, expected)
+    check_nested_vmap(fns, x)
 
 
 def test_nested_inplace_view():

@@ -16,15 +16,14 @@ trains one private epoch.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import ftrans
+# Plumbing shared by the tutorials (command line, timing, plots): tutorials/_common.py.
+from _common import cli, mean_time, pyplot_or_none, save_figure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,16 +132,9 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
     print(f"max |vmap(grad) - loop| = {max_err:.2e}")
     assert max_err < 1e-5, max_err
 
-    # 2. Timing (the first ftrans call pays a one-off warm-up, so warm both up first).
-    def timed(fn, reps=3):
-        fn()
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - start) / reps
-
-    t_vmap = timed(lambda: per_sample_grads(params, buffers, xb, yb))
-    t_loop = timed(lambda: loop_per_sample_grads(model, xb, yb))
+    # 2. Timing (mean_time makes one untimed call first: the first ftrans call pays a warm-up).
+    t_vmap = mean_time(lambda: per_sample_grads(params, buffers, xb, yb), reps=3)
+    t_loop = mean_time(lambda: loop_per_sample_grads(model, xb, yb), reps=3)
     print(f"batch {batch}: vmap(grad) {t_vmap * 1e3:.1f} ms, loop {t_loop * 1e3:.1f} ms "
           f"({t_loop / t_vmap:.1f}x)")
 
@@ -173,28 +165,16 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
 
 
 def _plot(plot_dir, norms, losses):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plots)")
+    plt = pyplot_or_none()
+    if plt is None:
         return
-    os.makedirs(plot_dir, exist_ok=True)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.hist(norms.numpy(), bins=40)
     a.axvline(1.0, color="k", ls="--", label="clip bound C")
     a.set_xlabel("per-sample gradient norm"), a.legend()
     b.plot(losses), b.set_xlabel("step"), b.set_ylabel("batch loss")
-    fig.tight_layout()
-    path = os.path.join(plot_dir, "01_dpsgd.png")
-    fig.savefig(path, dpi=100)
-    print(f"saved {path}")
+    save_figure(fig, plot_dir, "01_dpsgd.png")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true", help="the small size the tests run")
-    parser.add_argument("--plot-dir", default="tutorials/figures")
-    args = parser.parse_args()
-    main(fast=args.fast, plot_dir=args.plot_dir)
+    cli(main, __doc__)

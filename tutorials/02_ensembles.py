@@ -20,15 +20,15 @@ This script shows the three things one needs:
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import ftrans
+# Plumbing shared by the tutorials (command line, timing, plots): tutorials/_common.py.
+from _common import cli, mean_time, pyplot_or_none, save_figure
 
 
 class MLP(nn.Module):
@@ -46,14 +46,6 @@ def make_data(n, teacher, gen):
     """Three-class data labelled by a fixed random linear teacher."""
     x = torch.randn(n, teacher.shape[0], generator=gen)
     return x, (x @ teacher).argmax(1)
-
-
-def _time(fn, reps=20):
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
 
 
 def main(fast: bool = True, plot_dir: str | None = None) -> dict:
@@ -95,7 +87,7 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
     ens_compiled = ftrans.compile(ens)
     assert torch.allclose(ens_compiled(params, buffers, x), same, atol=1e-6)
     with torch.no_grad():
-        times = {name: _time(fn) for name, fn in [
+        times = {name: mean_time(fn, reps=20) for name, fn in [
             ("vmap", lambda: ens(params, buffers, x)),
             ("compile(vmap)", lambda: ens_compiled(params, buffers, x)),
             ("loop", lambda: torch.stack([m(x) for m in models]))]}
@@ -171,25 +163,13 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
 
 
 def _plot(plot_dir, losses):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plots)")
+    plt = pyplot_or_none()
+    if plt is None:
         return
-    import os
-    os.makedirs(plot_dir, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(losses), ax.set_xlabel("step / 10"), ax.set_ylabel("mean member loss")
-    path = os.path.join(plot_dir, "02_ensemble_training.png")
-    fig.tight_layout(), fig.savefig(path, dpi=100)
-    print(f"saved {path}")
+    save_figure(fig, plot_dir, "02_ensemble_training.png")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true", help="the small size the tests run")
-    parser.add_argument("--plot-dir", default="tutorials/figures")
-    args = parser.parse_args()
-    main(fast=args.fast, plot_dir=args.plot_dir)
+    cli(main, __doc__)

@@ -22,27 +22,17 @@ per-example Jacobians, an einsum contracts them.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import ftrans
+# Plumbing shared by the tutorials (command line, timing, plots): tutorials/_common.py.
+from _common import cli, mean_time, pyplot_or_none, save_figure
 
 
 def predict(weight, bias, x):
     return F.linear(x, weight, bias).tanh()
-
-
-def _time(fn, reps=5):
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
 
 
 def jacobians(fast: bool) -> dict:
@@ -72,10 +62,10 @@ def jacobians(fast: bool) -> dict:
     tall = lambda v: predict(w_tall, None, v)          # noqa: E731  R^small -> R^big
     v_big, v_small = torch.randn(n_big, generator=gen), torch.randn(n_small, generator=gen)
     timings = {
-        "wide jacrev": _time(lambda: ftrans.jacrev(wide)(v_big)),
-        "wide jacfwd": _time(lambda: ftrans.jacfwd(wide)(v_big)),
-        "tall jacrev": _time(lambda: ftrans.jacrev(tall)(v_small)),
-        "tall jacfwd": _time(lambda: ftrans.jacfwd(tall)(v_small)),
+        "wide jacrev": mean_time(lambda: ftrans.jacrev(wide)(v_big), reps=5),
+        "wide jacfwd": mean_time(lambda: ftrans.jacfwd(wide)(v_big), reps=5),
+        "tall jacrev": mean_time(lambda: ftrans.jacrev(tall)(v_small), reps=5),
+        "tall jacfwd": mean_time(lambda: ftrans.jacfwd(tall)(v_small), reps=5),
     }
     print("  ".join(f"{k}: {v * 1e3:.2f} ms" for k, v in timings.items()))
     print("(reverse mode pays per output row, forward mode per input column; on tiny CPU problems "
@@ -183,26 +173,15 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
 
 
 def _plot(plot_dir, k):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plots)")
+    plt = pyplot_or_none()
+    if plt is None:
         return
-    os.makedirs(plot_dir, exist_ok=True)
     fig, ax = plt.subplots(figsize=(4.5, 4))
     im = ax.imshow(k.numpy())
     ax.set_title("empirical NTK (trace over outputs)")
     fig.colorbar(im)
-    path = os.path.join(plot_dir, "03_ntk.png")
-    fig.tight_layout(), fig.savefig(path, dpi=100)
-    print(f"saved {path}")
+    save_figure(fig, plot_dir, "03_ntk.png")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true", help="the small size the tests run")
-    parser.add_argument("--plot-dir", default="tutorials/figures")
-    args = parser.parse_args()
-    main(fast=args.fast, plot_dir=args.plot_dir)
+    cli(main, __doc__)

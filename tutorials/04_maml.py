@@ -22,14 +22,14 @@ per-task loop with ``torch.autograd.grad(create_graph=True)``, then meta-train.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
 import ftrans
+# Plumbing shared by the tutorials (command line, timing, plots): tutorials/_common.py.
+from _common import cli, pyplot_or_none, save_figure
 
 
 def init_params(gen, hidden=40):
@@ -148,14 +148,9 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
 
 
 def _plot(plot_dir, curve, params, gen):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plots)")
+    plt = pyplot_or_none()
+    if plt is None:
         return
-    os.makedirs(plot_dir, exist_ok=True)
     xs, ys, _, _ = sample_tasks(1, 10, gen)
     grid = torch.linspace(-5, 5, 200)[:, None]
     adapted = adapt(params, xs[0], ys[0])
@@ -166,14 +161,8 @@ def _plot(plot_dir, curve, params, gen):
         b.plot(grid, net(adapted, grid), label="after 1 step")
     b.scatter(xs[0, :, 0], ys[0, :, 0], c="k", label="support")
     b.legend()
-    path = os.path.join(plot_dir, "04_maml.png")
-    fig.tight_layout(), fig.savefig(path, dpi=100)
-    print(f"saved {path}")
+    save_figure(fig, plot_dir, "04_maml.png")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true", help="the small size the tests run")
-    parser.add_argument("--plot-dir", default="tutorials/figures")
-    args = parser.parse_args()
-    main(fast=args.fast, plot_dir=args.plot_dir)
+    cli(main, __doc__)

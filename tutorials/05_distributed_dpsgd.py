@@ -20,7 +20,6 @@ the port is chosen at run time.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import tempfile
@@ -32,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ftrans
+# Plumbing shared by the tutorials (command line, timing, plots): tutorials/_common.py.
+from _common import cli
 
 MAX_NORM = 1.0
 NOISE_MULTIPLIER = 1.0
@@ -147,8 +148,4 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true", help="the small size the tests run")
-    parser.add_argument("--plot-dir", default="tutorials/figures")
-    args = parser.parse_args()
-    main(fast=args.fast, plot_dir=args.plot_dir)
+    cli(main, __doc__)

@@ -30,7 +30,6 @@ per-sample gradients with no extra machinery, and why rules for *backward* ops m
 """
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import torch
@@ -38,6 +37,8 @@ import torch
 import ftrans
 from ftrans._C import levels
 from ftrans._C.batched import BatchedTensor
+# Plumbing shared by the tutorials (command line, timing, plots): tutorials/_common.py.
+from _common import cli
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +193,4 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true", help="(same size either way)")
-    args = parser.parse_args()
-    main(fast=args.fast)
+    cli(main, __doc__, plots=False, fast_help="(same size either way)")
