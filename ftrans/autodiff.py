@@ -113,6 +113,17 @@ def check_callable(func, api: str) -> None:
                         f"{type(func).__name__}")
 
 
+def check_jacobian_args(func, api: str, chunk_size) -> None:
+    check_callable(func, api)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"{api}({_name(func)}, chunk_size={chunk_size!r}): `chunk_size` should "
+                         "be greater than 0.")
+
+
+def jacobian_form(api: str, func, argnums) -> str:
+    return f"{api}({_name(func)}{'' if argnums == 0 else f', argnums={argnums!r}'})(*args)"
+
+
 def enter(x, form: str):
     """Make ``x`` an input of a new differentiation level (see the module docstring)."""
     if not isinstance(x, torch.Tensor):
@@ -410,14 +421,11 @@ def jacrev(func: Callable, argnums: Any = 0, *, has_aux: bool = False,
         tensor([[1., 0.],
                 [0., 1.]])
     """
-    check_callable(func, "jacrev")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"jacrev({_name(func)}, chunk_size={chunk_size!r}): `chunk_size` should "
-                         "be greater than 0.")
+    check_jacobian_args(func, "jacrev", chunk_size)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        form = f"jacrev({_name(func)}{'' if argnums == 0 else f', argnums={argnums!r}'})(*args)"
+        form = jacobian_form("jacrev", func, argnums)
         nums = check_argnums(argnums, len(args), form)
         output, vjp_fn, aux, _ = vjp_impl(func, args, nums, has_aux, form, kwargs)
         flat_out, out_spec = _tree_flatten(output)

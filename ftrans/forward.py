@@ -23,7 +23,7 @@ import torch
 
 from ._C import levels as _levels
 from .autodiff import (_differentiating, _name, _tree_flatten, _tree_unflatten, autograd_grad,
-                       check_argnums, check_callable,
+                       check_argnums, check_callable, check_jacobian_args, jacobian_form,
                        check_tensor_outputs, detach_tree, enter, jacrev, outer_needs_graph,
                        replace_argnums, select_argnums, split_aux, identity_basis)
 from .vmap import vmap
@@ -156,14 +156,11 @@ def jacfwd(func: Callable, argnums: Any = 0, has_aux: bool = False, *,
         tensor([[2., 0.],
                 [0., 4.]])
     """
-    check_callable(func, "jacfwd")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"jacfwd({_name(func)}, chunk_size={chunk_size!r}): `chunk_size` should "
-                         "be greater than 0.")
+    check_jacobian_args(func, "jacfwd", chunk_size)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        form = f"jacfwd({_name(func)}{'' if argnums == 0 else f', argnums={argnums!r}'})(*args)"
+        form = jacobian_form("jacfwd", func, argnums)
         nums = check_argnums(argnums, len(args), form)
         diff = select_argnums(args, nums)
         flat_diff, in_spec = _tree_flatten(diff)
@@ -219,7 +216,7 @@ def hessian(func: Callable, argnums: Any = 0) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        form = f"hessian({_name(func)}{'' if argnums == 0 else f', argnums={argnums!r}'})(*args)"
+        form = jacobian_form("hessian", func, argnums)
         check_argnums(argnums, len(args), form)
         return inner(*args, **kwargs)
 
