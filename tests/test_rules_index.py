@@ -445,3 +445,44 @@ def test_setitem_batched_bool_mask():
     check_vmap(put_middle, (x, torch.rand(B, 5) > 0.5, v), in_dims=(0, 0, 0))
     with pytest.raises(RuntimeError, match="data-dependent"):  # one value per selected row
         ftrans.vmap(lambda x, m: aten.index_put(x, [m], torch.ones(2, 5)))(x, m)
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_searchsorted_bucketize(right):
+    seq = torch.randn(3, 7).sort(-1).values
+    seq_nd = torch.randn(3, 4, 7).sort(-1).values
+    v = torch.randn(3, 4, 5)
+    f = lambda s, v: torch.searchsorted(s, v, right=right)  # noqa: E731
+    for s in (seq, seq_nd):  # one sequence, and a stack matching the values' leading dims
+        check_vmap(f, (s, v), (0, 0))
+        check_vmap(f, (s[0], v), (None, 0))
+        check_vmap(f, (s, v[0]), (0, None))
+    check_vmap(lambda s: torch.searchsorted(s, 0.3, right=right, out_int32=True), (seq,))
+    g = lambda v, b: torch.bucketize(v, b, right=right, out_int32=True)  # noqa: E731
+    check_vmap(g, (v, seq), (0, 0))
+    check_vmap(g, (v[0], seq), (None, 0))
+    check_vmap(g, (v, seq[0]), (0, None))
+    check_vmap(lambda b: torch.bucketize(0.3, b, right=right), (seq,))
+
+
+def test_searchsorted_sorter():
+    u, v = torch.randn(3, 7), torch.randn(3, 4, 5)
+    order = u.argsort(-1)
+    f = lambda s, v, o: torch.searchsorted(s, v, sorter=o, side="right")  # noqa: E731
+    check_vmap(f, (u, v, order), (0, 0, 0))
+    check_vmap(f, (u[0], v, order[0]), (None, 0, None))
+    check_vmap(f, (u, v[0], order), (0, None, 0))
+
+
+def test_masked_select_with_unbatched_mask_is_static():
+    x = torch.randn(3, 4, 5)
+    for m in (torch.randn(4, 5) > 0, torch.randn(5) > 0):
+        check_vmap(lambda t: torch.masked_select(t, m), (x,), 0)
+    m = torch.randn(4, 5) > 0
+    g = ftrans.vmap(ftrans.grad(lambda t: torch.masked_select(t, m).sin().sum()))(x)
+    torch.testing.assert_close(g, torch.where(m, x.cos(), 0.0))
+
+
+def test_masked_select_with_batched_mask_is_data_dependent():
+    with pytest.raises(RuntimeError, match="data-dependent"):
+        ftrans.vmap(torch.masked_select)(torch.randn(3, 4), torch.randn(3, 4) > 0)

@@ -89,7 +89,6 @@ _DATA_DEPENDENT_HINTS = {
     "(a per-example 0-dim tensor) instead",
     "aten::nonzero": "`nonzero` / boolean-mask indexing returns a different number of elements "
     "per example. Use `torch.where(mask, x, 0)` or multiply by the mask instead",
-    "aten::nonzero_static": None,
     "aten::masked_select": "`masked_select` / `x[mask]` returns a different number of elements per "
     "example. Use `torch.where(mask, x, 0)` instead",
     "aten::unique": "`unique` returns a different number of elements per example",
@@ -148,11 +147,11 @@ def _prepare(func) -> _Op:
 
 def _choose_handler(func, tags, tag_rule):
     name = func._schema.name
+    rule = RULES.get(func)
+    if rule is not None:  # a rule may handle the static cases of a data-dependent op
+        return _rule_handler(rule), "rule"
     if name in _DATA_DEPENDENT_HINTS:
         return _data_dependent, "error"
-    rule = RULES.get(func)
-    if rule is not None:
-        return _rule_handler(rule), "rule"
     rule = tag_rule(func, tags)
     if rule is not None:
         return _rule_handler(rule), "rule"
@@ -163,8 +162,10 @@ def _choose_handler(func, tags, tag_rule):
     decomp = _decompositions().get(func)
     if decomp is not None:
         return _decomp_handler(decomp), "decomposition"
-    if torch.Tag.dynamic_output_shape in tags or torch.Tag.data_dependent_output in tags:
+    if torch.Tag.data_dependent_output in tags:
         return _data_dependent, "error"
+    # dynamic_output_shape ops without a hint above (bincount, nonzero_static, lstsq...) run per
+    # example: correct when every example's output has the same shape, a clear error otherwise.
     if torch.Tag.inplace_view in tags:  # a loop would resize each example's view, not the batch
         return _inplace_view_unsupported, "error"
     return _rule_handler(_loop_fallback), "fallback"

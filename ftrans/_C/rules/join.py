@@ -125,3 +125,19 @@ if hasattr(aten, "masked_scatter_backward"):
         out = torch.zeros((B, n + 1), dtype=grad.dtype, device=grad.device)
         out = aten.scatter_add.default(out, 1, target, vals)
         return out[:, :n].reshape([B] + sizes), 0
+
+
+@register_batch_rule(aten.masked_select.default)
+def masked_select_rule(level, func, args, bdims, kwargs):
+    """Static only when the mask is unbatched: every example then selects the same positions."""
+    from ..dispatch import _data_dependent, _OPS
+
+    x, mask = args
+    xb, mb = bdims
+    if mb is not None:
+        _data_dependent(_OPS[func], level, args, kwargs)
+    B = level.batch_size
+    x = to_front(x, xb)
+    shape = torch.broadcast_shapes(tuple(x.shape[1:]), tuple(mask.shape))
+    x = pad_rank(x, len(shape)).expand((B,) + tuple(shape))
+    return x[(slice(None),) + (mask.expand(shape),)], 0

@@ -88,9 +88,24 @@ def _fix_promotion(func, args, bdims, kwargs, new_args):
 
 _EXCLUDED = set()
 # Elementwise ops torch forgot to tag ``pointwise`` (found by the ModuleInfo sweep).
-_UNTAGGED = {getattr(aten, n).default for n in ("hardshrink_backward", "softshrink_backward")
-             if hasattr(aten, n)}
+_UNTAGGED = {getattr(aten, n).default for n in ("hardshrink_backward", "softshrink_backward",
+                                                "complex", "polar") if hasattr(aten, n)}
 
 
 def is_pointwise(func, tags) -> bool:
-    return (torch.Tag.pointwise in tags or func in _UNTAGGED) and func not in _EXCLUDED
+    if func in _EXCLUDED:
+        return False
+    if torch.Tag.pointwise in tags or func in _UNTAGGED:
+        return True
+    return _inplace_of_pointwise(func)
+
+
+def _inplace_of_pointwise(func) -> bool:
+    """``abs_``, ``eq_``, ``threshold_``...: torch tags only their out-of-place overloads."""
+    name = func._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_"):
+        return False
+    packet = getattr(aten, name[:-1], None)
+    functional = getattr(packet, func._overloadname, None) if packet is not None else None
+    return functional is not None and (torch.Tag.pointwise in functional.tags
+                                       or functional in _UNTAGGED)
