@@ -120,3 +120,28 @@ def test_pool_pad_forward_and_grad(k):
         return torch.autograd.grad((y * v.reshape(-1)[: y.numel()].view_as(y)).sum(), x)[0]
 
     _grads_match(g, (x, torch.randn(B, 4096)), (0, 0))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("with_n", [True, False])
+def test_fractional_max_pool_forward_and_grad(d, with_n):
+    pool = getattr(F, f"fractional_max_pool{d}d")
+    size = (5,) * d
+    x = torch.randn((B, 2, 3) + size if with_n else (B, 3) + size, dtype=torch.float64)
+    n = 2 if with_n else 1
+    rs = torch.rand(B, n, 3, d, dtype=torch.float64)  # per (N, C) samples, per example
+
+    def fn(x0, rs):
+        x = x0.detach().requires_grad_()
+        out, idx = pool(x, 2, output_ratio=(0.5,) * d, return_indices=True,
+                        _random_samples=rs)
+        return (out, idx) + torch.autograd.grad((out ** 2).sum(), x)
+
+    check_vmap(fn, (x, rs), (0, 0))
+    check_vmap(fn, (x, rs[0]), (0, None))
+    check_vmap(fn, (x[0], rs), (None, 0))
+
+
+def test_fractional_max_pool_module_repro():
+    m = torch.nn.FractionalMaxPool2d(2, output_ratio=0.5, _random_samples=torch.rand(1, 3, 2))
+    check_vmap(m, (torch.randn(3, 1, 3, 7, 7),), (0,))

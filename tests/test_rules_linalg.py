@@ -257,3 +257,45 @@ def test_fft_vjp_under_vmap(fn, dtype):
     v = torch.randn(B, 4, 12, dtype=torch.complex64)
     _per_example_grad(g, (x, v), (0, 0))
     _per_example_grad(g, (x, v[0]), (0, None))
+
+
+def _value_and_grad(f, n_grad=1):
+    """fn(*xs) -> (f(*xs), grads of sum(|f|^2) wrt the first n_grad inputs)."""
+    def fn(*xs):
+        xs = [x.detach().requires_grad_() if i < n_grad else x for i, x in enumerate(xs)]
+        out = f(*xs)
+        loss = (out.abs() ** 2).sum() if out.is_complex() else (out ** 2).sum()
+        return (out,) + torch.autograd.grad(loss, xs[:n_grad])
+    return fn
+
+
+def test_matrix_exp_permuted_layouts_and_grad():
+    # torch's kernel rejects some permuted layouts; the batch dim at the end / nested makes them.
+    x = torch.randn(B, 2, 4, 4, dtype=torch.float64) / 3
+    check_vmap(_value_and_grad(torch.matrix_exp), (x,))
+    check_vmap(ftrans.vmap(torch.matrix_exp, in_dims=2), (x.movedim(1, 3),), (0,))
+
+
+def test_kron_permuted_layouts_and_grad():
+    a, b = torch.randn(B, 2, 3, dtype=torch.float64), torch.randn(B, 3, 2, dtype=torch.float64)
+    check_vmap(_value_and_grad(torch.kron, 2), (a, b))
+    check_vmap(_value_and_grad(torch.kron, 2), (a, b[0]), (0, None))
+    check_vmap(ftrans.vmap(torch.kron, in_dims=(1, None)), (torch.randn(2, 4, 3, B), b[0]),
+               (3, None))
+
+
+def test_pinv_batched_tolerances():
+    A = torch.randn(B, 2, 4, 5, dtype=torch.float64)
+    atol, rtol = torch.rand(B, 2, dtype=torch.float64), torch.rand(B, dtype=torch.float64)
+    f = lambda a, t, r: torch.linalg.pinv(a, atol=t, rtol=r)  # noqa: E731
+    check_vmap(_value_and_grad(f), (A, atol, rtol))
+    check_vmap(f, (A[:, 0], atol[:, 0], rtol[0]), (0, 0, None))
+    check_vmap(lambda a, t: torch.linalg.pinv(a, atol=t), (A[0], atol), (None, 0))
+
+
+def test_complex_and_polar_grads():
+    re, im = torch.randn(B, 4, dtype=torch.float64), torch.randn(B, 4, dtype=torch.float64)
+    check_vmap(_value_and_grad(torch.complex, 2), (re, im))
+    check_vmap(_value_and_grad(torch.complex, 2), (re[0], im), (None, 0))
+    check_vmap(_value_and_grad(torch.polar, 2), (re.abs(), im))
+    check_vmap(_value_and_grad(torch.polar, 2), (re.abs(), im[0, :1]), (0, None))

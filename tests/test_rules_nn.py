@@ -192,3 +192,85 @@ def test_attention_with_batched_keyword_mask_no_fallback(q_shape, m_shape):
     ref = torch.stack([torch.autograd.grad(f(qi, m[i]).sum(), qi)[0]
                        for i, qi in enumerate(q.clone().requires_grad_())])
     torch.testing.assert_close(g, ref)
+
+
+def _loss_and_grad(loss):
+    """fn(x0, *rest) -> (loss, d sum(loss**2) / dx): forward and backward kernel together."""
+    def fn(x0, *rest):
+        x = x0.detach().requires_grad_()
+        out = loss(x, *rest)
+        return (out,) + torch.autograd.grad((out ** 2).sum(), x)
+    return fn
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ctc_loss_int_lengths(reduction):
+    lp = torch.randn(B, 12, 2, 6, dtype=torch.float64).log_softmax(-1)
+    t = torch.randint(1, 6, (B, 2, 5))
+    fn = _loss_and_grad(lambda x, t: F.ctc_loss(x, t, [12, 10], [5, 3], reduction=reduction))
+    check_vmap(fn, (lp, t), (0, 0))
+    check_vmap(fn, (lp, t[0]), (0, None))
+    check_vmap(fn, (lp[0], t), (None, 0))
+
+
+def test_ctc_loss_per_example_tensor_lengths():
+    # Concatenated 1-D targets with per-example lengths (each example's lengths sum to 8).
+    lp = torch.randn(B, 12, 2, 6, dtype=torch.float64).log_softmax(-1)
+    t = torch.randint(1, 6, (B, 8))
+    il = torch.tensor([[12, 10], [9, 12], [12, 12]])
+    tl = torch.tensor([[5, 3], [2, 6], [4, 4]])
+    fn = _loss_and_grad(lambda x, t, il, tl: F.ctc_loss(x, t, il, tl, zero_infinity=True))
+    check_vmap(fn, (lp, t, il, tl), (0, 0, 0, 0))
+    check_vmap(fn, (lp, t, il[0], tl[0]), (0, 0, None, None))
+
+
+def test_ctc_loss_unbatched_example_and_repro():
+    lp = torch.randn(B, 12, 6, dtype=torch.float64).log_softmax(-1)
+    t = torch.randint(1, 6, (B, 5))
+    fn = _loss_and_grad(lambda x, t, il, tl: F.ctc_loss(x, t, il, tl, reduction="sum"))
+    check_vmap(fn, (lp, t, torch.tensor([12, 11, 10]), torch.tensor([5, 5, 5])), (0, 0, 0, 0))
+    lp = torch.randn(3, 50, 2, 15).log_softmax(-1)
+    t = torch.randint(1, 15, (3, 2, 30))
+    check_vmap(lambda lp, t: F.ctc_loss(lp, t, [50, 50], [30, 25]), (lp, t), (0, 0))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_n", [True, False])
+def test_multilabel_margin_loss(reduction, with_n):
+    shape = (B, 4, 6) if with_n else (B, 6)
+    x = torch.randn(shape, dtype=torch.float64)
+    t = torch.randint(-1, 6, shape)  # -1 ends a sample's label list
+    fn = _loss_and_grad(lambda x, t: F.multilabel_margin_loss(x, t, reduction=reduction))
+    check_vmap(fn, (x, t), (0, 0))
+    check_vmap(fn, (x, t[0]), (0, None))
+    check_vmap(fn, (x[0], t), (None, 0))
+
+
+def test_multilabel_margin_loss_none_1d_shape():
+    got = ftrans.vmap(lambda a, b: F.multilabel_margin_loss(a, b, reduction="none"))(
+        torch.randn(3, 10), torch.randint(0, 10, (3, 10)))
+    assert got.shape == (3,)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("p, margin", [(1, 1.0), (2, 0.5)])
+def test_multi_margin_loss(reduction, p, margin):
+    x = torch.randn(B, 4, 6, dtype=torch.float64)
+    t = torch.randint(0, 6, (B, 4))
+    w = torch.rand(B, 6, dtype=torch.float64) + 0.5
+    fn = _loss_and_grad(lambda x, t, w: F.multi_margin_loss(x, t, p, margin, w,
+                                                            reduction=reduction))
+    check_vmap(fn, (x, t, w), (0, 0, 0))
+    check_vmap(fn, (x, t, w[0]), (0, 0, None))
+    check_vmap(fn, (x[0], t, w), (None, 0, 0))
+    fn1 = _loss_and_grad(lambda x, t: F.multi_margin_loss(x, t, p, margin, reduction=reduction))
+    check_vmap(fn1, (x[:, 0], t[:, 0]), (0, 0))           # 1-D input, 0-d target
+    check_vmap(fn1, (x[:, 0], t[:, :1]), (0, 0))          # 1-D input, [1] target
+
+
+def test_margin_losses_0d_examples():
+    # A 0-d example is one sample with one class.
+    x, t = torch.randn(B, dtype=torch.float64), torch.zeros(B, dtype=torch.long)
+    for loss in (F.multilabel_margin_loss, F.multi_margin_loss):
+        for reduction in ("none", "mean"):
+            check_vmap(_loss_and_grad(lambda x, t: loss(x, t, reduction=reduction)), (x, t))

@@ -158,3 +158,37 @@ def test_op_status_is_rule(name):
     if overload not in p.overloads():
         pytest.skip(f"{name} not in this torch")
     assert ftrans.op_status(getattr(p, overload)) == "rule"
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min", "prod"])
+def test_segment_reduce_and_grad(reduce):
+    data = torch.randn(3, 2, 6, dtype=torch.float64)
+    lengths = torch.tensor([[[2, 4], [1, 5]], [[3, 3], [6, 0]], [[0, 6], [4, 2]]])
+    offsets = torch.cat([torch.zeros(3, 2, 1, dtype=torch.long), lengths.cumsum(-1)], -1)
+    initial = 0.0 if reduce in ("sum", "prod") else None
+
+    def fn(d0, lens, offs):
+        d = d0.detach().requires_grad_()
+        a = torch.segment_reduce(d, reduce, lengths=lens, axis=1, initial=initial)
+        b = torch.segment_reduce(d, reduce, offsets=offs, axis=-1, initial=initial)
+        return (a, b) + torch.autograd.grad(((a + b) ** 2).sum(), d)
+
+    check_vmap(fn, (data, lengths, offsets), (0, 0, 0))
+    check_vmap(fn, (data, lengths[0], offsets[0]), (0, None, None))
+    check_vmap(fn, (data[0], lengths, offsets), (None, 0, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_histc_matches_torch_exactly(dtype):
+    x = torch.randn(4, 5, 30, dtype=dtype)
+    x[0, 0, :3] = x[0].max()   # repeated top edge
+    x[1] = 1.5                 # empty data range: widened by 1 each way
+    edges = torch.linspace(-1, 1, 11, dtype=dtype).repeat(3, 1)  # values on the bin edges
+    for kw in ({}, {"bins": 7}, {"bins": 10, "min": -1, "max": 1},
+               {"bins": 4, "min": 0.5, "max": 0.5}, {"bins": 3, "min": -0.5, "max": 2}):
+        check_vmap(lambda a: torch.histc(a, **kw), (x,), atol=0, rtol=0)
+        check_vmap(lambda a: torch.histc(a, **kw), (edges,), atol=0, rtol=0)
+    y = torch.rand(6, 1000, dtype=dtype) * torch.rand(6, 1, dtype=dtype) * 10 - 3
+    for bins in (3, 13, 100):
+        check_vmap(lambda a: torch.histc(a, bins), (y,), atol=0, rtol=0)
+        check_vmap(lambda a: torch.histc(a, bins, -2.3, 4.1), (y,), atol=0, rtol=0)

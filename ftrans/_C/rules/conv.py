@@ -153,6 +153,10 @@ def fold_rule(core, positions, size_pos=None):
             if x.dim() - 1 > core:
                 lead = tuple(x.shape[:2])
                 x = x.reshape((-1,) + tuple(x.shape[2:]))
+            if bdims[p] is None:
+                # An expanded (stride-0) input crashes some CPU kernels (torch 2.13's
+                # adaptive_max_pool3d_backward segfaults on an expanded self/indices).
+                x = x.contiguous()
             args[p] = x
         if size_pos is not None and lead is not None:
             size = list(args[size_pos])
@@ -209,3 +213,29 @@ _register_fold("col2im", 2, [0])
 def constant_pad_rule(level, func, args, bdims, kwargs):
     """Pads trailing dims only, so a front batch dim is just one more leading dim."""
     return func(to_front(args[0], bdims[0]), *args[1:], **kwargs), 0
+
+
+def _fractional_rule(core):
+    """fractional_max_pool{2,3}d: fold into N; ``random_samples`` ``[N', C, d]`` (N' >= N) is
+    per sample, so its first N rows follow the samples into the folded N."""
+
+    def rule(level, func, args, bdims, kwargs):
+        B = level.batch_size
+        x = _expand_front(args[0], bdims[0], B)
+        n = x.shape[1] if x.dim() - 1 > core else 1
+        x = x.reshape((B * n,) + tuple(x.shape[-core:]))
+        rs = _expand_front(args[3], bdims[3], B)
+        rs = rs[:, :n].reshape((B * n,) + tuple(rs.shape[2:])).contiguous()
+        out, idx = func(x.contiguous(), args[1], args[2], rs, **kwargs)
+        lead = (B, n) if args[0].dim() - (bdims[0] is not None) > core else (B,)
+        return (out.view(lead + tuple(out.shape[1:])),
+                idx.view(lead + tuple(idx.shape[1:]))), (0, 0)
+
+    return rule
+
+
+for _d in (2, 3):
+    _packet = getattr(aten, f"fractional_max_pool{_d}d", None)
+    if _packet is not None:
+        register_batch_rule(_packet.default)(_fractional_rule(_d + 1))
+        _register_fold(f"fractional_max_pool{_d}d_backward", _d + 1, [0, 1, 4])

@@ -259,3 +259,64 @@ def put_rule(level, func, args, bdims, kwargs):
     ix = _flat_offsets(batched_front(index, bdims[1], B), n, B)
     src = batched_front(source, bdims[2], B)
     return func(x, ix, src, *args[3:], **kwargs), 0
+
+
+# ----------------------------------------------------------------------------------------------
+# searchsorted / bucketize
+# ----------------------------------------------------------------------------------------------
+# searchsorted accepts one 1-D sorted sequence for values of any shape, or an N-D stack of
+# sequences whose leading dims match the values': a per-example sequence is the N-D form with
+# the batch as one more leading dim (values flattened to [B, M] when the sequence was 1-D).
+
+def _search(B, seq, sb, vals, vb, sorter, sorterb, kw):
+    if sb is None and sorterb is None and seq.dim() == 1:
+        # One sequence for every example: values of any shape, batch dim anywhere (torch
+        # copies non-contiguous values anyway, and warns).
+        return aten.searchsorted.Tensor(seq, vals.contiguous(), sorter=sorter, **kw), vb
+    rank = seq.dim() - (sb is not None)
+    seq = batched_front(seq, sb, B).contiguous()
+    if sorter is not None:
+        sorter = batched_front(sorter, sorterb, B).contiguous()
+    vals = batched_front(vals, vb, B)
+    shape = vals.shape
+    if rank == 1:
+        vals = vals.reshape(B, -1)
+    out = aten.searchsorted.Tensor(seq, vals.contiguous(), sorter=sorter, **kw)
+    return out.view(shape), 0
+
+
+def _scalar_values(B, value, seq, sb):
+    if seq.dim() - (sb is not None) != 1:
+        raise RuntimeError("torch.searchsorted(): input value can be a scalar only when "
+                           "boundaries tensor dimension is 1")
+    return torch.full((B,), value, device=seq.device)
+
+
+def _searchsorted_rule(level, func, args, bdims, kwargs):
+    B = level.batch_size
+    kw = dict(kwargs)
+    sorter = kw.pop("sorter", None)
+    sorterb = getattr(bdims, "kw", {}).get("sorter")
+    seq, sb = args[0], bdims[0]
+    vals, vb = args[1], bdims[1]
+    if func is aten.searchsorted.Scalar:
+        vals, vb = _scalar_values(B, vals, seq, sb), 0
+    return _search(B, seq, sb, vals, vb, sorter, sorterb, kw)
+
+
+_searchsorted_rule.kw_bdims = True
+register_batch_rule(aten.searchsorted.Tensor, aten.searchsorted.Scalar)(_searchsorted_rule)
+
+
+@register_batch_rule(aten.bucketize.Tensor, aten.bucketize.Scalar)
+def bucketize_rule(level, func, args, bdims, kwargs):
+    """``bucketize(x, boundaries) == searchsorted(boundaries, x)`` (same ``right``)."""
+    B = level.batch_size
+    vals, vb, bnd, bb = args[0], bdims[0], args[1], bdims[1]
+    if bb is None:
+        if isinstance(vals, torch.Tensor):
+            vals = vals.contiguous()
+        return func(vals, bnd, **kwargs), vb
+    if func is aten.bucketize.Scalar:
+        vals, vb = _scalar_values(B, vals, bnd, bb), 0
+    return _search(B, bnd, bb, vals, vb, None, None, dict(kwargs))

@@ -20,9 +20,11 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_batch_rule
-from ._util import to_front, wrap_dim
+from ._util import pad_rank, to_front, wrap_dim
 
 aten = torch.ops.aten
+_SetExclude = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
+_DK = torch._C.DispatchKey
 
 
 def _ops(*names):
@@ -50,7 +52,8 @@ def _fold_rows(a, da):
     if da == 2:
         a = a.movedim(2, 1)
         da = 1
-    return a.reshape(-1, a.shape[-1]), a.shape[:2], da
+    # Explicit row count: reshape(-1, 0) is ambiguous for empty matrices.
+    return a.reshape(a.shape[0] * a.shape[1], a.shape[-1]), a.shape[:2], da
 
 
 def _mm(a, da, b, db, B):
@@ -252,17 +255,46 @@ def leading_batch_rule(cores):
 _SINGLE = _ops(
     "linalg_inv_ex", "_linalg_det", "_linalg_slogdet", "cholesky", "linalg_cholesky_ex",
     "cholesky_inverse", "linalg_qr", "_linalg_svd", "_linalg_eigh", "linalg_eig", "linalg_lu",
-    "linalg_lu_factor_ex", "linalg_matrix_exp", "_linalg_eigvals", "linalg_eigvals",
+    "linalg_lu_factor_ex", "_linalg_eigvals", "linalg_eigvals",
     "linalg_eigvalsh", "inverse", "linalg_inv", "det", "logdet", "linalg_det",
 )
 register_batch_rule(*_SINGLE)(leading_batch_rule({0: 2}))
+
+
+@register_batch_rule(*_ops("linalg_matrix_exp"))
+def matrix_exp_rule(level, func, args, bdims, kwargs):
+    # torch 2.13's kernel views its input as [-1, n, n]: it fails on the permuted physical
+    # layouts (batch dim moved to the front) that per-example calls never see.
+    return func(to_front(args[0], bdims[0]).contiguous()), 0
 register_batch_rule(*_ops("cholesky_solve", "triangular_solve", "linalg_solve_triangular",
                           "_cholesky_solve_helper"))(leading_batch_rule({0: 2, 1: 2}))
 register_batch_rule(*_ops("linalg_householder_product"))(leading_batch_rule({0: 2, 1: 1}))
 register_batch_rule(*_ops("linalg_lu_solve"))(leading_batch_rule({0: 2, 1: 1, 2: 2}))
 register_batch_rule(*_ops("lu_solve"))(leading_batch_rule({0: 2, 1: 2, 2: 1}))
 if hasattr(aten, "linalg_pinv") and "atol_rtol_tensor" in aten.linalg_pinv.overloads():
-    register_batch_rule(aten.linalg_pinv.atol_rtol_tensor)(leading_batch_rule({0: 2, 1: 0, 2: 0}))
+    @register_batch_rule(aten.linalg_pinv.atol_rtol_tensor)
+    def pinv_rule(level, func, args, bdims, kwargs):
+        """Tolerances are keyword-only tensors broadcasting against A's batch shape: a batched
+        one gets the vmap dim in front and its logical dims aligned right of it."""
+        B = level.batch_size
+        A = _expand_front(args[0], bdims[0], B)
+        kw = getattr(bdims, "kw", {})
+        kwargs = dict(kwargs)
+        tols = {k: to_front(kwargs[k], d) for k, d in kw.items()}
+        rank = max([A.dim() - 3] + [t.dim() - 1 for t in tols.values()]
+                   + [kwargs[k].dim() for k in ("atol", "rtol")
+                      if k not in tols and isinstance(kwargs.get(k), torch.Tensor)])
+        A = pad_rank(A, rank + 2)
+        for k, t in tols.items():
+            kwargs[k] = pad_rank(t, rank)
+        if not A.is_complex() or _SetExclude is None:
+            return func(A, *args[1:], **kwargs), 0
+        # The CPU kernel makes lazy conj views (mH) internally, and below the Python key the
+        # Conjugate fallback is excluded, so they would be read as plain data: re-enable it.
+        with _SetExclude(_DK.Conjugate, False), _SetExclude(_DK.Negative, False):
+            return func(A, *args[1:], **kwargs), 0
+
+    pinv_rule.kw_bdims = True
 
 _solve_matrix = leading_batch_rule({0: 2, 1: 2})
 
@@ -322,3 +354,30 @@ if hasattr(aten, "_linalg_check_errors"):
         """``info`` of every example at once: an error in any example raises."""
         func(to_front(args[0], bdims[0]), args[1], is_matrix=False)
         return None, None
+
+
+if hasattr(aten, "linalg_lstsq"):
+    @register_batch_rule(aten.linalg_lstsq.default)
+    def lstsq_rule(level, func, args, bdims, kwargs):
+        """Batched lstsq.  The op is tagged dynamic-shape because residuals are empty unless
+        every matrix is full rank with m > n: a batch mixing full-rank and rank-deficient
+        examples has no stacked answer, so that case raises instead."""
+        from ..dispatch import VmapError, describe
+
+        A, b = args[0], args[1]
+        B = level.batch_size
+        # lstsq does not broadcast batch dims, and a front batch dim keeps torch's vector-rhs
+        # test (b.dim() == A.dim() - 1) as it was per example.
+        A, b = _expand_front(A, bdims[0], B), _expand_front(b, bdims[1], B)
+        sol, res, rank, sv = func(A, b, *args[2:], **kwargs)
+        m, n = A.shape[-2], A.shape[-1]
+        if m > n and res.numel() == 0 and rank.numel() > 0:
+            deficient = rank < n
+            if bool(deficient.any()) and not bool(deficient.all()):
+                raise VmapError(f"{describe(level)}: linalg.lstsq residuals exist only for the "
+                                "full-rank examples of this batch, so they have no batched form")
+
+        def per_example(o):
+            return o.new_empty((B, 0)) if o.dim() == 1 and o.numel() == 0 else o
+
+        return (sol, per_example(res), per_example(rank), per_example(sv)), (0, 0, 0, 0)

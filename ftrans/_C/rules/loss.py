@@ -9,6 +9,9 @@ is elementwise, so a per-example scalar gradient is broadcast to the example's s
 
 ``nll_loss`` needs a gather at the target class; it is written directly with ``gather`` /
 ``scatter`` on the physical tensors, which also covers per-example class weights.
+
+Kernels that already loop over samples (ctc, multilabel_margin, multi_margin) get the vmap
+batch folded into their sample dim N instead, as the pooling kernels do.
 """
 from __future__ import annotations
 
@@ -176,3 +179,176 @@ for _name in ("nll_loss_forward", "nll_loss2d_forward"):
 for _name in ("nll_loss_backward", "nll_loss2d_backward"):
     if hasattr(aten, _name):
         register_batch_rule(getattr(aten, _name).default)(_nll_backward_rule)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels that loop over a sample dim N: fold the vmap batch into it
+# ----------------------------------------------------------------------------------------------
+# ctc, multilabel_margin and multi_margin losses compute one loss per sample of N, so the batch
+# folds into N (``[B, N, ...] -> [B*N, ...]``) and 'mean'/'sum' are applied per example after
+# an unreduced call.  A logical input without N is a single sample: the batch *is* N.
+
+def _fold(x, bdim, B, has_n):
+    """``[B, N, *] -> [B*N, *]``; without N, ``[B, C]`` (a 0-d example is one class)."""
+    x = _expand_front(x, bdim, B)
+    if has_n:
+        x = x.reshape((B * x.shape[1],) + tuple(x.shape[2:]))
+    else:
+        x = x.reshape(B, -1)
+    return x.contiguous()
+
+
+def _lengths(lengths, bdim, B):
+    """Per-sample lengths for the folded N: an int list is the same for every example."""
+    if isinstance(lengths, torch.Tensor):
+        return _expand_front(lengths, bdim, B).reshape(-1)
+    return list(lengths) * B
+
+
+def _ctc_check(args, bdims):
+    if args[0].dim() - (bdims[0] is not None) != 3:
+        raise RuntimeError("Expected 3-dimensional tensor for argument #1 'log_probs' (while "
+                           "checking arguments for ctc_loss_allocate_outputs)")
+
+
+def _ctc_log_probs(lp, bdim, B):
+    """Logical ``[T, N, C]`` -> physical ``[T, B*N, C]`` (example-major samples)."""
+    lp = lp.unsqueeze(1).expand((lp.shape[0], B) + tuple(lp.shape[1:])) if bdim is None \
+        else lp.movedim(bdim, 1)
+    return lp.reshape((lp.shape[0], B * lp.shape[2], lp.shape[3]))
+
+
+def _ctc_targets(t, bdim, B):
+    # Concatenated 1-D targets fold by plain concatenation: each example's lengths already sum
+    # to its own targets' size (the kernel checks it), so the offsets line up across examples.
+    if t.dim() - (bdim is not None) == 2:
+        return _fold(t, bdim, B, True)
+    return _expand_front(t, bdim, B).reshape(-1)
+
+
+def _ctc_rule(level, func, args, bdims, kwargs):
+    _ctc_check(args, bdims)
+    B = level.batch_size
+    lp = _ctc_log_probs(args[0], bdims[0], B)
+    N = lp.shape[1] // B
+    args = [lp, _ctc_targets(args[1], bdims[1], B), _lengths(args[2], bdims[2], B),
+            _lengths(args[3], bdims[3], B)] + list(args[4:])
+    nll, alpha = func(*args, **kwargs)
+    return (nll.view(B, N), alpha.view((B, N) + tuple(alpha.shape[1:]))), (0, 0)
+
+
+def _ctc_backward_rule(level, func, args, bdims, kwargs):
+    _ctc_check(args[1:], bdims[1:])
+    B = level.batch_size
+    lp = _ctc_log_probs(args[1], bdims[1], B)
+    N = lp.shape[1] // B
+    args = [_fold(args[0], bdims[0], B, True), lp, _ctc_targets(args[2], bdims[2], B),
+            _lengths(args[3], bdims[3], B), _lengths(args[4], bdims[4], B),
+            _fold(args[5], bdims[5], B, True), _fold(args[6], bdims[6], B, True)] + list(args[7:])
+    g = func(*args, **kwargs)
+    return g.view((g.shape[0], B, N) + tuple(g.shape[2:])), 1
+
+
+for _name, _rule in (("_ctc_loss", _ctc_rule), ("_ctc_loss_backward", _ctc_backward_rule)):
+    _packet = getattr(aten, _name, None)
+    for _ov in ("default", "Tensor"):
+        if _packet is not None and _ov in _packet.overloads():
+            register_batch_rule(getattr(_packet, _ov))(_rule)
+
+
+def _reduce_samples(out, reduction):
+    """'mean'/'sum' over an example's samples (dims after the batch dim 0)."""
+    if reduction == _NONE or out.dim() == 1:
+        return out
+    dims = list(range(1, out.dim()))
+    return out.mean(dims) if reduction == _MEAN else out.sum(dims)
+
+
+def _logical_shape(x, bdim):
+    shape = list(x.shape)
+    if bdim is not None:
+        del shape[bdim]
+    return tuple(shape)
+
+
+def _has_n(x, bdim):
+    return x.dim() - (bdim is not None) == 2
+
+
+@register_batch_rule(aten.multilabel_margin_loss_forward.default)
+def _multilabel_margin_rule(level, func, args, bdims, kwargs):
+    B = level.batch_size
+    has_n = _has_n(args[0], bdims[0])
+    x = _fold(args[0], bdims[0], B, has_n)
+    t = _fold(args[1], bdims[1], B, has_n)
+    out, is_target = func(x, t, _NONE)
+    out = out.view(B, -1) if has_n else out
+    is_target = is_target.view((B,) + _logical_shape(args[1], bdims[1]))
+    return (_reduce_samples(out, args[2]), is_target), (0, 0)
+
+
+@register_batch_rule(aten.multilabel_margin_loss_backward.default)
+def _multilabel_margin_backward_rule(level, func, args, bdims, kwargs):
+    B = level.batch_size
+    has_n = _has_n(args[1], bdims[1])
+    x = _fold(args[1], bdims[1], B, has_n)
+    n = x.shape[0] // B
+    g = _expand_front(args[0], bdims[0], B).reshape(B, -1).expand(B, n).reshape(-1)
+    if args[3] == _MEAN and has_n:
+        g = g / n
+    out = func(g, x, _fold(args[2], bdims[2], B, has_n), _NONE,
+               _fold(args[4], bdims[4], B, has_n))
+    return out.view((B,) + _logical_shape(args[1], bdims[1])), 0
+
+
+def _multi_margin_args(args, bdims, kwargs, first):
+    """(x, xb, t, tb, p, margin, w, wb, reduction) with trailing defaults filled in."""
+    names = ("p", "margin", "weight", "reduction")
+    rest = list(args[first + 2:]) + [None] * (4 - len(args[first + 2:]))
+    rest = [kwargs.get(n, v) for n, v in zip(names, rest)]
+    p, margin, w, reduction = [d if v is None and n != "weight" else v
+                               for n, v, d in zip(names, rest, (1, 1, None, _MEAN))]
+    wb = bdims[first + 4] if len(bdims) > first + 4 else None
+    return (args[first], bdims[first], args[first + 1], bdims[first + 1], p, margin, w, wb,
+            reduction)
+
+
+def _multi_margin_fold(B, x, xb, t, tb, w, wb):
+    """Folded input and targets, the unbatched weight, per-sample weights ``w[target]``."""
+    has_n = _has_n(x, xb)
+    # Without N the per-sample output takes the target's shape ([] or [1]).
+    out_shape = (B, -1) if has_n else (B,) + _logical_shape(t, tb)
+    x = _fold(x, xb, B, has_n)
+    t = _expand_front(t, tb, B).reshape(-1)
+    sample_w = None
+    if wb is not None:
+        # A per-example class weight scales each sample's loss (and gradient) by w[target].
+        sample_w = to_front(w, wb).gather(1, t.view(B, -1)).reshape(-1)
+        w = None
+    return x, t, w, sample_w, has_n, out_shape
+
+
+@register_batch_rule(aten.multi_margin_loss.default)
+def _multi_margin_rule(level, func, args, bdims, kwargs):
+    B = level.batch_size
+    x, xb, t, tb, p, margin, w, wb, reduction = _multi_margin_args(args, bdims, kwargs, 0)
+    x, t, w, sample_w, _, out_shape = _multi_margin_fold(B, x, xb, t, tb, w, wb)
+    out = func(x, t, p, margin, w, _NONE)
+    if sample_w is not None:
+        out = out * sample_w
+    return _reduce_samples(out.view(out_shape), reduction), 0
+
+
+@register_batch_rule(aten.multi_margin_loss_backward.default)
+def _multi_margin_backward_rule(level, func, args, bdims, kwargs):
+    B = level.batch_size
+    x, xb, t, tb, p, margin, w, wb, reduction = _multi_margin_args(args, bdims, kwargs, 1)
+    x, t, w, sample_w, _, _ = _multi_margin_fold(B, x, xb, t, tb, w, wb)
+    n = x.shape[0] // B
+    g = _expand_front(args[0], bdims[0], B).reshape(B, -1).expand(B, n).reshape(-1)
+    if reduction == _MEAN:
+        g = g / n
+    if sample_w is not None:
+        g = g * sample_w
+    out = func(g.contiguous(), x, t, p, margin, w, _NONE)
+    return out.view((B,) + _logical_shape(args[1], bdims[1])), 0

@@ -68,7 +68,11 @@ def reduction_rule(dim_name="dim", *, empty_means_all=True, keepdim_name="keepdi
             x = aten.unsqueeze.default(x, 1)
         args[0] = x
         rank = max(r, 1)
-        if is_list:
+        if is_list and not d and pad:
+            # "[] means none" on a 0-dim example (masked.logsumexp passes dim=()): reduce the
+            # padded size-1 dim, an identity; the physical [B, 1] would reduce everything.
+            set_arg(func, args, kwargs, dim_name, [1])
+        elif is_list:
             set_arg(func, args, kwargs, dim_name, [wrap_dim(i, rank) + 1 for i in d])
         else:
             set_arg(func, args, kwargs, dim_name, wrap_dim(d, rank) + 1)
@@ -153,3 +157,81 @@ _FULL = [
 ]
 for _name, _call, _flat in _FULL:
     register_batch_rule(*overloads(_name))(_full(_call, flat=_flat))
+
+
+# segment_reduce: ``lengths`` / ``offsets`` have shape ``data.shape[:axis] + [segments]``, so
+# with the batch dim in front of everything the per-example segmentations are one N-D call.
+def _segment_rule(tensor_pos):
+    def rule(level, func, args, bdims, kwargs):
+        B = level.batch_size
+        args = list(args)
+        for p in tensor_pos:
+            args[p] = _front(args[p], bdims[p], B)
+        kwargs = dict(kwargs)
+        kw = getattr(bdims, "kw", {})
+        for k in ("lengths", "offsets", "indices"):
+            if isinstance(kwargs.get(k), torch.Tensor):
+                kwargs[k] = _front(kwargs[k], kw.get(k), B)
+        rank = args[tensor_pos[-1]].dim() - 1
+        kwargs["axis"] = wrap_dim(kwargs.get("axis", 0), rank) + 1
+        return func(*args, **kwargs), 0
+
+    rule.kw_bdims = True
+    return rule
+
+
+def _front(x, bdim, B):
+    if bdim is None:
+        return x.unsqueeze(0).expand((B,) + tuple(x.shape)).contiguous()
+    return to_front(x, bdim).contiguous()
+
+
+if hasattr(aten, "segment_reduce"):
+    register_batch_rule(aten.segment_reduce.default)(_segment_rule([0]))
+if hasattr(aten, "_segment_reduce_backward"):
+    register_batch_rule(aten._segment_reduce_backward.default)(_segment_rule([0, 1, 2]))
+
+
+@register_batch_rule(aten.histc.default)
+def histc_rule(level, func, args, bdims, kwargs):
+    """Per-example histograms in one scatter_add over ``[B, bins]``.
+
+    Mirrors torch's kernel: the range is ``[min, max]``, or the example's own data range when
+    ``min == max`` (widened by 1 each way when that is empty); bin ``((x - lo) * bins) /
+    (hi - lo)`` in the input dtype, truncated; the top edge falls into the last bin; values
+    outside the range (and NaN) are not counted.  Where torch raises for an example whose data
+    range is not finite (inf in the data), that example's histogram is NaN instead: raising
+    would need a host sync on a per-example value.
+    """
+    names = ("bins", "min", "max")
+    rest = list(args[1:]) + [kwargs.get(n, d) for n, d in zip(names, (100, 0, 0))][len(args) - 1:]
+    bins, lo, hi = rest
+    x = to_front(args[0], bdims[0])
+    if not x.dtype.is_floating_point:  # torch's kernel: floating types only
+        func(x.new_zeros((0,)), bins, lo, hi)
+    B = x.shape[0]
+    x = x.reshape(B, -1)
+    if bins <= 0:
+        raise RuntimeError(f"torch.histc: bins must be > 0, but got {bins} for dimension 0")
+    out = x.new_zeros((B, bins))
+    if lo == hi and x.shape[1] > 0:
+        lo_t, hi_t = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    else:
+        if lo == hi:
+            lo, hi = lo - 1, hi + 1
+        if not math.isfinite(lo) or not math.isfinite(hi):
+            raise RuntimeError(f"torch.histc: range of [{lo}, {hi}] is not finite")
+        if lo > hi:
+            raise RuntimeError("torch.histc: max must be larger than min")
+        lo_t = torch.full((B, 1), lo, dtype=x.dtype, device=x.device)
+        hi_t = torch.full((B, 1), hi, dtype=x.dtype, device=x.device)
+    empty = lo_t == hi_t
+    lo_t, hi_t = torch.where(empty, lo_t - 1, lo_t), torch.where(empty, hi_t + 1, hi_t)
+    finite = torch.isfinite(lo_t) & torch.isfinite(hi_t)
+    keep = (x >= lo_t) & (x <= hi_t) & finite
+    pos = ((x - lo_t) * bins / (hi_t - lo_t))
+    pos = torch.where(keep, pos, torch.zeros((), dtype=pos.dtype, device=pos.device))
+    pos = pos.to(torch.int64).clamp_max(bins - 1)
+    out = out.scatter_add(1, pos, keep.to(x.dtype))
+    return torch.where(finite, out, torch.full((), float("nan"), dtype=x.dtype,
+                                               device=x.device)), 0

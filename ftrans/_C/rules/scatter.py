@@ -165,12 +165,15 @@ def _sizes_rule(dim_pos):
     def rule(level, func, args, bdims, kwargs):
         g = to_front(args[0], bdims[0])
         sizes = list(args[1])
+        # A 0-d input (unfold of a scalar) acts as 1-d of size 1; the batch makes it 1-d.
+        scalar = not sizes
         new = list(args)
-        new[0] = g
-        new[1] = [level.batch_size] + sizes
+        new[0] = g.unsqueeze(-1) if scalar else g  # its [1] output gains the window dim
+        new[1] = [level.batch_size] + (sizes or [1])
         if dim_pos is not None:
             new[dim_pos] = wrap_dim(args[dim_pos], len(sizes)) + 1
-        return func(*new, **kwargs), 0
+        out = func(*new, **kwargs)
+        return (out.view(level.batch_size) if scalar else out), 0
 
     return rule
 

@@ -173,6 +173,10 @@ def expand_rule(level, func, args, bdims, kwargs):
                                 "_reshape_copy.default"))
 def view_rule(level, func, args, bdims, kwargs):
     x = to_front(args[0], bdims[0])
+    if func is aten._unsafe_view.default:
+        # Composites (kron, ...) _unsafe_view a fresh result they assume is contiguous; the
+        # physical one may not be (batch dim elsewhere), and a copy is allowed here.
+        return aten.reshape.default(x, [x.shape[0]] + list(args[1])), 0
     return func(x, [x.shape[0]] + list(args[1])), 0
 
 
@@ -204,11 +208,19 @@ def front_rule(level, func, args, bdims, kwargs):
 
 
 @register_batch_rule(*overloads("detach.default", "alias.default", "lift_fresh.default",
-                                "_conj.default", "_neg_view.default", "view_as_real.default",
+                                "_conj.default", "_neg_view.default",
                                 "resolve_conj.default", "resolve_neg.default"))
 def same_layout_rule(level, func, args, bdims, kwargs):
-    # view_as_real appends its trailing dim of 2, which leaves the batch dim where it was.
     return func(args[0], *args[1:], **kwargs), bdims[0]
+
+
+@register_batch_rule(*overloads("view_as_real.default"))
+def view_as_real_rule(level, func, args, bdims, kwargs):
+    # The trailing dim of 2 leaves the batch dim where it was.  A lazy conj bit lives on the
+    # physical value only (the wrapper's is clear, so torch's own resolve_conj() before
+    # view_as_real, e.g. in fft_c2r's backward, skips it): resolve it here, or the kernel raises.
+    x = args[0]
+    return func(x.resolve_conj() if x.is_conj() else x), bdims[0]
 
 
 @register_batch_rule(aten.permute.default)
