@@ -207,12 +207,30 @@ def batched_torch_function(cls, func, types, args=(), kwargs=None):
             return override(*args, **(kwargs or {}))
         except NotImplementedError:
             pass
-    if _grad_enabled() and func not in _NO_LIFT:
+    if _grad_enabled() and func not in _NO_LIFT and _maybe_lift(args, kwargs):
         top = _top_level(args, kwargs)
         if top is not None and _any_lift(args, kwargs, top):
             with _DisableTF():
                 args, kwargs = _lift_args(func, args, kwargs, top)
     return _disabled_tf(func, types, args, kwargs or {})
+
+
+def _maybe_lift(args, kwargs) -> bool:
+    """Cheap pre-scan: False when no argument could need a lift (the usual op on
+    BatchedTensors of one level and Python scalars)."""
+    if kwargs:
+        return True
+    level = None
+    for a in args:
+        t = type(a)
+        if t is BatchedTensor:
+            if level is None:
+                level = a.level
+            elif a.level is not level:
+                return True  # several levels: a lower one may require grad
+        elif t is list or t is tuple or (isinstance(a, torch.Tensor) and a.requires_grad):
+            return True
+    return False
 
 
 def _install_overrides():

@@ -296,44 +296,39 @@ _SetExclude = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
 _DK = torch._C.DispatchKey
 
 
-def _with_view_bits(rule):
+def _needs_view_bits(args) -> bool:
     """Pitfall 8: below the Python key torch excludes the Conjugate/Negative fallbacks, so a
     kernel handed a lazy ``conj()``/``neg()`` view would read it as plain data (silently wrong
-    complex gradients: fft, mul by ``v.conj()``).  Re-enable them while a rule runs."""
+    complex gradients: fft, mul by ``v.conj()``).  True when a rule must run with them re-enabled
+    (the guard costs about a microsecond, so it is paid only when a view bit is set)."""
     if _SetExclude is None:
-        return rule
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            # A lower level's BatchedTensor: its physical bits are unknown here, be safe.
+            if type(a) is BatchedTensor or a.is_conj() or a.is_neg():
+                return True
+        elif type(a) in (list, tuple) and any(
+                isinstance(x, torch.Tensor) and (type(x) is BatchedTensor or x.is_conj()
+                                                 or x.is_neg()) for x in a):
+            return True
+    return False
 
-    def guarded(level, func, args, bdims, kwargs):
-        # The guard costs about a microsecond: only pay it when a view bit is actually set.
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                if type(a) is BatchedTensor:
-                    break  # a lower level's physical bits are checked when it dispatches
-                if a.is_conj() or a.is_neg():
-                    break
-            elif type(a) in (list, tuple) and any(
-                    isinstance(x, torch.Tensor) and type(x) is not BatchedTensor
-                    and (x.is_conj() or x.is_neg()) for x in a):
-                break
-        else:
-            return rule(level, func, args, bdims, kwargs)
+
+def _call_rule(rule, level, func, args, bdims, kwargs):
+    if _needs_view_bits(args):
         with _SetExclude(_DK.Conjugate, False), _SetExclude(_DK.Negative, False):
             return rule(level, func, args, bdims, kwargs)
-
-    guarded.__dict__.update(rule.__dict__)
-    guarded.__wrapped__ = rule
-    return guarded
+    return rule(level, func, args, bdims, kwargs)
 
 
 def _rule_handler(rule):
-    rule = _with_view_bits(rule)
-
     def handle(op, level, args, kwargs):
         if op.general:
             return _general_rule_call(rule, op, level, args, kwargs)
         # Fast path (most ops): flat tensor arguments, nothing written in place.
         pargs, bdims = _unwrap_flat(op, level, args)
-        out, obd = rule(level, op.func, pargs, bdims, kwargs)
+        out, obd = _call_rule(rule, level, op.func, pargs, bdims, kwargs)
         if obd is None:
             return out
         if type(obd) is int:
@@ -367,11 +362,11 @@ def _general_rule_call(rule, op, level, args, kwargs):
         for k in batched_kw:
             bdims.kw[k] = kwargs[k].bdim
             kwargs[k] = kwargs[k].value
-        out, obd = rule(level, op.func, pargs, bdims, kwargs)
+        out, obd = _call_rule(rule, level, op.func, pargs, bdims, kwargs)
     elif batched_kw:
         out, obd = _loop_fallback(level, op.func, pargs, bdims, kwargs)
     else:
-        out, obd = rule(level, op.func, pargs, bdims, kwargs)
+        out, obd = _call_rule(rule, level, op.func, pargs, bdims, kwargs)
     if op.returns_self:
         self = args[0]
         if op.inplace_view:
