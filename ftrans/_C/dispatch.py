@@ -231,6 +231,11 @@ def dispatch(func, args, kwargs, from_mode=False):
     if op.random:
         return random_dispatch(op, level, args, kwargs or {}, from_mode)
     if level is None:
+        if from_mode and _needs_view_bits(args):
+            # Under any dispatch mode torch turns lazy conj/neg handling off, as below the
+            # Python key: an unbatched op inside vmap would read a conj() view as plain data.
+            with _SetExclude(_DK.Conjugate, False), _SetExclude(_DK.Negative, False):
+                return func(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
     return op.handler(op, level, args, kwargs or {})
 
@@ -297,19 +302,20 @@ _DK = torch._C.DispatchKey
 
 
 def _needs_view_bits(args) -> bool:
-    """Pitfall 8: below the Python key torch excludes the Conjugate/Negative fallbacks, so a
-    kernel handed a lazy ``conj()``/``neg()`` view would read it as plain data (silently wrong
-    complex gradients: fft, mul by ``v.conj()``).  True when a rule must run with them re-enabled
-    (the guard costs about a microsecond, so it is paid only when a view bit is set)."""
+    """Pitfall 8: below the Python key (and under any dispatch mode) torch turns the
+    Conjugate/Negative fallbacks off, so a kernel handed a lazy ``conj()``/``neg()`` view, or a
+    complex kernel that makes such views internally (``linalg_pinv``'s ``mH``), reads them as
+    plain data: silently wrong complex results.  True when an op must run with them back on
+    (the guard costs about a microsecond, so real-valued ops without view bits skip it)."""
     if _SetExclude is None:
         return False
     for a in args:
         if isinstance(a, torch.Tensor):
             # A lower level's BatchedTensor: its physical bits are unknown here, be safe.
-            if type(a) is BatchedTensor or a.is_conj() or a.is_neg():
+            if type(a) is BatchedTensor or a.is_complex() or a.is_conj() or a.is_neg():
                 return True
         elif type(a) in (list, tuple) and any(
-                isinstance(x, torch.Tensor) and (type(x) is BatchedTensor or x.is_conj()
+                isinstance(x, torch.Tensor) and (type(x) is BatchedTensor or x.is_complex()
                                                  or x.is_neg()) for x in a):
             return True
     return False
