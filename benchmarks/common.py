@@ -63,16 +63,23 @@ def median_ms(fns: dict, device: str, warmup: int = 3, reps: int = 15, min_time:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def same(a, b, atol=1e-4, rtol=1e-4) -> bool:
+def same(a, b, atol=1e-3, rtol=1e-3, max_mismatch=1e-3) -> bool:
+    """Results agree up to float32 summation order.  A ReLU unit whose pre-activation is within
+    rounding of 0 can flip between a batched and a per-example computation, changing a few
+    gradient entries by O(1); so up to ``max_mismatch`` of the elements may differ.  A
+    batching bug (wrong example, wrong dim) changes most elements and is caught."""
     import optree
 
     la, lb = optree.tree_leaves(a), optree.tree_leaves(b)
     if len(la) != len(lb):
         return False
-    return all(
-        x.shape == y.shape and torch.allclose(x.float(), y.float(), atol=atol, rtol=rtol)
-        for x, y in zip(la, lb)
-    )
+    for x, y in zip(la, lb):
+        if x.shape != y.shape:
+            return False
+        close = torch.isclose(x.float(), y.float(), atol=atol, rtol=rtol)
+        if (~close).float().mean().item() > max_mismatch:
+            return False
+    return True
 
 
 def run_row(workload: str, size: str, impls: dict, device: str, reps: int = 15,

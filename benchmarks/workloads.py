@@ -84,6 +84,8 @@ def jacobian_rows(device, quick, only):
             "torch.func": lambda: torch.func.jacrev(_f_nd)(x),
         }
         rows.append(run_row("jacrev", f"n={n}", impls, device, reps=5 if quick else 11))
+        rows.append(_compiled_row("jacrev", f"n={n}", impls, ftrans.jacrev(_f_nd), (x,), device,
+                                  reps=5 if quick else 11))
     if not only or any(o in "vmap(jacrev)" for o in only):
         xs = torch.randn(32, 64, device=device)
         impls = {
@@ -102,6 +104,8 @@ def jacobian_rows(device, quick, only):
             "torch.func": lambda: torch.func.hessian(g)(x),
         }
         rows.append(run_row("hessian", f"n={n}", impls, device, reps=3 if quick else 7))
+        rows.append(_compiled_row("hessian", f"n={n}", impls, ftrans.hessian(g), (x,), device,
+                                  reps=3 if quick else 7))
     return rows
 
 
@@ -182,6 +186,18 @@ def maml_rows(device, quick, only):
         rows.append(run_row("MAML sine", f"{tasks} tasks, {steps} steps", impls, device,
                             reps=3 if quick else 7))
     return rows
+
+
+def _compiled_row(workload, size, impls, fn, args, device, reps):
+    """The same row with ftrans's entry replaced by ``ftrans.compile(fn)`` (trace time noted)."""
+    compiled = ftrans.compile(fn)
+    t0 = time.perf_counter()
+    compiled(*args)
+    trace_s = time.perf_counter() - t0
+    row = run_row(f"{workload} [ftrans.compile]", size,
+                  dict(impls, ftrans=lambda: compiled(*args)), device, reps=reps)
+    row.note += f"first call (trace) {trace_s:.2f} s"
+    return row
 
 
 def rows(device, quick, only):

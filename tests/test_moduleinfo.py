@@ -21,21 +21,6 @@ import moduleinfo_harness as h
 # module -> {check: (worst status allowed, reason)}.  From benchmarks/moduleinfo_report.py's
 # full sweep; the owners of the rule files named are fixing them.
 KNOWN = {
-    "nn.FractionalMaxPool2d": {
-        c: ("fallback", "no batching rule for fractional_max_pool2d / _backward (conv.py)")
-        for c in h.CHECKS},
-    "nn.FractionalMaxPool3d": {
-        c: ("fallback", "no batching rule for fractional_max_pool3d / _backward (conv.py)")
-        for c in h.CHECKS},
-    "nn.MultiLabelMarginLoss": {
-        "forward": ("wrong", "torch's decomposition of multilabel_margin_loss_forward returns "
-                             "shape [1] instead of [] for 1-D input, reduction='none' (needs a "
-                             "rule in loss.py)"),
-        "grad": ("wrong", "no batching rule for multilabel_margin_loss_backward (loss.py); "
-                          "1-D reduction='none' shape bug as in forward"),
-    },
-    "nn.MultiMarginLoss": {
-        "grad": ("fallback", "no batching rule for multi_margin_loss_backward (loss.py)")},
     "nn.LinearCrossEntropyLoss": {
         "forward": ("fallback", "torch 2.13's custom ops torch_nn::_linear_cross_entropy_batch_"
                                 "chunked[_no_reduction] have no ftrans rule (torch.func's own "
@@ -44,19 +29,7 @@ KNOWN = {
                              "accumulator adds a batched grad in place into unbatched zeros"),
         "ensemble": ("fallback", "as forward"),
     },
-    "nn.CTCLoss": {
-        "forward": ("error", "_ctc_loss is tagged dynamic_output_shape so dispatch refuses it; "
-                             "torch.func runs it (loop fallback); needs a rule in loss.py"),
-        "grad": ("error", "as forward (_ctc_loss / _ctc_loss_backward)"),
-    },
 }
-for _name in ("nn.TransformerEncoder", "nn.TransformerEncoderLayer",
-              "nn.TransformerDecoderLayer", "nn.Transformer"):
-    KNOWN[_name] = {c: ("fallback", "no_batch_dim samples with a key padding mask: dispatch "
-                                    "loops over any op whose batched tensor is keyword-only "
-                                    "(attn_mask of _scaled_dot_product_flash_attention_for_cpu"
-                                    "[_backward]) although nn.py's attention rule handles it")
-                    for c in ("forward", "grad")}
 
 _RESULTS: dict = {}
 
