@@ -299,3 +299,20 @@ def test_complex_and_polar_grads():
     check_vmap(_value_and_grad(torch.complex, 2), (re[0], im), (None, 0))
     check_vmap(_value_and_grad(torch.polar, 2), (re.abs(), im))
     check_vmap(_value_and_grad(torch.polar, 2), (re.abs(), im[0, :1]), (0, None))
+
+
+@pytest.mark.parametrize("op, shapes", [
+    (torch.addmv, ((4,), (4, 5), (5,))),
+    (torch.addmm, ((4, 6), (4, 5), (5, 6))),
+    (torch.baddbmm, ((2, 4, 6), (2, 4, 5), (2, 5, 6))),
+    (torch.addbmm, ((4, 6), (2, 4, 5), (2, 5, 6))),
+])
+def test_integer_addmm_family_truncates_float_scalars_like_eager(op, shapes):
+    args = tuple(torch.randint(-5, 5, (3,) + s) for s in shapes)
+    f = lambda a, b, c: op(a, b, c, beta=2.7, alpha=1.6)  # noqa: E731
+    for d in [(0, 0, 0), (0, None, 0), (None, 0, 0)]:
+        got = ftrans.vmap(f, in_dims=d)(*[t if di == 0 else t[0] for t, di in zip(args, d)])
+        ref = torch.stack([f(*[t[i] if di == 0 else t[0] for t, di in zip(args, d)])
+                           for i in range(3)])
+        assert got.dtype == ref.dtype == torch.int64
+        assert torch.equal(got, ref)

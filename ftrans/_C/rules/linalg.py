@@ -142,6 +142,9 @@ def vdot_rule(level, func, args, bdims, kwargs):
 
 def _combine(self, sbd, prod, pbd, rank, beta, alpha):
     """``beta * self + alpha * prod`` with the batch at 0 (``beta == 0`` ignores ``self``)."""
+    if not (prod.is_floating_point() or prod.is_complex()):
+        # Integer kernels truncate float scalars (torch.addmv(ints, beta=2.7) scales by 2).
+        beta, alpha = int(beta), int(alpha)
     prod = to_front(prod, pbd)
     if beta == 0:
         return (prod if alpha == 1 else prod * alpha), (None if pbd is None else 0)
