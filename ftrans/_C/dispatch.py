@@ -16,14 +16,11 @@ per-example loop that warns once per op (:class:`FallbackWarning`) and is counte
 """
 from __future__ import annotations
 
-import collections
-import threading
-import warnings
-
 import torch
 
-from . import levels as _levels
 from .batched import BatchedTensor, make_batched
+from .fallback import (FallbackWarning, fallback_stats,  # noqa: F401 (re-exported)
+                       loop_fallback as _loop_fallback, reset_fallback_stats)
 from .random import random_dispatch
 from .registry import RULES, on_change
 
@@ -33,28 +30,8 @@ __all__ = ["dispatch", "FallbackWarning", "fallback_stats", "reset_fallback_stat
 aten = torch.ops.aten
 
 
-class FallbackWarning(UserWarning):
-    """An op had no batching rule and ran as a per-example loop (correct, but slow)."""
-
-
 class VmapError(RuntimeError):
     """An operation that vmap cannot batch (data-dependent control flow, unsafe in-place)."""
-
-
-_fallback_counts: collections.Counter = collections.Counter()
-_warned: set = set()
-_lock = threading.Lock()
-
-
-def fallback_stats() -> dict:
-    """``{op name: number of calls}`` for every op that ran through the loop fallback."""
-    return dict(_fallback_counts)
-
-
-def reset_fallback_stats() -> None:
-    """Clear :func:`fallback_stats` and re-arm the once-per-op :class:`FallbackWarning`."""
-    _fallback_counts.clear()
-    _warned.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,68 +423,3 @@ def describe(level) -> str:
     if origin:
         return origin() if callable(origin) else origin
     return "vmap"
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop fallback
-# ----------------------------------------------------------------------------------------------
-
-def _select(x, bdim, i):
-    return x if bdim is None else x.select(bdim, i)
-
-
-def _loop_fallback(level, func, args, bdims, kwargs):
-    name = str(func)
-    with _lock:
-        _fallback_counts[name] += 1
-        first = name not in _warned
-        _warned.add(name)
-    if first:
-        warnings.warn(
-            f"ftrans.vmap: no batching rule for {name}; running it as a per-example loop "
-            "(correct but slow). Register one with ftrans.register_batch_rule.",
-            FallbackWarning,
-            stacklevel=2,
-        )
-    results = []
-    for b in range(level.batch_size):
-        call_args = []
-        for a, bd in zip(args, bdims):
-            if isinstance(bd, tuple):
-                call_args.append([_select(x, d, b) for x, d in zip(a, bd)])
-            else:
-                call_args.append(_select(a, bd, b))
-        # Keyword-only tensors batched at this level (segment_reduce's `lengths=`): per example
-        # too, or the call would re-dispatch here forever.
-        call_kwargs = {k: v.value.select(v.bdim, b) if type(v) is BatchedTensor and v.level is level
-                       else v for k, v in kwargs.items()}
-        results.append(func(*call_args, **call_kwargs))
-    first_out = results[0]
-    if isinstance(first_out, torch.Tensor):
-        return _stack(results, func, level), 0
-    if isinstance(first_out, (tuple, list)):
-        outs, obds = [], []
-        for j, o in enumerate(first_out):
-            if isinstance(o, torch.Tensor):
-                outs.append(_stack([r[j] for r in results], func, level))
-                obds.append(0)
-            else:
-                outs.append(o)
-                obds.append(None)
-        return (list(outs) if isinstance(first_out, list) else tuple(outs)), tuple(obds)
-    if first_out is None:
-        return None, None
-    raise VmapError(
-        f"{describe(level)}: {func} returns a Python {type(first_out).__name__} that depends on "
-        "each example's data; vmap cannot batch it."
-    )
-
-
-def _stack(results, func, level):
-    shape = results[0].shape
-    if any(r.shape != shape for r in results):
-        raise VmapError(
-            f"{describe(level)}: {func} returned outputs of different shapes for different "
-            "examples; vmap needs every example to produce the same shape."
-        )
-    return torch.stack(results)

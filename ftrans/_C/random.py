@@ -337,7 +337,7 @@ def _same_multinomial(rest, pargs, bdims, gen):
 def _same_by_forked_generator(op, level, call_rest, pargs, bdims, kwargs):
     """Run the op per example, each time from the same generator state (value-dependent noise
     such as ``poisson`` has no shared-noise form)."""
-    from .dispatch import _select
+    from .fallback import _select
 
     gen = kwargs.get("generator")
     if gen is None:

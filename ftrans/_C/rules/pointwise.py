@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import register_batch_rule
 from ._util import pad_rank
 
 aten = torch.ops.aten
