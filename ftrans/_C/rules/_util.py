@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_front", "batched_front", "logical_rank", "wrap_dim", "any_batched", "pad_rank",
+__all__ = ["to_front", "batched_front", "to_channels", "logical_rank", "wrap_dim", "any_batched", "pad_rank",
            "first_batched"]
 
 
@@ -19,6 +19,16 @@ def batched_front(x: torch.Tensor, bdim, batch_size: int) -> torch.Tensor:
     if bdim is None:
         return x.unsqueeze(0).expand((batch_size,) + tuple(x.shape))
     return x if bdim == 0 else x.movedim(bdim, 0)
+
+
+def to_channels(x: torch.Tensor, bdim, batch_size: int) -> torch.Tensor:
+    """Activation ``[N, C, *]`` -> ``[N, B*C, *]`` (example-major channel groups): how conv and
+    batch norm fold a per-example dimension into channels."""
+    if bdim is None:
+        x = x.unsqueeze(1).expand((x.shape[0], batch_size) + tuple(x.shape[1:]))
+    else:
+        x = x.movedim(bdim, 1)
+    return x.reshape((x.shape[0], batch_size * x.shape[2]) + tuple(x.shape[3:]))
 
 
 def logical_rank(x: torch.Tensor, bdim) -> int:

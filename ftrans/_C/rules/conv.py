@@ -17,24 +17,9 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_batch_rule
-from ._util import to_front
+from ._util import batched_front, to_channels, to_front
 
 aten = torch.ops.aten
-
-
-def _expand_front(x, bdim, B):
-    if bdim is None:
-        return x.unsqueeze(0).expand((B,) + tuple(x.shape))
-    return to_front(x, bdim)
-
-
-def _to_channels(x, bdim, B):
-    """Activation ``[N, C, *]`` -> ``[N, B*C, *]`` (example-major channel groups)."""
-    if bdim is None:
-        x = x.unsqueeze(1).expand((x.shape[0], B) + tuple(x.shape[1:]))
-    else:
-        x = x.movedim(bdim, 1)
-    return x.reshape((x.shape[0], B * x.shape[2]) + tuple(x.shape[3:]))
 
 
 def _from_channels(out, B):
@@ -44,13 +29,13 @@ def _from_channels(out, B):
 
 def _weight_rows(w, bdim, B):
     """Weight ``[O, ...]`` -> ``[B*O, ...]``."""
-    w = _expand_front(w, bdim, B)
+    w = batched_front(w, bdim, B)
     return w.reshape((B * w.shape[1],) + tuple(w.shape[2:]))
 
 
 def _add_bias(out, obd, bias, bbd, B):
     """``out`` (logical ``[N, C, *]``) plus a per-example bias ``[B, C]``; batch at 0."""
-    out = _expand_front(out, obd, B) if obd is not None else out.unsqueeze(0)
+    out = batched_front(out, obd, B) if obd is not None else out.unsqueeze(0)
     bias = to_front(bias, bbd)
     bias = bias.view((B, 1, bias.shape[1]) + (1,) * (out.dim() - 3))
     return out + bias, 0
@@ -75,8 +60,8 @@ def _conv_rule(level, func, args, bdims, kwargs):
     groups_pos = 5  # index of `groups` in args[3:]
     rest[groups_pos] = rest[groups_pos] * B
     if bias is not None:
-        bias = _expand_front(bias, dbias, B).reshape(-1)
-    out = func(_to_channels(x, dx, B), _weight_rows(w, dw, B), bias, *rest, **kwargs)
+        bias = batched_front(bias, dbias, B).reshape(-1)
+    out = func(to_channels(x, dx, B), _weight_rows(w, dw, B), bias, *rest, **kwargs)
     return _from_channels(out, B), 1
 
 
@@ -109,13 +94,13 @@ def conv_backward_rule(level, func, args, bdims, kwargs):
             gi = func(go, xs, w, None, *geo, groups, [True, False, False])[0]
         elif dw is None:
             g = to_front(go, dgo)
-            xf = _expand_front(x, dx, B)
+            xf = batched_front(x, dx, B)
             gi = func(g.reshape((-1,) + tuple(g.shape[2:])),
                       xf.reshape((-1,) + tuple(xf.shape[2:])), w, None, *geo, groups,
                       [True, False, False])[0]
             gi, bi = gi.view(tuple(xf.shape[:2]) + tuple(gi.shape[1:])), 0
         else:
-            gi = func(_to_channels(go, dgo, B), _to_channels(x, dx, B), _weight_rows(w, dw, B),
+            gi = func(to_channels(go, dgo, B), to_channels(x, dx, B), _weight_rows(w, dw, B),
                       None, *geo, groups * B, [True, False, False])[0]
             gi, bi = _from_channels(gi, B), 1
 
@@ -124,7 +109,7 @@ def conv_backward_rule(level, func, args, bdims, kwargs):
         if dgo is None and dx is None:
             gw = func(go, x, ws, None, *geo, groups, [False, True, False])[1]
         else:
-            gw = func(_to_channels(go, dgo, B), _to_channels(x, dx, B),
+            gw = func(to_channels(go, dgo, B), to_channels(x, dx, B),
                       _weight_rows(ws, None, B), None, *geo, groups * B,
                       [False, True, False])[1]
             gw, bw = gw.view((B, gw.shape[0] // B) + tuple(gw.shape[1:])), 0
@@ -149,7 +134,7 @@ def fold_rule(core, positions, size_pos=None):
         for p in positions:
             if p >= len(args) or args[p] is None:
                 continue
-            x = _expand_front(args[p], bdims[p], B)
+            x = batched_front(args[p], bdims[p], B)
             if x.dim() - 1 > core:
                 lead = tuple(x.shape[:2])
                 x = x.reshape((-1,) + tuple(x.shape[2:]))
@@ -221,10 +206,10 @@ def _fractional_rule(core):
 
     def rule(level, func, args, bdims, kwargs):
         B = level.batch_size
-        x = _expand_front(args[0], bdims[0], B)
+        x = batched_front(args[0], bdims[0], B)
         n = x.shape[1] if x.dim() - 1 > core else 1
         x = x.reshape((B * n,) + tuple(x.shape[-core:]))
-        rs = _expand_front(args[3], bdims[3], B)
+        rs = batched_front(args[3], bdims[3], B)
         rs = rs[:, :n].reshape((B * n,) + tuple(rs.shape[2:])).contiguous()
         out, idx = func(x.contiguous(), args[1], args[2], rs, **kwargs)
         lead = (B, n) if args[0].dim() - (bdims[0] is not None) > core else (B,)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_batch_rule
-from ._util import pad_rank, to_front, wrap_dim
+from ._util import batched_front, pad_rank, to_front, wrap_dim
 
 aten = torch.ops.aten
 _SetExclude = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
@@ -35,12 +35,6 @@ def _ops(*names):
         if packet is not None and "default" in packet.overloads():
             out.append(packet.default)
     return out
-
-
-def _expand_front(x, bdim, B):
-    if bdim is None:
-        return x.unsqueeze(0).expand((B,) + tuple(x.shape))
-    return to_front(x, bdim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +185,7 @@ def baddbmm_rule(level, func, args, bdims, kwargs):
 @register_batch_rule(aten.addbmm.default)
 def addbmm_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
-    b1, b2 = _expand_front(args[1], bdims[1], B), _expand_front(args[2], bdims[2], B)
+    b1, b2 = batched_front(args[1], bdims[1], B), batched_front(args[2], bdims[2], B)
     prod, _ = _bmm(b1, 0, b2, 0, B)
     return _combine(args[0], bdims[0], prod.sum(1), 0, 2, *_beta_alpha(kwargs))
 
@@ -199,8 +193,8 @@ def addbmm_rule(level, func, args, bdims, kwargs):
 @register_batch_rule(aten.addr.default)
 def addr_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
-    v1 = _expand_front(args[1], bdims[1], B)
-    v2 = _expand_front(args[2], bdims[2], B)
+    v1 = batched_front(args[1], bdims[1], B)
+    v2 = batched_front(args[2], bdims[2], B)
     prod = v1.unsqueeze(2) * v2.unsqueeze(1)
     return _combine(args[0], bdims[0], prod, 0, 2, *_beta_alpha(kwargs))
 
@@ -208,7 +202,7 @@ def addr_rule(level, func, args, bdims, kwargs):
 @register_batch_rule(aten._trilinear.default)
 def trilinear_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
-    i1, i2, i3 = (_expand_front(args[i], bdims[i], B) for i in range(3))
+    i1, i2, i3 = (batched_front(args[i], bdims[i], B) for i in range(3))
     e1, e2, e3, sumdim = ([d + 1 for d in args[i]] for i in range(3, 7))
     unroll = args[7] if len(args) > 7 else kwargs.get("unroll_dim", 1)
     return func(i1, i2, i3, e1, e2, e3, sumdim, unroll + 1), 0
@@ -244,7 +238,7 @@ def leading_batch_rule(cores):
         present = [p for p in cores if p < len(args) and isinstance(args[p], torch.Tensor)]
         R = max(args[p].dim() - (bdims[p] is not None) - cores[p] for p in present)
         for p in present:
-            x = _expand_front(args[p], bdims[p], B)
+            x = batched_front(args[p], bdims[p], B)
             missing = R + cores[p] - (x.dim() - 1)
             if missing > 0:
                 x = x.view((B,) + (1,) * missing + tuple(x.shape[1:]))
@@ -280,7 +274,7 @@ if hasattr(aten, "linalg_pinv") and "atol_rtol_tensor" in aten.linalg_pinv.overl
         """Tolerances are keyword-only tensors broadcasting against A's batch shape: a batched
         one gets the vmap dim in front and its logical dims aligned right of it."""
         B = level.batch_size
-        A = _expand_front(args[0], bdims[0], B)
+        A = batched_front(args[0], bdims[0], B)
         kw = getattr(bdims, "kw", {})
         kwargs = dict(kwargs)
         tols = {k: to_front(kwargs[k], d) for k, d in kw.items()}
@@ -315,8 +309,8 @@ def linalg_solve_rule(level, func, args, bdims, kwargs):
     # Vector right-hand side: shape B like A's batch + [n] physically, so torch sees a vector.
     n = lshape_B[-1]
     Bsz = level.batch_size
-    A = _expand_front(A, dA, Bsz)
-    Bm = _expand_front(Bm, dB, Bsz)
+    A = batched_front(A, dA, Bsz)
+    Bm = batched_front(Bm, dB, Bsz)
     nb = max(rA - 2, rB - 1)  # logical batch ranks, aligned right after the vmap dim
     A = A.view((Bsz,) + (1,) * (nb - rA + 2) + tuple(A.shape[1:]))
     Bm = Bm.view((Bsz,) + (1,) * (nb - rB + 1) + tuple(Bm.shape[1:]))
@@ -343,7 +337,7 @@ def cross_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
     xs = []
     for x, d, r in ((a, bdims[0], ra), (b, bdims[1], rb)):
-        x = _expand_front(x, d, B)
+        x = batched_front(x, d, B)
         if r < rank:
             x = x.view((B,) + (1,) * (rank - r) + tuple(x.shape[1:]))
         xs.append(x)
@@ -371,7 +365,7 @@ if hasattr(aten, "linalg_lstsq"):
         B = level.batch_size
         # lstsq does not broadcast batch dims, and a front batch dim keeps torch's vector-rhs
         # test (b.dim() == A.dim() - 1) as it was per example.
-        A, b = _expand_front(A, bdims[0], B), _expand_front(b, bdims[1], B)
+        A, b = batched_front(A, bdims[0], B), batched_front(b, bdims[1], B)
         sol, res, rank, sv = func(A, b, *args[2:], **kwargs)
         m, n = A.shape[-2], A.shape[-1]
         if m > n and res.numel() == 0 and rank.numel() > 0:

@@ -20,17 +20,11 @@ import math
 import torch
 
 from ..registry import register_batch_rule
-from ._util import to_front
+from ._util import batched_front, to_front
 
 aten = torch.ops.aten
 
 _NONE, _MEAN, _SUM = 0, 1, 2
-
-
-def _expand_front(x, bdim, B):
-    if bdim is None:
-        return x.unsqueeze(0).expand((B,) + tuple(x.shape))
-    return to_front(x, bdim)
 
 
 def _align(args, bdims, positions, B):
@@ -42,7 +36,7 @@ def _align(args, bdims, positions, B):
         t = args[p]
         if not isinstance(t, torch.Tensor):
             continue
-        x = _expand_front(t, bdims[p], B)
+        x = batched_front(t, bdims[p], B)
         missing = rank - (x.dim() - 1)
         if missing > 0:
             x = x.view((B,) + (1,) * missing + tuple(x.shape[1:]))
@@ -58,16 +52,23 @@ def _reduce(out, reduction):
     return out.mean(dims) if reduction == _MEAN else out.sum(dims)
 
 
+def _per_element(args, kwargs, red_pos):
+    """(args, kwargs) asking the kernel for reduction='none', and the reduction asked for:
+    the reduction then happens per example, over the logical dims only."""
+    args = list(args)
+    if red_pos < len(args):
+        reduction = args[red_pos]
+        args[red_pos] = _NONE
+    else:
+        kwargs = dict(kwargs)
+        reduction = kwargs.get("reduction", _MEAN)
+        kwargs["reduction"] = _NONE
+    return args, kwargs, reduction
+
+
 def loss_rule(positions, red_pos):
     def rule(level, func, args, bdims, kwargs):
-        args = list(args)
-        if red_pos < len(args):
-            reduction = args[red_pos]
-            args[red_pos] = _NONE
-        else:
-            kwargs = dict(kwargs)
-            reduction = kwargs.get("reduction", _MEAN)
-            kwargs["reduction"] = _NONE
+        args, kwargs, reduction = _per_element(args, kwargs, red_pos)
         xs, _ = _align(args, bdims, [p for p in positions if p < len(args)], level.batch_size)
         for p, x in xs.items():
             args[p] = x
@@ -80,14 +81,7 @@ def loss_backward_rule(positions, red_pos):
     """``positions[0]`` is grad_output: a per-example scalar unless reduction is 'none'."""
 
     def rule(level, func, args, bdims, kwargs):
-        args = list(args)
-        if red_pos < len(args):
-            reduction = args[red_pos]
-            args[red_pos] = _NONE
-        else:
-            kwargs = dict(kwargs)
-            reduction = kwargs.get("reduction", _MEAN)
-            kwargs["reduction"] = _NONE
+        args, kwargs, reduction = _per_element(args, kwargs, red_pos)
         xs, shape = _align(args, bdims, [p for p in positions if p < len(args)],
                            level.batch_size)
         for p, x in xs.items():
@@ -126,8 +120,8 @@ for _name, (_pos, _red) in _LOSSES.items():
 def _nll_parts(level, args, bdims):
     """(x, class dim, safe targets, per-element weights) with the batch at 0."""
     B = level.batch_size
-    x = _expand_front(args[0], bdims[0], B)
-    t = _expand_front(args[1], bdims[1], B)
+    x = batched_front(args[0], bdims[0], B)
+    t = batched_front(args[1], bdims[1], B)
     w, wb = args[2], bdims[2]
     ignore = args[4]
     cdim = 2 if x.dim() - 1 >= 2 else 1
@@ -162,11 +156,11 @@ def _nll_backward_rule(level, func, args, bdims, kwargs):
     go, gb = args[0], bdims[0]
     x, cdim, safe, wt = _nll_parts(level, args[1:], bdims[1:])
     reduction, tw, twb = args[4], args[6], bdims[6]
-    g = _expand_front(go, gb, B)
+    g = batched_front(go, gb, B)
     if reduction != _NONE:
         g = g.reshape((B,) + (1,) * (wt.dim() - 1))
         if reduction == _MEAN:
-            total = _expand_front(tw, twb, B).reshape(g.shape)
+            total = batched_front(tw, twb, B).reshape(g.shape)
             g = g / total
     coef = -(wt * g)
     grad = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
@@ -190,7 +184,7 @@ for _name in ("nll_loss_backward", "nll_loss2d_backward"):
 
 def _fold(x, bdim, B, has_n):
     """``[B, N, *] -> [B*N, *]``; without N, ``[B, C]`` (a 0-d example is one class)."""
-    x = _expand_front(x, bdim, B)
+    x = batched_front(x, bdim, B)
     if has_n:
         x = x.reshape((B * x.shape[1],) + tuple(x.shape[2:]))
     else:
@@ -201,7 +195,7 @@ def _fold(x, bdim, B, has_n):
 def _lengths(lengths, bdim, B):
     """Per-sample lengths for the folded N: an int list is the same for every example."""
     if isinstance(lengths, torch.Tensor):
-        return _expand_front(lengths, bdim, B).reshape(-1)
+        return batched_front(lengths, bdim, B).reshape(-1)
     return list(lengths) * B
 
 
@@ -223,7 +217,7 @@ def _ctc_targets(t, bdim, B):
     # to its own targets' size (the kernel checks it), so the offsets line up across examples.
     if t.dim() - (bdim is not None) == 2:
         return _fold(t, bdim, B, True)
-    return _expand_front(t, bdim, B).reshape(-1)
+    return batched_front(t, bdim, B).reshape(-1)
 
 
 def _ctc_rule(level, func, args, bdims, kwargs):
@@ -293,7 +287,7 @@ def _multilabel_margin_backward_rule(level, func, args, bdims, kwargs):
     has_n = _has_n(args[1], bdims[1])
     x = _fold(args[1], bdims[1], B, has_n)
     n = x.shape[0] // B
-    g = _expand_front(args[0], bdims[0], B).reshape(B, -1).expand(B, n).reshape(-1)
+    g = batched_front(args[0], bdims[0], B).reshape(B, -1).expand(B, n).reshape(-1)
     if args[3] == _MEAN and has_n:
         g = g / n
     out = func(g, x, _fold(args[2], bdims[2], B, has_n), _NONE,
@@ -319,7 +313,7 @@ def _multi_margin_fold(B, x, xb, t, tb, w, wb):
     # Without N the per-sample output takes the target's shape ([] or [1]).
     out_shape = (B, -1) if has_n else (B,) + _logical_shape(t, tb)
     x = _fold(x, xb, B, has_n)
-    t = _expand_front(t, tb, B).reshape(-1)
+    t = batched_front(t, tb, B).reshape(-1)
     sample_w = None
     if wb is not None:
         # A per-example class weight scales each sample's loss (and gradient) by w[target].
@@ -345,7 +339,7 @@ def _multi_margin_backward_rule(level, func, args, bdims, kwargs):
     x, xb, t, tb, p, margin, w, wb, reduction = _multi_margin_args(args, bdims, kwargs, 1)
     x, t, w, sample_w, _, _ = _multi_margin_fold(B, x, xb, t, tb, w, wb)
     n = x.shape[0] // B
-    g = _expand_front(args[0], bdims[0], B).reshape(B, -1).expand(B, n).reshape(-1)
+    g = batched_front(args[0], bdims[0], B).reshape(B, -1).expand(B, n).reshape(-1)
     if reduction == _MEAN:
         g = g / n
     if sample_w is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_batch_rule
-from ._util import pad_rank, to_front, wrap_dim
+from ._util import batched_front, pad_rank, to_channels, to_front, wrap_dim
 from .pointwise import pointwise_rule
 
 aten = torch.ops.aten
@@ -32,12 +32,6 @@ def _has(name, overload="default"):
 
 def _op(name, overload="default"):
     return getattr(getattr(aten, name), overload)
-
-
-def _expand_front(x, bdim, B):
-    if bdim is None:
-        return x.unsqueeze(0).expand((B,) + tuple(x.shape))
-    return to_front(x, bdim)
 
 
 def _trailing_param(p, bdim, rank, k):
@@ -61,7 +55,7 @@ def _sum_dims(x, dims):
 def layer_norm_rule(level, func, args, bdims, kwargs):
     x, ns, w, b, eps = args
     B = level.batch_size
-    x = _expand_front(x, bdims[0], B)
+    x = batched_front(x, bdims[0], B)
     if bdims[2] is None and bdims[3] is None:
         return func(x, ns, w, b, eps), (0, 0, 0)
     out, mean, rstd = func(x, ns, None, None, eps)
@@ -78,10 +72,10 @@ def layer_norm_backward_rule(level, func, args, bdims, kwargs):
     go, x, ns, mean, rstd, w, b, mask = args
     B = level.batch_size
     # torch 2.13's CPU kernel reads expanded (stride-0) mean/rstd as if contiguous: NaNs.
-    g = _expand_front(go, bdims[0], B).contiguous()
-    x = _expand_front(x, bdims[1], B).contiguous()
-    mean = _expand_front(mean, bdims[3], B).contiguous()
-    rstd = _expand_front(rstd, bdims[4], B).contiguous()
+    g = batched_front(go, bdims[0], B).contiguous()
+    x = batched_front(x, bdims[1], B).contiguous()
+    mean = batched_front(mean, bdims[3], B).contiguous()
+    rstd = batched_front(rstd, bdims[4], B).contiguous()
     rank, k = x.dim() - 1, len(ns)
     dims = list(range(1, rank - k + 1))
     gi = gw = gb = None
@@ -112,7 +106,7 @@ def _channel_param(p, bdim, rank):
 def group_norm_rule(level, func, args, bdims, kwargs):
     x, w, b, N, C, HxW, G, eps = args
     B = level.batch_size
-    x = _expand_front(x, bdims[0], B)
+    x = batched_front(x, bdims[0], B)
     xf = x.reshape((B * N,) + tuple(x.shape[2:])).contiguous()  # the kernel demands it
     affine_later = bdims[1] is not None or bdims[2] is not None
     out, mean, rstd = func(xf, None if affine_later else w, None if affine_later else b,
@@ -135,10 +129,10 @@ def group_norm_backward_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
     # Contiguous: folding an expanded (stride-0) tensor into N can stay a stride-0 view, which
     # torch 2.13's CPU kernel misreads (as native_layer_norm_backward does).
-    g = _expand_front(go, bdims[0], B).contiguous()
-    x = _expand_front(x, bdims[1], B).contiguous()
-    mean = _expand_front(mean, bdims[2], B).reshape(B * N, G).contiguous()
-    rstd = _expand_front(rstd, bdims[3], B).reshape(B * N, G).contiguous()
+    g = batched_front(go, bdims[0], B).contiguous()
+    x = batched_front(x, bdims[1], B).contiguous()
+    mean = batched_front(mean, bdims[2], B).reshape(B * N, G).contiguous()
+    rstd = batched_front(rstd, bdims[3], B).reshape(B * N, G).contiguous()
     rank = x.dim() - 1
     fold = (B * N,) + tuple(x.shape[2:])
     gi = gw = gb = None
@@ -165,14 +159,6 @@ def group_norm_backward_rule(level, func, args, bdims, kwargs):
 # batch norm: fold into the channels
 # ----------------------------------------------------------------------------------------------
 
-def _to_channels(x, bdim, B):
-    if bdim is None:
-        x = x.unsqueeze(1).expand((x.shape[0], B) + tuple(x.shape[1:]))
-    else:
-        x = x.movedim(bdim, 1)
-    return x.reshape((x.shape[0], B * x.shape[2]) + tuple(x.shape[3:]))
-
-
 def batch_norm_rule(acts, chans, training, stats=()):
     """``acts``: positions of ``[N, C, *]`` tensors; ``chans``: positions of ``[C]`` tensors;
     ``training``: position of the training flag or a constant; ``stats``: running statistics
@@ -196,7 +182,7 @@ def batch_norm_rule(acts, chans, training, stats=()):
             )
         C = None
         for p in acts:
-            x = _to_channels(args[p], bdims[p], B)
+            x = to_channels(args[p], bdims[p], B)
             args[p] = x
             C = x.shape[1] // B
         writeback = []
@@ -204,7 +190,7 @@ def batch_norm_rule(acts, chans, training, stats=()):
             t = args[p] if p < len(args) else None
             if not isinstance(t, torch.Tensor) or t.numel() == 0:
                 continue
-            front = _expand_front(t, bdims[p], B)
+            front = batched_front(t, bdims[p], B)
             flat = front.reshape(-1)
             if p in stats and bdims[p] is not None and not front.is_contiguous():
                 writeback.append((front, flat))  # reshape copied: copy the update back
@@ -272,7 +258,7 @@ def dim_rule(positions, dim_pos):
         args = list(args)
         rank = args[positions[0]].dim() - (bdims[positions[0]] is not None)
         for p in positions:
-            x = _expand_front(args[p], bdims[p], B)
+            x = batched_front(args[p], bdims[p], B)
             args[p] = x.unsqueeze(-1) if rank == 0 else x
         if dim_pos >= len(args):  # glu's dim defaults to -1
             args.append(kwargs.get("dim", -1))
@@ -326,7 +312,7 @@ if _has("_prelu_kernel_backward"):
 # ----------------------------------------------------------------------------------------------
 
 def _offset_indices(idx, bdim, B, V):
-    idx = _expand_front(idx, bdim, B)
+    idx = batched_front(idx, bdim, B)
     offs = torch.arange(B, device=idx.device, dtype=idx.dtype) * V
     return idx + offs.view((B,) + (1,) * (idx.dim() - 1))
 
@@ -351,8 +337,8 @@ def embedding_rule(level, func, args, bdims, kwargs):
 def embedding_dense_backward_rule(level, func, args, bdims, kwargs):
     go, idx, V, padding_idx, scale = args
     B = level.batch_size
-    g = _expand_front(go, bdims[0], B)
-    i = _expand_front(idx, bdims[1], B)
+    g = batched_front(go, bdims[0], B)
+    i = batched_front(idx, bdims[1], B)
     if padding_idx is not None and padding_idx >= 0:
         g = g * (i != padding_idx).unsqueeze(-1).to(g.dtype)
     out = func(g, _offset_indices(i, 0, B, V), B * V, -1, scale)
@@ -384,7 +370,7 @@ def attention_rule(cores, dropout_pos=None, mask_pos=None):
             t = args[pos] if pos < len(args) else None
             if not isinstance(t, torch.Tensor):
                 continue
-            x = _expand_front(t, bdims[pos], B)
+            x = batched_front(t, bdims[pos], B)
             if x.dim() - 1 == core:
                 if N is None:
                     N = x.shape[1]
