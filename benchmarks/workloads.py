@@ -67,6 +67,11 @@ def per_sample_rows(device, quick, only):
     return rows
 
 
+def _impls(loop, run):
+    """The three contenders of a row: ``run(lib)`` with lib = ftrans or torch.func."""
+    return {"loop": loop, "ftrans": lambda: run(ftrans), "torch.func": lambda: run(torch.func)}
+
+
 def _f_nd(x):
     return (x.sin() * x.cos().sum() + x ** 2).tanh()
 
@@ -78,31 +83,23 @@ def jacobian_rows(device, quick, only):
         if only and not any(o in "jacrev" for o in only):
             break
         x = torch.randn(n, device=device)
-        impls = {
-            "loop": lambda: torch.autograd.functional.jacobian(_f_nd, x),
-            "ftrans": lambda: ftrans.jacrev(_f_nd)(x),
-            "torch.func": lambda: torch.func.jacrev(_f_nd)(x),
-        }
+        impls = _impls(lambda: torch.autograd.functional.jacobian(_f_nd, x),
+                       lambda lib: lib.jacrev(_f_nd)(x))
         rows.append(run_row("jacrev", f"n={n}", impls, device, reps=5 if quick else 11))
         rows.append(_compiled_row("jacrev", f"n={n}", impls, ftrans.jacrev(_f_nd), (x,), device,
                                   reps=5 if quick else 11))
     if not only or any(o in "vmap(jacrev)" for o in only):
         xs = torch.randn(32, 64, device=device)
-        impls = {
-            "loop": lambda: torch.stack([torch.autograd.functional.jacobian(_f_nd, x) for x in xs]),
-            "ftrans": lambda: ftrans.vmap(ftrans.jacrev(_f_nd))(xs),
-            "torch.func": lambda: torch.func.vmap(torch.func.jacrev(_f_nd))(xs),
-        }
+        impls = _impls(
+            lambda: torch.stack([torch.autograd.functional.jacobian(_f_nd, x) for x in xs]),
+            lambda lib: lib.vmap(lib.jacrev(_f_nd))(xs))
         rows.append(run_row("vmap(jacrev)", "32 x n=64", impls, device, reps=5 if quick else 11))
     if not only or any(o in "hessian" for o in only):
         n = 64 if quick else 256
         x = torch.randn(n, device=device)
         g = lambda x: _f_nd(x).sum()  # noqa: E731
-        impls = {
-            "loop": lambda: torch.autograd.functional.hessian(g, x),
-            "ftrans": lambda: ftrans.hessian(g)(x),
-            "torch.func": lambda: torch.func.hessian(g)(x),
-        }
+        impls = _impls(lambda: torch.autograd.functional.hessian(g, x),
+                       lambda lib: lib.hessian(g)(x))
         rows.append(run_row("hessian", f"n={n}", impls, device, reps=3 if quick else 7))
         rows.append(_compiled_row("hessian", f"n={n}", impls, ftrans.hessian(g), (x,), device,
                                   reps=3 if quick else 7))
@@ -113,12 +110,9 @@ def nested_dot_rows(device, quick, only):
     if only and not any(o in "nested vmap dot" for o in only):
         return []
     x, y = torch.randn(64, 32, 128, device=device), torch.randn(64, 32, 128, device=device)
-    impls = {
-        "loop": lambda: torch.stack([torch.stack([a.dot(b) for a, b in zip(xa, ya)])
-                                     for xa, ya in zip(x, y)]),
-        "ftrans": lambda: ftrans.vmap(ftrans.vmap(torch.dot))(x, y),
-        "torch.func": lambda: torch.func.vmap(torch.func.vmap(torch.dot))(x, y),
-    }
+    impls = _impls(lambda: torch.stack([torch.stack([a.dot(b) for a, b in zip(xa, ya)])
+                                        for xa, ya in zip(x, y)]),
+                   lambda lib: lib.vmap(lib.vmap(torch.dot))(x, y))
     return [run_row("nested vmap dot", "64x32x128", impls, device, reps=5 if quick else 15)]
 
 
