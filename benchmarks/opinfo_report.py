@@ -21,29 +21,19 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import json
 import os
-import re
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import torch  # noqa: E402
 
+import _report_common as rc  # noqa: E402
 import opinfo_harness as h  # noqa: E402
 
 EXPECTED = os.path.join(ROOT, "tests", "opinfo_expected.json")
-
-
-def cause(reason: str) -> str:
-    """A normalized first line, so errors with one cause group together."""
-    r = re.sub(r"^\[[^\]]*\]\s*", "", reason)
-    r = re.sub(r"vmap\(.*?\.\.\.\)(\(<inputs>\))?:\s*", "", r)
-    r = re.sub(r"\[[\d, ]*\]|\([\d, ]*\)", "[#]", r)
-    r = re.sub(r"\b\d+\b", "#", r)
-    return r[:110]
 
 
 def sweep(names, samples, timeout, with_torch_func, log, dtype=None):
@@ -101,25 +91,7 @@ def markdown(results, s, elapsed, samples, dtype=None):
     wrong = [r for r in results if r.status == "wrong"]
     lines += ["## Wrong results (must be zero)", ""]
     lines += [f"- `{r.name}` ({r.dtype}): {r.reason}" for r in wrong] or ["None."]
-    lines += ["", "## Errors, grouped by likely cause", ""]
-    groups = collections.defaultdict(list)
-    for r in results:
-        if r.status == "error":
-            groups[cause(r.reason)].append(r)
-    for c, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        names = ", ".join(f"`{r.name}`" + ("" if r.tf_handles else "*") for r in rs)
-        lines.append(f"- **{c}** ({len(rs)}): {names}")
-    lines += ["", "(`*`: torch.func does not handle this op either.)", "",
-              "## Loop fallbacks, by aten op (write these rules next)", "",
-              "| aten op | OpInfos affected | examples |", "|---|---|---|"]
-    fb = collections.defaultdict(list)
-    for r in results:
-        if r.status in ("fallback", "pass") or r.fallback_ops:
-            for f in r.fallback_ops:
-                fb[f].append(r.name)
-    for f, names in sorted(fb.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"| `{f}` | {len(names)} | {', '.join(names[:6])}"
-                     f"{' ...' if len(names) > 6 else ''} |")
+    lines += rc.error_and_fallback_sections(results)
     lines += ["", "## Ops with status 'fallback'", ""]
     lines += [f"- `{r.name}`: {', '.join(r.fallback_ops)}" for r in results
               if r.status == "fallback"] or ["None."]
@@ -141,65 +113,34 @@ def markdown(results, s, elapsed, samples, dtype=None):
     lines += ["", "Random ops (randomness='same', compared on shape and dtype only):", ""]
     lines.append(", ".join(f"`{r.name}`" for r in results
                            if any("random op" in n for n in r.notes)) or "None.")
-    only_tf = [r for r in results if r.tf_handles and r.status not in ("pass", "fallback")]
+    only_tf = rc.only_tf(results)
     lines += ["", f"## torch.func handles, ftrans does not ({len(only_tf)})", ""]
     lines.append(", ".join(f"`{r.name}`" for r in only_tf) or "None.")
-    only_ft = [r for r in results if not r.tf_handles and r.status in ("pass", "fallback")]
-    lines += ["", f"## ftrans handles, torch.func does not ({len(only_ft)})", ""]
-    lines += [f"- `{r.name}`: torch.func {r.tf_status}: {r.tf_reason[:140]}" for r in only_ft] \
-        or ["None."]
+    lines += rc.only_ftrans_section(results)
     return "\n".join(lines) + "\n"
 
 
-def write_expected(results):
-    ops = {
-        r.name: {"status": r.status, "reason": r.reason[:300],
-                 "torch_func": r.tf_status}
-        for r in results if r.status in ("error", "fallback")
-    }
-    doc = {
-        "_about": "Ops whose ftrans.vmap status is error/fallback (from benchmarks/opinfo_report.py"
-                  " --write-expected). tests/test_opinfo_vmap.py xfails them (strict=False) with "
-                  "this reason; 'wrong' is never listed. Regenerate as rules land.",
-        "torch": torch.__version__,
-        "ops": dict(sorted(ops.items())),
-    }
-    with open(EXPECTED, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+EXPECTED_ABOUT = (
+    "Ops whose ftrans.vmap status is error/fallback (from benchmarks/opinfo_report.py"
+    " --write-expected). tests/test_opinfo_vmap.py xfails them (strict=False) with "
+    "this reason; 'wrong' is never listed. Regenerate as rules land.")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ops", nargs="*", help="OpInfo names (default: all of op_db)")
-    p.add_argument("--samples", type=int, default=3)
-    p.add_argument("--timeout", type=int, default=120, help="seconds per op")
-    p.add_argument("--no-torch-func", action="store_true")
-    p.add_argument("--dtype", help="run every op in this dtype (e.g. int64, float64) instead "
-                   "of float32; ops without it are skipped; the report goes to --out only if "
-                   "given explicitly")
-    p.add_argument("--out")
-    p.add_argument("--json", help="also dump per-op results as JSON here")
-    p.add_argument("--write-expected", action="store_true")
+    rc.add_common_args(p, "run every op in this dtype (e.g. int64, float64) instead of "
+                       "float32; ops without it are skipped; the report goes to --out only if "
+                       "given explicitly")
+    rc.add_output_args(p)
     a = p.parse_args(argv)
-    names = a.ops or list(h.load_op_db())
-    start = time.perf_counter()
     dtype = getattr(torch, a.dtype) if a.dtype else None
-    results = sweep(names, a.samples, a.timeout, not a.no_torch_func, sys.stdout, dtype)
-    elapsed = time.perf_counter() - start
-    s = summarize(results)
-    print(json.dumps(s, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump([r.__dict__ for r in results], f, indent=1)
+    _, results, s, elapsed = rc.run_sweep(a, h.load_op_db, sweep, summarize, dtype)
     out = a.out or (None if a.dtype else os.path.join(ROOT, "benchmarks", "OPINFO.md"))
     if not a.ops and out:
         with open(out, "w") as f:
             f.write(markdown(results, s, elapsed, a.samples, a.dtype))
         print("wrote", out)
-    if a.write_expected and not a.ops and not a.dtype:
-        write_expected(results)
-        print("wrote", EXPECTED)
+    rc.maybe_write_expected(a, EXPECTED, results, EXPECTED_ABOUT)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -31,8 +30,9 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import torch  # noqa: E402
 
+import _report_common as rc  # noqa: E402
 import opinfo_vjp_harness as h  # noqa: E402
-from opinfo_report import cause  # noqa: E402
+from _report_common import cause  # noqa: E402
 
 EXPECTED = os.path.join(ROOT, "tests", "opinfo_vjp_expected.json")
 
@@ -119,31 +119,11 @@ def markdown(results, s, elapsed, samples, dtype=None):
     ]
     lines += [f"- `{r.name}` ({r.dtype}): {r.reason} (torch.func: {r.tf_status})"
               for r in results if r.status == "wrong"] or ["None."]
-    lines += ["", "## Errors, grouped by likely cause", ""]
-    groups = collections.defaultdict(list)
-    for r in results:
-        if r.status == "error":
-            groups[cause(r.reason)].append(r)
-    for c, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        names = ", ".join(f"`{r.name}`" + ("" if r.tf_handles else "*") for r in rs)
-        lines.append(f"- **{c}** ({len(rs)}): {names}")
-    lines += ["", "(`*`: torch.func does not handle this op either.)", "",
-              "## Loop fallbacks, by aten op (write these rules next)", "",
-              "| aten op | OpInfos affected | examples |", "|---|---|---|"]
-    fb = collections.defaultdict(list)
-    for r in results:
-        for f in r.fallback_ops:
-            fb[f].append(r.name)
-    for f, names in sorted(fb.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"| `{f}` | {len(names)} | {', '.join(names[:6])}"
-                     f"{' ...' if len(names) > 6 else ''} |")
-    only_tf = [r for r in results if r.tf_handles and r.status not in ("pass", "fallback")]
+    lines += rc.error_and_fallback_sections(results)
+    only_tf = rc.only_tf(results)
     lines += ["", f"## torch.func handles, ftrans does not ({len(only_tf)})", ""]
     lines += [f"- `{r.name}` [{r.status}]: {r.reason[:160]}" for r in only_tf] or ["None."]
-    only_ft = [r for r in results if not r.tf_handles and r.status in ("pass", "fallback")]
-    lines += ["", f"## ftrans handles, torch.func does not ({len(only_ft)})", ""]
-    lines += [f"- `{r.name}`: torch.func {r.tf_status}: {r.tf_reason[:140]}" for r in only_ft] \
-        or ["None."]
+    lines += rc.only_ftrans_section(results)
     lines += ["", "## Skipped", ""]
     skips = collections.defaultdict(list)
     for r in results:
@@ -170,47 +150,24 @@ def complex_section(results, s):
     return "\n".join(lines) + "\n"
 
 
-def write_expected(results):
-    ops = {r.name: {"status": r.status, "reason": r.reason[:300], "torch_func": r.tf_status}
-           for r in results if r.status in ("error", "fallback")}
-    doc = {
-        "_about": "Ops whose autodiff-under-vmap status is error/fallback (from "
-                  "benchmarks/opinfo_vjp_report.py --write-expected). tests/test_opinfo_vjp.py "
-                  "xfails them (strict=False) with this reason; 'wrong' is never listed.",
-        "torch": torch.__version__,
-        "ops": dict(sorted(ops.items())),
-    }
-    with open(EXPECTED, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+EXPECTED_ABOUT = (
+    "Ops whose autodiff-under-vmap status is error/fallback (from "
+    "benchmarks/opinfo_vjp_report.py --write-expected). tests/test_opinfo_vjp.py "
+    "xfails them (strict=False) with this reason; 'wrong' is never listed.")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ops", nargs="*", help="OpInfo names (default: all of op_db)")
-    p.add_argument("--samples", type=int, default=3)
-    p.add_argument("--timeout", type=int, default=120, help="seconds per op")
-    p.add_argument("--no-torch-func", action="store_true")
-    p.add_argument("--dtype", help="run every op in this dtype (e.g. complex128, where lazy "
-                   "conj bits matter) instead of float64; the report goes to --out only")
+    rc.add_common_args(p, "run every op in this dtype (e.g. complex128, where lazy conj bits "
+                       "matter) instead of float64; the report goes to --out only")
     p.add_argument("--no-complex", action="store_true",
                    help="skip the second, complex128 pass of the full report")
-    p.add_argument("--out")
-    p.add_argument("--json", help="also dump per-op results as JSON here")
-    p.add_argument("--write-expected", action="store_true")
+    rc.add_output_args(p)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         return worker(a.ops, a.samples, a.timeout, not a.no_torch_func, a.dtype)
-    names = a.ops or list(h.load_op_db())
-    start = time.perf_counter()
-    results = sweep(names, a.samples, a.timeout, not a.no_torch_func, sys.stdout, a.dtype)
-    elapsed = time.perf_counter() - start
-    s = summarize(results)
-    print(json.dumps(s, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump([r.__dict__ for r in results], f, indent=1)
+    names, results, s, elapsed = rc.run_sweep(a, h.load_op_db, sweep, summarize, a.dtype)
     out = a.out or (None if a.ops or a.dtype else
                     os.path.join(ROOT, "benchmarks", "OPINFO_VJP.md"))
     if out:
@@ -223,9 +180,7 @@ def main(argv=None):
         with open(out, "w") as f:
             f.write(text)
         print("wrote", out)
-    if a.write_expected and not a.ops and not a.dtype:
-        write_expected(results)
-        print("wrote", EXPECTED)
+    rc.maybe_write_expected(a, EXPECTED, results, EXPECTED_ABOUT)
 
 
 if __name__ == "__main__":

@@ -37,16 +37,15 @@ Design choices, each for a reason:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import signal
 import warnings
 
 import torch
 import torch.utils._pytree as pytree
 
 import ftrans
+import sweep_common as sc
 
 B = 3                      # examples per vmap call
 M = 3                      # ensemble size
@@ -375,27 +374,8 @@ CHECK_FNS = {"forward": check_forward, "grad": check_grad, "ensemble": check_ens
 # Running and classifying
 # ----------------------------------------------------------------------------------------------
 
-def _first_line(e) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:300] if s else ""
-
-
-@contextlib.contextmanager
-def time_limit(seconds):
-    if not seconds or not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def handler(signum, frame):
-        raise TimeoutError(f"timed out after {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+_first_line = sc.message_line
+time_limit = sc.time_limit  # raises TimeoutError("timed out after {seconds}s")
 
 
 def _compare(expected, got):

@@ -27,18 +27,16 @@ Design choices, each for a reason:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
-import traceback
+import time
 import warnings
-import zlib
 
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ftrans
+import sweep_common as sc
 
 B = 3                     # batch size of the flat placements
 NESTED = (2, 3)           # (outer, inner) batch sizes of the nested placement
@@ -206,12 +204,6 @@ def _stack_outputs(outs):
     return res
 
 
-def _first_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    line = msg[0] if msg else ""
-    return f"{type(e).__name__}: {line[:300]}"
-
-
 def _compare(got, expected, shape_only, nested=False):
     """None if ``got`` (a vmap output) matches the stacked loop leaves, else a message."""
     leaves = pytree.tree_leaves(got)
@@ -259,7 +251,7 @@ def _try(vmap, fn, phys_fn, in_dims, expected, randomness, shape_only, nested, s
             warnings.simplefilter("ignore")
             got = _run_vmap(vmap, fn, phys, in_dims, randomness, nested)
     except Exception as e:  # noqa: BLE001 - any failure is a result to record
-        return "error", _first_line(e), e, []
+        return "error", sc.first_line(e), e, []
     after = ftrans.fallback_stats()
     fell = sorted(k for k, v in after.items() if v != before.get(k, 0))
     if expected is None:
@@ -296,7 +288,7 @@ def run_placement(fn, examples, in_dims, *, nested=False, shape_only=False,
                 args = [a.clone() for a in args]  # in-place ops must not touch the examples
                 outs.append(fn(*args))
     except Exception as e:  # noqa: BLE001
-        return None, _first_line(e)
+        return None, sc.first_line(e)
     if any(isinstance(x, torch.Tensor) and x.layout != torch.strided
            for x in pytree.tree_leaves(outs)):
         return None, "sparse output: not a vmap case"
@@ -331,28 +323,6 @@ def run_placement(fn, examples, in_dims, *, nested=False, shape_only=False,
 # One op
 # ----------------------------------------------------------------------------------------------
 
-class _Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _time_limit(seconds):
-    if not seconds or not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Timeout(f"op took more than {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _placements(nargs, inplace):
     """(name, in_dims) pairs; in_dims entries are ints, None, or 'end' (resolved per arg)."""
     out = [("bdim0", (0,) * nargs), ("bdim-end", ("end",) * nargs)]
@@ -364,19 +334,15 @@ def _placements(nargs, inplace):
     return out
 
 
+TF_RANK = {"wrong": 3, "error": 2, "pass": 1, "skip": 0}
+
+
 def _merge(result, status, reason, fell=()):
-    if RANK[status] > RANK[result.status]:
-        result.status, result.reason = status, reason
-    for f in fell:
-        if f not in result.fallback_ops:
-            result.fallback_ops.append(f)
+    sc.merge(result, RANK, status, reason, fell)
 
 
 def _merge_tf(result, tf):
-    status, reason = tf[0], tf[1]
-    order = {"wrong": 3, "error": 2, "pass": 1, "skip": 0}
-    if order[status] > order[result.tf_status]:
-        result.tf_status, result.tf_reason = status, reason
+    sc.merge_tf(result, TF_RANK, tf[0], tf[1])
 
 
 def _run_sample(result, op, sample, gen, with_torch_func, inplace):
@@ -384,7 +350,7 @@ def _run_sample(result, op, sample, gen, with_torch_func, inplace):
     leaves, spec, tpos = _flatten_sample(sample)
     tensors = [leaves[i] for i in tpos]
     if any(t.layout != torch.strided for t in tensors):
-        _note(result, "sparse input: not a vmap case")
+        sc.note(result, "sparse input: not a vmap case")
         return
     fn = _make_fn(call, leaves, spec, tpos, inplace=inplace)
     if not tpos:
@@ -416,10 +382,10 @@ def _run_sample(result, op, sample, gen, with_torch_func, inplace):
                                          with_torch_func=with_torch_func)
             if outcome is not None:
                 if not distinct:
-                    _note(result, "identical examples (loop failed on distinct values)")
+                    sc.note(result, "identical examples (loop failed on distinct values)")
                 break
         if outcome is None:
-            _note(result, f"{'inplace ' if inplace else ''}{name}: loop failed: {why}")
+            sc.note(result, f"{'inplace ' if inplace else ''}{name}: loop failed: {why}")
             continue
         (status, msg, exc, fell), tf, random, stackable = outcome
         if SMALL in msg or (tf is not None and SMALL in tf[1]):
@@ -428,7 +394,7 @@ def _run_sample(result, op, sample, gen, with_torch_func, inplace):
                                                   (status, msg, exc, fell), tf)
         result.configs += 1
         if random:
-            _note(result, "random op: randomness='same', shapes compared")
+            sc.note(result, "random op: randomness='same', shapes compared")
         where = f"[{'inplace ' if inplace else ''}{name}] "
         tf_failed = tf is not None and tf[0] != "pass"
         if tf is not None:
@@ -465,16 +431,11 @@ def _recheck_in_float64(result, fn, examples, in_dims, nested, shape_only, self_
     (status64, _, _, _), tf64, _, _ = outcome
     status, msg = res[0], res[1]
     if status == "wrong" and SMALL in msg and status64 == "pass":
-        _note(result, "float32 rounding only (matches in float64): " + msg[:120])
+        sc.note(result, "float32 rounding only (matches in float64): " + msg[:120])
         status, msg = "pass", ""
     if tf is not None and SMALL in tf[1] and tf64 is not None and tf64[0] == "pass":
         tf = ("pass",) + tuple(tf[1:])
     return status, msg, tf
-
-
-def _note(result, text):
-    if text not in result.notes:
-        result.notes.append(text)
 
 
 def run_op(op, n_samples=3, *, with_torch_func=True, timeout=None, dtype=None) -> OpResult:
@@ -483,43 +444,21 @@ def run_op(op, n_samples=3, *, with_torch_func=True, timeout=None, dtype=None) -
     ``dtype``: run in this dtype instead of :func:`pick_dtype`'s (skip if unsupported); a
     second dtype finds type-promotion bugs that float32 samples cannot show.
     """
-    import time
-
     start = time.perf_counter()
     result = OpResult(op_key(op))
-    if dtype is not None and dtype not in op.supported_dtypes("cpu"):
-        result.reason = f"{dtype} not supported"
-        return result
-    dtype = dtype or pick_dtype(op)
+    dtype = sc.choose_dtype(result, op, dtype, lambda o: o.supported_dtypes("cpu"), pick_dtype,
+                            "no CPU dtype")
     if dtype is None:
-        result.reason = "no CPU dtype"
         return result
-    result.dtype = str(dtype).replace("torch.", "")
-    gen = torch.Generator().manual_seed(zlib.crc32(result.name.encode()))
-    try:
-        with _time_limit(timeout):
-            torch.manual_seed(0)
-            try:
-                samples = []
-                for s in op.sample_inputs("cpu", dtype, requires_grad=False):
-                    samples.append(s)
-                    if len(samples) >= n_samples:
-                        break
-            except Exception as e:  # noqa: BLE001
-                result.reason = "sample generation failed: " + _first_line(e)
-                return result
+
+    def body(samples, gen):
+        for sample in samples:
+            _run_sample(result, op, sample, gen, with_torch_func, inplace=False)
+        if op.inplace_variant is not None:
             for sample in samples:
-                _run_sample(result, op, sample, gen, with_torch_func, inplace=False)
-            if op.inplace_variant is not None:
-                for sample in samples:
-                    if not getattr(sample, "broadcasts_input", False):
-                        _run_sample(result, op, sample, gen, with_torch_func, inplace=True)
-    except _Timeout as e:
-        _merge(result, "error", f"Timeout: {e}")
-    except Exception as e:  # noqa: BLE001 - a harness bug must not stop a sweep
-        _merge(result, "error", "harness: " + _first_line(e) + " " +
-               traceback.format_exc().splitlines()[-2].strip())
-    if result.configs == 0 and result.status == "skip" and not result.reason:
-        result.reason = result.notes[0] if result.notes else "no samples"
-    result.seconds = time.perf_counter() - start
-    return result
+                if not getattr(sample, "broadcasts_input", False):
+                    _run_sample(result, op, sample, gen, with_torch_func, inplace=True)
+
+    if not sc.run_samples(result, RANK, op, dtype, n_samples, False, timeout, body):
+        return result
+    return sc.finish(result, result.configs, start)

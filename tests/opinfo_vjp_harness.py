@@ -32,19 +32,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import traceback
 import warnings
-import zlib
 
 import torch
 import torch.utils._pytree as pytree
 
 import ftrans
 import opinfo_harness as vh
+import sweep_common as sc
 
 B = 3
 RANK = {"wrong": 5, "error": 4, "fallback": 3, "pass": 1, "skip": 0}
-TF_RANK = {"wrong": 3, "error": 2, "pass": 1, "skip": 0}
+TF_RANK = vh.TF_RANK
 
 # ~60 ops across families for the default pytest run, weighted towards backward formulas that
 # are easy to get wrong under vmap (complex views, fft, padding modes, pooling, norms, linalg).
@@ -100,31 +99,21 @@ class VjpResult:
         return self.tf_status == "pass"
 
 
-def pick_dtype(op):
+def _backward_dtypes(op):
     get = getattr(op, "supported_backward_dtypes", None) or op.supported_dtypes
-    dtypes = get("cpu")
+    return get("cpu")
+
+
+def pick_dtype(op):
+    dtypes = _backward_dtypes(op)
     for d in (torch.float64, torch.float32, torch.complex128, torch.complex64):
         if d in dtypes:
             return d
     return None
 
 
-def _note(r, text):
-    if text not in r.notes:
-        r.notes.append(text)
-
-
 def _merge(r, status, reason, fell=()):
-    if RANK[status] > RANK[r.status]:
-        r.status, r.reason = status, reason
-    for f in fell:
-        if f not in r.fallback_ops:
-            r.fallback_ops.append(f)
-
-
-def _merge_tf(r, status, reason):
-    if TF_RANK[status] > TF_RANK[r.tf_status]:
-        r.tf_status, r.tf_reason = status, reason
+    sc.merge(r, RANK, status, reason, fell)
 
 
 def _zeros(g, x):
@@ -163,7 +152,7 @@ def _run(label, body, expected, shape_only):
             warnings.simplefilter("ignore")
             got = body()
     except Exception as e:  # noqa: BLE001 - any failure is a result to record
-        return "error", f"[{label}] {vh._first_line(e)}", []
+        return "error", f"[{label}] {sc.first_line(e)}", []
     after = ftrans.fallback_stats()
     fell = sorted(k for k, v in after.items() if v != before.get(k, 0))
     msg = _compare(got, expected, shape_only)
@@ -262,7 +251,7 @@ def check_vjp(f, primals, gen, seed, with_torch_func):
             warnings.simplefilter("ignore")
             outs = f(*primals)
     except Exception as e:  # noqa: BLE001
-        return None, "forward failed: " + vh._first_line(e)
+        return None, "forward failed: " + sc.first_line(e)
     if not outs:
         return None, "no float/complex output"
     cots = []
@@ -273,7 +262,7 @@ def check_vjp(f, primals, gen, seed, with_torch_func):
     try:
         expected, _ = _loop_vjp(f, primals, cots, seed)
     except Exception as e:  # noqa: BLE001
-        return None, "loop failed: " + vh._first_line(e)
+        return None, "loop failed: " + sc.first_line(e)
 
     def body(vjp, vmap):
         def run():
@@ -329,7 +318,7 @@ def check_grad(f, primals, gen, dim_last, with_torch_func):
             expected = [torch.stack([p[i] for p in per]) for i in range(len(primals))]
             break
         except Exception as e:  # noqa: BLE001
-            why = vh._first_line(e)
+            why = sc.first_line(e)
     else:
         return None, "loop failed: " + why
     dims = tuple(ex[0].dim() if dim_last else 0 for ex in examples)
@@ -358,13 +347,13 @@ def check_grad(f, primals, gen, dim_last, with_torch_func):
 
 def _record(r, outcome, why, label):
     if outcome is None:
-        _note(r, f"{label}: {why}")
+        sc.note(r, f"{label}: {why}")
         return
     (status, msg, fell), tf = outcome
     r.checks += 1
     _merge(r, status, msg, fell)
     if tf is not None:
-        _merge_tf(r, tf[0], tf[1])
+        sc.merge_tf(r, TF_RANK, tf[0], tf[1])
 
 
 def run_op(op, n_samples=3, *, with_torch_func=True, timeout=None, checks=("vjp", "grad"),
@@ -379,50 +368,28 @@ def run_op(op, n_samples=3, *, with_torch_func=True, timeout=None, checks=("vjp"
     if not getattr(op, "supports_autograd", False):
         r.reason = "OpInfo does not support autograd"
         return r
-    if dtype is not None:
-        get = getattr(op, "supported_backward_dtypes", None) or op.supported_dtypes
-        if dtype not in get("cpu"):
-            r.reason = f"{dtype} not supported"
-            return r
-    dtype = dtype or pick_dtype(op)
+    dtype = sc.choose_dtype(r, op, dtype, _backward_dtypes, pick_dtype,
+                            "no float/complex backward dtype on CPU")
     if dtype is None:
-        r.reason = "no float/complex backward dtype on CPU"
         return r
-    r.dtype = str(dtype).replace("torch.", "")
-    gen = torch.Generator().manual_seed(zlib.crc32(r.name.encode()))
-    try:
-        with vh._time_limit(timeout):
-            torch.manual_seed(0)
-            try:
-                samples = []
-                for s in op.sample_inputs("cpu", dtype, requires_grad=True):
-                    samples.append(s)
-                    if len(samples) >= n_samples:
-                        break
-            except Exception as e:  # noqa: BLE001
-                r.reason = "sample generation failed: " + vh._first_line(e)
-                return r
-            for k, sample in enumerate(samples):
-                f, primals = make_function(op, sample)
-                if f is None:
-                    _note(r, f"sample {k}: {primals}")
-                    continue
-                seed = 1000 + k
-                if "vjp" in checks:
-                    out, why = check_vjp(f, primals, gen, seed, with_torch_func)
-                    _record(r, out, why, f"sample {k} vjp")
-                if "grad" in checks:
-                    # as_strided & co. read explicit strides: only contiguous examples agree.
-                    with_last = k < last_samples and r.name not in vh.LAYOUT_DEPENDENT
-                    for last in ((False, True) if with_last else (False,)):
-                        out, why = check_grad(f, primals, gen, last, with_torch_func)
-                        _record(r, out, why, f"sample {k} grad{' last' if last else ''}")
-    except vh._Timeout as e:
-        _merge(r, "error", f"Timeout: {e}")
-    except Exception as e:  # noqa: BLE001 - a harness bug must not stop a sweep
-        _merge(r, "error", "harness: " + vh._first_line(e) + " " +
-               traceback.format_exc().splitlines()[-2].strip())
-    if r.checks == 0 and r.status == "skip" and not r.reason:
-        r.reason = r.notes[0] if r.notes else "no samples"
-    r.seconds = time.perf_counter() - start
-    return r
+
+    def body(samples, gen):
+        for k, sample in enumerate(samples):
+            f, primals = make_function(op, sample)
+            if f is None:
+                sc.note(r, f"sample {k}: {primals}")
+                continue
+            seed = 1000 + k
+            if "vjp" in checks:
+                out, why = check_vjp(f, primals, gen, seed, with_torch_func)
+                _record(r, out, why, f"sample {k} vjp")
+            if "grad" in checks:
+                # as_strided & co. read explicit strides: only contiguous examples agree.
+                with_last = k < last_samples and r.name not in vh.LAYOUT_DEPENDENT
+                for last in ((False, True) if with_last else (False,)):
+                    out, why = check_grad(f, primals, gen, last, with_torch_func)
+                    _record(r, out, why, f"sample {k} grad{' last' if last else ''}")
+
+    if not sc.run_samples(r, RANK, op, dtype, n_samples, True, timeout, body):
+        return r
+    return sc.finish(r, r.checks, start)

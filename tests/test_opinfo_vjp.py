@@ -4,13 +4,12 @@ Per op: ``vmap`` over a vjp function with distinct cotangents, and ``vmap(grad)`
 gradients, each against a loop of ``torch.autograd.grad``.  Default run: a fixed slice of ~75
 ops, one test per op so a failure names it.  Ops that currently error or fall back to the loop
 are listed with their reason in opinfo_vjp_expected.json (``benchmarks/opinfo_vjp_report.py
---write-expected``) and xfailed non-strictly; the xfail only accepts :class:`KnownGap`, so a
-wrong gradient, or an op worse than its listed status, fails even when listed.
-``FTRANS_FULL=1`` runs every OpInfo.
+--write-expected``) and xfailed non-strictly; the xfail only accepts
+:class:`sweep_common.KnownGap`, so a wrong gradient, or an op worse than its listed status,
+fails even when listed.  ``FTRANS_FULL=1`` runs every OpInfo.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -18,69 +17,24 @@ import torch
 
 import ftrans
 import opinfo_vjp_harness as h
+import sweep_common as sc
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_EXPECTED_PATH = os.path.join(_HERE, "opinfo_vjp_expected.json")
-EXPECTED = {}
-if os.path.exists(_EXPECTED_PATH):
-    with open(_EXPECTED_PATH) as _f:
-        EXPECTED = json.load(_f)["ops"]
+EXPECTED = sc.load_expected(os.path.join(_HERE, "opinfo_vjp_expected.json"), missing_ok=True)
 
 _FULL = bool(os.environ.get("FTRANS_FULL"))
-_RESULTS: dict = {}
 SLICE_SAMPLES = 3
+_SWEEP = sc.OpSweep(h, EXPECTED, ok=("pass",),
+                    wrong_text="gradients under vmap disagree with the loop")
 
 
-class KnownGap(Exception):
-    """An error/fallback listed in opinfo_vjp_expected.json (the only failure xfail accepts)."""
-
-
-def _params(names):
-    out = []
-    for name in names:
-        known = EXPECTED.get(name)
-        if known is None:
-            out.append(name)
-            continue
-        reason = f"{known['status']}: {known['reason'][:200]} (torch.func: {known['torch_func']})"
-        out.append(pytest.param(name, marks=pytest.mark.xfail(strict=False, raises=KnownGap,
-                                                              reason=reason)))
-    return out
-
-
-def _result(name, samples):
-    if name not in _RESULTS:
-        db = h.load_op_db()
-        if name not in db:
-            pytest.skip(f"no OpInfo {name!r} in this torch")
-        _RESULTS[name] = h.run_op(db[name], samples, timeout=300)
-    return _RESULTS[name]
-
-
-def _check(name, samples):
-    r = _result(name, samples)
-    if r.status == "wrong":
-        raise AssertionError(f"{name}: gradients under vmap disagree with the loop: {r.reason}")
-    if r.status == "skip":
-        pytest.skip(r.reason[:200])
-    if r.status == "pass":
-        return
-    known = EXPECTED.get(name)
-    detail = f"{name} [{r.status}]: {r.reason} (torch.func: {r.tf_status} {r.tf_reason[:150]})"
-    if known is not None and h.RANK[r.status] <= h.RANK[known["status"]]:
-        raise KnownGap(detail)
-    raise AssertionError(detail)
-
-
-@pytest.mark.parametrize("name", _params(h.SLICE))
+@pytest.mark.parametrize("name", _SWEEP.params(h.SLICE))
 def test_opinfo_vjp_slice(name):
-    _check(name, SLICE_SAMPLES)
+    _SWEEP.check(name, SLICE_SAMPLES)
 
 
 def test_slice_has_no_wrong_results():
-    db = h.load_op_db()
-    wrong = {n: _result(n, SLICE_SAMPLES).reason for n in h.SLICE if n in db
-             and _result(n, SLICE_SAMPLES).status == "wrong"}
+    wrong = _SWEEP.wrong_results(h.SLICE, SLICE_SAMPLES)
     assert not wrong, f"gradients under vmap that disagree with the loop: {wrong}"
 
 
@@ -220,11 +174,7 @@ def test_batched_complex_pinv():
     torch.testing.assert_close(ftrans.vmap(torch.linalg.pinv)(x), expected)
 
 
-def _full_names():
-    return list(h.load_op_db()) if _FULL else ["<set FTRANS_FULL=1>"]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _params(_full_names()))
+@pytest.mark.parametrize("name", _SWEEP.params(sc.full_names(h.load_op_db, _FULL)))
 def test_opinfo_vjp_full(name):
-    _check(name, 3)
+    _SWEEP.check(name, 3)
