@@ -221,32 +221,39 @@ def _grad_form(func, argnums, has_aux, api="grad"):
     return f"{api}({_name(func)}{extra})(*args)"
 
 
-def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
-    form = _grad_form(func, argnums, has_aux, api)
-    argnums = check_argnums(argnums, len(args), form)
-    diff = select_argnums(args, argnums)
+@contextlib.contextmanager
+def _grad_level(diff, form):
+    """A GRAD level around the body: yields (the entered leaves of ``diff``, the original
+    leaves, their spec, whether an outer level needs the graph); the level is popped however
+    the body exits."""
     flat_diff, spec = _tree_flatten(diff)
     need = outer_needs_graph(torch.is_grad_enabled(), flat_diff)
     level = _levels.push(_levels.Level(_levels.GRAD))
     try:
         with _differentiating():
-            entered = [enter(x, form) for x in flat_diff]
-            args = replace_argnums(args, argnums, _tree_unflatten(spec, entered))
-            output, aux = split_aux(func(*args, **kwargs), has_aux, form)
-            if not isinstance(output, torch.Tensor):
-                raise RuntimeError(
-                    f"{form}: Expected f(*args) to return a Tensor, got {type(output)}"
-                )
-            if output.dim() != 0:
-                raise RuntimeError(
-                    f"{form}: Expected f(*args) to return a scalar Tensor, got tensor with "
-                    f"{output.dim()} dims. Maybe you wanted to use the vjp or jacrev APIs "
-                    "instead?"
-                )
-            grads = autograd_grad([output], entered, [torch.ones_like(output)],
-                                  create_graph=need)
+            yield [enter(x, form) for x in flat_diff], flat_diff, spec, need
     finally:
         _levels.pop(level)
+
+
+def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
+    form = _grad_form(func, argnums, has_aux, api)
+    argnums = check_argnums(argnums, len(args), form)
+    with _grad_level(select_argnums(args, argnums), form) as (entered, _, spec, need):
+        args = replace_argnums(args, argnums, _tree_unflatten(spec, entered))
+        output, aux = split_aux(func(*args, **kwargs), has_aux, form)
+        if not isinstance(output, torch.Tensor):
+            raise RuntimeError(
+                f"{form}: Expected f(*args) to return a Tensor, got {type(output)}"
+            )
+        if output.dim() != 0:
+            raise RuntimeError(
+                f"{form}: Expected f(*args) to return a scalar Tensor, got tensor with "
+                f"{output.dim()} dims. Maybe you wanted to use the vjp or jacrev APIs "
+                "instead?"
+            )
+        grads = autograd_grad([output], entered, [torch.ones_like(output)],
+                              create_graph=need)
     grads = _tree_unflatten(spec, grads)
     if not need:
         output, aux = output.detach(), detach_tree(aux)
@@ -352,19 +359,12 @@ def vjp_impl(func, primals, argnums, has_aux, form, kwargs=None):
     as a tuple).
     """
     diff = tuple(primals) if argnums is None else select_argnums(primals, argnums)
-    flat_diff, spec = _tree_flatten(diff)
-    need = outer_needs_graph(torch.is_grad_enabled(), flat_diff)
-    level = _levels.push(_levels.Level(_levels.GRAD))
-    try:
-        with _differentiating():
-            entered = [enter(x, form) for x in flat_diff]
-            diff_in = _tree_unflatten(spec, entered)
-            args = diff_in if argnums is None else replace_argnums(primals, argnums, diff_in)
-            output, aux = split_aux(func(*args, **(kwargs or {})), has_aux, form)
-            flat_out, out_spec = _tree_flatten(output)
-            check_tensor_outputs(flat_out, form)
-    finally:
-        _levels.pop(level)
+    with _grad_level(diff, form) as (entered, flat_diff, spec, need):
+        diff_in = _tree_unflatten(spec, entered)
+        args = diff_in if argnums is None else replace_argnums(primals, argnums, diff_in)
+        output, aux = split_aux(func(*args, **(kwargs or {})), has_aux, form)
+        flat_out, out_spec = _tree_flatten(output)
+        check_tensor_outputs(flat_out, form)
     vjp_fn = _VjpFn(flat_out, out_spec, entered, flat_diff, spec, form)
     if not need:
         output, aux = detach_tree(output), detach_tree(aux)
