@@ -72,11 +72,11 @@ def _doc_files():
     return sorted(f for f in os.listdir(DOCS) if f.endswith(".md"))
 
 
-@pytest.mark.parametrize("fname", _doc_files())
+@pytest.mark.parametrize("fname", _doc_files() + ["../README.md"])
 def test_doc_code_blocks_run(fname):
     text = open(os.path.join(DOCS, fname), encoding="utf-8").read()
     blocks = _BLOCK.findall(text)
-    namespace = {"__name__": f"docs_{fname[:-3]}"}
+    namespace = {"__name__": f"docs_{os.path.basename(fname)[:-3]}"}
     torch.manual_seed(0)
     for i, block in enumerate(blocks):
         code = compile(_dedent(block), f"docs/{fname}[block {i}]", "exec")
