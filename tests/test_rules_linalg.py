@@ -240,9 +240,6 @@ def test_fft_vjp_under_vmap(fn, dtype):
     """Pitfall 8: conj/neg view bits gave silently wrong fft gradients; compare with a loop."""
     if dtype.is_complex and fn in (torch.fft.rfft, torch.fft.ihfft):
         pytest.skip("real-input transform")
-    if fn is torch.fft.hfft and not dtype.is_complex:
-        pytest.xfail("BatchedTensor does not mirror its value's conj bit, so resolve_conj() on "
-                     "the wrapper is a no-op and view_as_real then sees a conj value")
 
     def g(x0, v):
         x = x0.detach().requires_grad_()
