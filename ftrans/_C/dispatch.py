@@ -173,7 +173,15 @@ on_change(_OPS.clear)
 
 
 def op_status(func) -> str:
-    """How vmap handles ``func`` (an OpOverload): 'rule', 'decomposition', 'fallback', 'error'."""
+    """How vmap handles ``func`` (an OpOverload): 'rule', 'decomposition', 'fallback', 'error'.
+
+    Example:
+        >>> import torch, ftrans
+        >>> ftrans.op_status(torch.ops.aten.mm.default)
+        'rule'
+        >>> ftrans.op_status(torch.ops.aten.nonzero.default)
+        'error'
+    """
     op = _OPS.get(func) or _prepare(func)
     return op.kind
 

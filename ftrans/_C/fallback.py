@@ -29,12 +29,27 @@ _lock = threading.Lock()
 
 
 def fallback_stats() -> dict:
-    """``{op name: number of calls}`` for every op that ran through the loop fallback."""
+    """``{op name: number of calls}`` for every op that ran through the loop fallback.
+
+    Example:
+        >>> import torch, ftrans
+        >>> ftrans.reset_fallback_stats()
+        >>> _ = ftrans.vmap(torch.sin)(torch.randn(3, 2))   # sin has a rule
+        >>> ftrans.fallback_stats()
+        {}
+    """
     return dict(_fallback_counts)
 
 
 def reset_fallback_stats() -> None:
-    """Clear :func:`fallback_stats` and re-arm the once-per-op :class:`FallbackWarning`."""
+    """Clear :func:`fallback_stats` and re-arm the once-per-op :class:`FallbackWarning`.
+
+    Example:
+        >>> import ftrans
+        >>> ftrans.reset_fallback_stats()
+        >>> ftrans.fallback_stats()
+        {}
+    """
     _fallback_counts.clear()
     _warned.clear()
 

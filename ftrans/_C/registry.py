@@ -54,7 +54,21 @@ def _overloads(op):
 
 
 def register_batch_rule(*ops) -> Callable:
-    """Decorator registering ``fn`` as the batching rule of each op in ``ops``."""
+    """Decorator registering ``fn`` as the batching rule of each op in ``ops``.
+
+    Example (a custom op whose batched form is the same kernel on the physical tensor):
+        >>> import torch, ftrans
+        >>> lib = torch.library.Library("ftrans_doc", "DEF")
+        >>> _ = lib.define("twice(Tensor x) -> Tensor")
+        >>> _ = lib.impl("twice", lambda x: x * 2, "CompositeExplicitAutograd")
+        >>> @ftrans.register_batch_rule(torch.ops.ftrans_doc.twice)
+        ... def twice_rule(level, func, args, bdims, kwargs):
+        ...     return func(*args), bdims[0]
+        >>> ftrans.vmap(torch.ops.ftrans_doc.twice)(torch.ones(2, 3)).shape
+        torch.Size([2, 3])
+        >>> ftrans.op_status(torch.ops.ftrans_doc.twice.default)
+        'rule'
+    """
 
     def decorator(fn):
         for op in ops:
