@@ -222,3 +222,13 @@ COVERED = [
 def test_op_status_is_rule(name):
     packet, _, overload = name.partition(".")
     assert ftrans.op_status(getattr(getattr(aten, packet), overload)) == "rule"
+
+
+def test_inplace_transpose_noop_swaps_and_scalar_examples():
+    x = torch.randn(3)
+    out = ftrans.vmap(lambda t: t.clone().transpose_(0, 0))(x)
+    torch.testing.assert_close(out, x)
+    y = torch.randn(3, 4, 5)
+    out = ftrans.vmap(lambda t: t.clone().transpose_(1, -1))(y)
+    assert out.shape == (3, 4, 5)
+    torch.testing.assert_close(out, y)

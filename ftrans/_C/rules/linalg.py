@@ -368,7 +368,12 @@ if hasattr(aten, "linalg_lstsq"):
         A, b = batched_front(A, bdims[0], B), batched_front(b, bdims[1], B)
         sol, res, rank, sv = func(A, b, *args[2:], **kwargs)
         m, n = A.shape[-2], A.shape[-1]
-        if m > n and res.numel() == 0 and rank.numel() > 0:
+        # With a lower level's BatchedTensor the check below runs when that level dispatches
+        # this physical call (on plain tensors): here it would be a Python `if` on a batch.
+        from ..batched import BatchedTensor
+
+        if (m > n and type(rank) is not BatchedTensor and res.numel() == 0
+                and rank.numel() > 0):
             deficient = rank < n
             if bool(deficient.any()) and not bool(deficient.all()):
                 raise VmapError(f"{describe(level)}: linalg.lstsq residuals exist only for the "

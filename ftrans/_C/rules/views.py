@@ -316,6 +316,8 @@ def transpose__rule(level, func, args, bdims, kwargs):
         d0, d1 = 0, 1
     else:
         d0, d1 = wrap_dim(args[1], r), wrap_dim(args[2], r)
+        if r == 0 or d0 == d1:  # a 0-dim example (dims 0/-1 name itself) or a no-op swap
+            return x, b
     aten.transpose_.default(x, _phys(d0, b), _phys(d1, b))  # the batch dim stays put
     return x, b
 
