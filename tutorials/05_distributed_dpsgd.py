@@ -141,8 +141,11 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
           f"process max err {err_sum:.1e}; parameters after the noisy step max err "
           f"{err_params:.1e}; counts {[r['count'] for r in results]}")
     print(f"single-process vmap(grad) clipped sum vs a per-example loop: max err {err_loop:.1e}")
+    # The clipped sums add up n float32 gradients in a different order on each side: compare
+    # them relative to their size (an absolute bound would have to grow with n).
+    scale = max(v.abs().max().item() for v in ref_summed.values())
     assert all(r["count"] == n for r in results)
-    assert err_sum < 1e-4 and err_params < 1e-5 and err_loop < 1e-4
+    assert err_sum < 1e-5 * scale and err_params < 1e-5 and err_loop < 1e-5 * scale
     return {"err_sum": err_sum, "err_params": err_params, "err_loop": err_loop,
             "count": results[0]["count"]}
 
