@@ -216,32 +216,32 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
             _levels.pop(level)
 
 
+def _flat_out_dims(func, in_dims, out_dims, out, n_leaves, out_spec) -> list:
+    """One out_dim per output leaf: ``out_dims`` is an int, None, or a pytree prefix of the
+    outputs (a 1-tuple around a single tensor output is accepted, as torch.func does)."""
+    if out_dims is None or (isinstance(out_dims, int) and not isinstance(out_dims, bool)):
+        return [out_dims] * n_leaves
+    if not isinstance(out_dims, (tuple, list)):
+        raise ValueError(
+            f"{_call_form(func, in_dims, out_dims)}: expected `out_dims` to be int or a "
+            f"(potentially nested) tuple matching the structure of outputs, got "
+            f"{type(out_dims).__name__}."
+        )
+    tree = out_dims[0] if isinstance(out, torch.Tensor) and len(out_dims) == 1 else out_dims
+    try:
+        return _pytree.tree_leaves(_pytree.tree_broadcast_prefix(tree, out))
+    except ValueError:
+        n_out = len(out) if isinstance(out, (tuple, list)) else 1
+        raise ValueError(
+            f"{_call_form(func, in_dims, out_dims)}: out_dims is not compatible with the "
+            f"structure of `outputs`. out_dims has {len(out_dims)} entries but the function "
+            f"returned {n_out} outputs (structure {out_spec})."
+        ) from None
+
+
 def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size):
     out_leaves, out_spec = _pytree.tree_flatten(out)
-    if isinstance(out_dims, int) and not isinstance(out_dims, bool):
-        flat_out_dims = [out_dims] * len(out_leaves)
-    elif out_dims is None:
-        flat_out_dims = [None] * len(out_leaves)
-    else:
-        if not isinstance(out_dims, (tuple, list)):
-            raise ValueError(
-                f"{_call_form(func, in_dims, out_dims)}: expected `out_dims` to be int or a "
-                f"(potentially nested) tuple matching the structure of outputs, got "
-                f"{type(out_dims).__name__}."
-            )
-        if isinstance(out, torch.Tensor) and len(out_dims) == 1:
-            out_dims_tree = out_dims[0]
-        else:
-            out_dims_tree = out_dims
-        try:
-            flat_out_dims = _pytree.tree_leaves(_pytree.tree_broadcast_prefix(out_dims_tree, out))
-        except ValueError:
-            n_out = len(out) if isinstance(out, (tuple, list)) else 1
-            raise ValueError(
-                f"{_call_form(func, in_dims, out_dims)}: out_dims is not compatible with the "
-                f"structure of `outputs`. out_dims has {len(out_dims)} entries but the function "
-                f"returned {n_out} outputs (structure {out_spec})."
-            ) from None
+    flat_out_dims = _flat_out_dims(func, in_dims, out_dims, out, len(out_leaves), out_spec)
     results = []
     for o, d in zip(out_leaves, flat_out_dims):
         if d is None:
@@ -311,13 +311,7 @@ def _chunked(func, in_dims, out_dims, randomness, chunk_size, leaves, treespec, 
         )
     flat0, spec = _pytree.tree_flatten(chunk_outs[0])
     flat_all = [_pytree.tree_leaves(c) for c in chunk_outs]
-    if isinstance(out_dims, int) or out_dims is None:
-        od = [out_dims] * len(flat0)
-    else:
-        tree = out_dims[0] if isinstance(chunk_outs[0], torch.Tensor) and len(out_dims) == 1 \
-            else out_dims
-        od = _pytree.tree_leaves(
-            _pytree.tree_broadcast_prefix(tree, chunk_outs[0]))
+    od = _flat_out_dims(func, in_dims, out_dims, chunk_outs[0], len(flat0), spec)
     merged = []
     for j, d in enumerate(od):
         if d is None:
