@@ -56,15 +56,6 @@ class RemoveBatchDim(torch.autograd.Function):
         return AddBatchDim.apply(grad, ctx.out_dim, ctx.level), None, None, None
 
 
-def exited_levels(t) -> list:
-    levels = []
-    while type(t) is BatchedTensor:
-        if not t.level.alive:
-            levels.append(t.level)
-        t = t.value
-    return levels
-
-
 def sum_exited_levels(g, keep=()):
     """Sum a gradient over every batch level in it whose vmap has returned (except ``keep``)."""
     if type(g) is not BatchedTensor:
@@ -72,7 +63,7 @@ def sum_exited_levels(g, keep=()):
     # Under create_graph the sum must stay differentiable (forward-over-reverse differentiates
     # through it, with the cotangent as the variable).
     differentiable = g.requires_grad and torch.is_grad_enabled()
-    for level in exited_levels(g):
+    for level in [l for l in _levels_of(g) if not l.alive]:
         if level in keep:
             continue
         if differentiable:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BatchedTensor", "make_batched", "add_batch_dim", "remove_batch_dim", "is_batched_at", "unwrap_level"]
+__all__ = ["BatchedTensor", "make_batched", "add_batch_dim", "remove_batch_dim"]
 
 _PYTHON_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.Python)
 
@@ -98,10 +98,6 @@ def make_batched(value: torch.Tensor, bdim: int, level) -> BatchedTensor:
     return out
 
 
-def is_batched_at(t, level) -> bool:
-    return type(t) is BatchedTensor and t.level is level
-
-
 def add_batch_dim(t: torch.Tensor, bdim: int, level) -> torch.Tensor:
     """Mark logical dim ``bdim`` of ``t`` as the batch dim of ``level`` (nesting-aware)."""
     if type(t) is BatchedTensor and t.level.id > level.id:
@@ -147,13 +143,6 @@ def _rewrap_after_remove(t, level, batch_size, out_dim):
     else:
         p, new_ib = out_dim + 1, ib
     return BatchedTensor(remove_batch_dim(t.value, level, batch_size, p), new_ib, t.level)
-
-
-def unwrap_level(t, level):
-    """(physical value, bdim) if ``t`` is batched at ``level``, else (t, None)."""
-    if type(t) is BatchedTensor and t.level is level:
-        return t.value, t.bdim
-    return t, None
 
 
 from .autograd import batched_torch_function as _batched_torch_function  # noqa: E402,I001

@@ -67,11 +67,3 @@ def pop(level: Level) -> None:
         if top is level:
             return
     level.alive = False
-
-
-def innermost(kind: str | None = None):
-    """The innermost live level of ``kind`` (any kind if None) in this thread, or None."""
-    for level in reversed(current_stack()):
-        if kind is None or level.kind == kind:
-            return level
-    return None

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_front", "batched_front", "to_channels", "logical_rank", "wrap_dim", "any_batched", "pad_rank",
-           "first_batched"]
+__all__ = ["to_front", "batched_front", "to_channels", "logical_rank", "wrap_dim", "any_batched",
+           "pad_rank"]
 
 
 def to_front(x: torch.Tensor, bdim):
@@ -63,10 +63,3 @@ def pad_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
         return x
     shape = x.shape
     return x.view((shape[0],) + (1,) * missing + tuple(shape[1:]))
-
-
-def first_batched(args, bdims):
-    for a, b in zip(args, bdims):
-        if b is not None and not isinstance(b, tuple):
-            return a, b
-    return None, None
