@@ -101,23 +101,6 @@ def _lift(a):
     return b
 
 
-def _top_level(args, kwargs):
-    top = None
-    for a in args:
-        if type(a) is BatchedTensor:
-            if top is None or a.level.id > top.id:
-                top = a.level
-        elif type(a) in (list, tuple):
-            for x in a:
-                if type(x) is BatchedTensor and (top is None or x.level.id > top.id):
-                    top = x.level
-    if kwargs:
-        for a in kwargs.values():
-            if type(a) is BatchedTensor and (top is None or a.level.id > top.id):
-                top = a.level
-    return top
-
-
 def _needs_lift(a, top) -> bool:
     return isinstance(a, torch.Tensor) and a.requires_grad and not (
         type(a) is BatchedTensor and a.level is top) and _born_before(a, top)
@@ -198,30 +181,44 @@ def batched_torch_function(cls, func, types, args=(), kwargs=None):
             return override(*args, **(kwargs or {}))
         except NotImplementedError:
             pass
-    if _grad_enabled() and func not in _NO_LIFT and _maybe_lift(args, kwargs):
-        top = _top_level(args, kwargs)
+    if _grad_enabled() and func not in _NO_LIFT:
+        top = _lift_top(args, kwargs)
         if top is not None and _any_lift(args, kwargs, top):
             with _DisableTF():
                 args, kwargs = _lift_args(func, args, kwargs, top)
     return _disabled_tf(func, types, args, kwargs or {})
 
 
-def _maybe_lift(args, kwargs) -> bool:
-    """Cheap pre-scan: False when no argument could need a lift (the usual op on
-    BatchedTensors of one level and Python scalars)."""
-    if kwargs:
-        return True
-    level = None
+def _lift_top(args, kwargs):
+    """The highest level among the arguments when some argument may need a lift, else None.
+
+    One pass: the usual op (BatchedTensors of one level and Python scalars) returns None at
+    once; ``_any_lift`` then makes the precise decision for the rest."""
+    top = None
+    maybe = bool(kwargs)
     for a in args:
         t = type(a)
         if t is BatchedTensor:
-            if level is None:
-                level = a.level
-            elif a.level is not level:
-                return True  # several levels: a lower one may require grad
-        elif t is list or t is tuple or (isinstance(a, torch.Tensor) and a.requires_grad):
-            return True
-    return False
+            if top is None:
+                top = a.level
+            elif a.level is not top:
+                maybe = True  # several levels: a lower one may require grad
+                if a.level.id > top.id:
+                    top = a.level
+        elif t is list or t is tuple:
+            maybe = True
+            for x in a:
+                if type(x) is BatchedTensor and (top is None or x.level.id > top.id):
+                    top = x.level
+        elif isinstance(a, torch.Tensor) and a.requires_grad:
+            maybe = True
+    if not maybe:
+        return None
+    if kwargs:
+        for a in kwargs.values():
+            if type(a) is BatchedTensor and (top is None or a.level.id > top.id):
+                top = a.level
+    return top
 
 
 def _install_overrides():
