@@ -136,8 +136,11 @@ _NO_LIFT = {torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward}
 
 
 _disabled_tf = torch._C._disabled_torch_function_impl
+_Tensor = torch.Tensor
 _grad_enabled = torch.is_grad_enabled
 _OVERRIDES: dict = {}
+_fast_call = _MISS = None
+_fast_enabled = False
 
 
 def _any_lift(args, kwargs, top) -> bool:
@@ -171,21 +174,39 @@ def _born_before(a, top) -> bool:
 def batched_torch_function(cls, func, types, args=(), kwargs=None):
     """``__torch_function__`` of BatchedTensor: lift captured requires-grad args, then call.
 
-    The common case (grad off, or no captured requires-grad argument) costs one dict lookup and
-    a scan of the arguments.  torch functions with an out-of-place replacement under transforms
-    (the fused RNN kernels, see ``rnn.py``) are swapped here, above autograd.
+    Every torch call on a BatchedTensor pays this hop, so the common case (BatchedTensors of one
+    level, Python scalars, tensors that do not require grad) is one inline scan of the
+    arguments.  torch functions with an out-of-place replacement under transforms (the fused RNN
+    kernels, see ``rnn.py``; indexing, see ``indexing.py``) are swapped here, above autograd.
     """
-    override = _OVERRIDES.get(func)
-    if override is not None:
+    if func in _OVERRIDES:
         try:
-            return override(*args, **(kwargs or {}))
+            return _OVERRIDES[func](*args, **(kwargs or {}))
         except NotImplementedError:
             pass
-    if _grad_enabled() and func not in _NO_LIFT:
-        top = _lift_top(args, kwargs)
-        if top is not None and _any_lift(args, kwargs, top):
-            with _DisableTF():
-                args, kwargs = _lift_args(func, args, kwargs, top)
+    if not kwargs and _fast_enabled:
+        out = _fast_call(func, types, args)
+        if out is not _MISS:
+            return out
+    if _grad_enabled():
+        top = None
+        for a in args:
+            t = type(a)
+            if t is BatchedTensor:
+                if top is None:
+                    top = a.level
+                elif a.level is not top:
+                    break
+            elif t is list or t is tuple or (isinstance(a, _Tensor) and a.requires_grad):
+                break
+        else:
+            if not kwargs:
+                return _disabled_tf(func, types, args, {})
+        if func not in _NO_LIFT:
+            top = _lift_top(args, kwargs)
+            if top is not None and _any_lift(args, kwargs, top):
+                with _DisableTF():
+                    args, kwargs = _lift_args(func, args, kwargs, top)
     return _disabled_tf(func, types, args, kwargs or {})
 
 
@@ -223,6 +244,10 @@ def _lift_top(args, kwargs):
 
 def _install_overrides():
     from . import indexing, rnn
+    from .fastpath import ENABLED, MISS, fast_call
+
+    global _fast_call, _MISS, _fast_enabled
+    _fast_call, _MISS, _fast_enabled = fast_call, MISS, ENABLED
 
     _OVERRIDES.update(rnn.OVERRIDES)
     _OVERRIDES.update(indexing.OVERRIDES)

@@ -39,11 +39,8 @@ class BatchedTensor(torch.Tensor):
     def __init__(self, *args, **kwargs):
         pass
 
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        from .dispatch import dispatch
-
-        return dispatch(func, args, kwargs)
+    # __torch_dispatch__ is installed by dispatch.py (``BatchedTensor.__torch_dispatch__ =
+    # classmethod(...)``): a function bound at import, with no per-op import statement.
 
     def __repr__(self) -> str:
         # Printing a batched value is legitimate debugging; show the physical tensor.
@@ -70,6 +67,24 @@ class BatchedTensor(torch.Tensor):
 
 
 _make_wrapper = torch.Tensor._make_wrapper_subclass
+_strided = torch.strided
+
+
+class _Probe(torch.Tensor):
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError
+
+
+def _positional_ok() -> bool:
+    try:
+        t = _make_wrapper(_Probe, (2,), None, None, None, torch.float64, _strided,
+                          torch.device("cpu"))
+        return t.dtype == torch.float64 and tuple(t.shape) == (2,)
+    except Exception:  # older torch: keyword-only
+        return False
 
 
 def make_batched(value: torch.Tensor, bdim: int, level) -> BatchedTensor:
@@ -80,7 +95,11 @@ def make_batched(value: torch.Tensor, bdim: int, level) -> BatchedTensor:
     """
     shape = value.shape
     if bdim == 0 and value.is_contiguous():
-        out = _make_wrapper(BatchedTensor, shape[1:], dtype=value.dtype, device=value.device)
+        if _POSITIONAL:  # parses faster than keywords (strides, offset, format, dtype, layout, device)
+            out = _make_wrapper(BatchedTensor, shape[1:], None, None, None, value.dtype, _strided,
+                                value.device)
+        else:
+            out = _make_wrapper(BatchedTensor, shape[1:], dtype=value.dtype, device=value.device)
     else:
         strides = value.stride()
         out = _make_wrapper(
@@ -144,6 +163,8 @@ def _rewrap_after_remove(t, level, batch_size, out_dim):
         p, new_ib = out_dim + 1, ib
     return BatchedTensor(remove_batch_dim(t.value, level, batch_size, p), new_ib, t.level)
 
+
+_POSITIONAL = _positional_ok()
 
 from .autograd import batched_torch_function as _batched_torch_function  # noqa: E402,I001
 

@@ -21,13 +21,17 @@ import torch
 from .batched import BatchedTensor, make_batched
 from .fallback import (FallbackWarning, fallback_stats,  # noqa: F401 (re-exported)
                        loop_fallback as _loop_fallback, reset_fallback_stats)
-from .random import random_dispatch
+from . import fastpath as _fastpath
+from .random import _VmapMode, random_dispatch
 from .registry import RULES, on_change
 
 __all__ = ["dispatch", "FallbackWarning", "fallback_stats", "reset_fallback_stats", "op_status",
            "VmapError"]
 
 aten = torch.ops.aten
+_Tensor = torch.Tensor
+_SetExclude = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
+_DK = torch._C.DispatchKey
 
 
 class VmapError(RuntimeError):
@@ -225,6 +229,14 @@ def dispatch(func, args, kwargs, from_mode=False):
     return op.handler(op, level, args, kwargs or {})
 
 
+def _torch_dispatch(cls, func, types, args=(), kwargs=None):
+    return dispatch(func, args, kwargs)
+
+
+BatchedTensor.__torch_dispatch__ = classmethod(_torch_dispatch)
+_fastpath.install(dispatch, BatchedTensor.__dict__["__torch_dispatch__"], _VmapMode)
+
+
 def _unwrap_flat(op, level, args):
     """Physical values for the single-tensor positions batched at ``level``; (args, bdims)."""
     args = list(args)
@@ -282,10 +294,6 @@ def _check_mutation(op, level, args, bdims):
             )
 
 
-_SetExclude = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
-_DK = torch._C.DispatchKey
-
-
 def _needs_view_bits(args) -> bool:
     """Pitfall 8: below the Python key (and under any dispatch mode) torch turns the
     Conjugate/Negative fallbacks off, so a kernel handed a lazy ``conj()``/``neg()`` view, or a
@@ -317,9 +325,31 @@ def _rule_handler(rule):
     def handle(op, level, args, kwargs):
         if op.general:
             return _general_rule_call(rule, op, level, args, kwargs)
-        # Fast path (most ops): flat tensor arguments, nothing written in place.
-        pargs, bdims = _unwrap_flat(op, level, args)
-        out, obd = _call_rule(rule, level, op.func, pargs, bdims, kwargs)
+        # Fast path (most ops): flat tensor arguments, nothing written in place.  One pass
+        # unwraps the arguments batched at ``level`` and decides whether the rule must run with
+        # the conj/neg view bits honoured (what ``_needs_view_bits`` does for the general path).
+        args = list(args)
+        n = len(args)
+        bdims = [None] * n
+        bits = False
+        for i in op.tensor_pos:
+            if i < n:
+                a = args[i]
+                if type(a) is BatchedTensor:
+                    if a.level is level:
+                        bdims[i] = a.bdim
+                        a = args[i] = a.value
+                        if type(a) is BatchedTensor or a.is_complex() or a.is_neg():
+                            bits = True
+                    else:
+                        bits = True  # a lower level's wrapper: its physical bits are unknown
+                elif isinstance(a, _Tensor) and (a.is_complex() or a.is_neg()):
+                    bits = True
+        if bits and _SetExclude is not None:
+            with _SetExclude(_DK.Conjugate, False), _SetExclude(_DK.Negative, False):
+                out, obd = rule(level, op.func, args, bdims, kwargs)
+        else:
+            out, obd = rule(level, op.func, args, bdims, kwargs)
         if obd is None:
             return out
         if type(obd) is int:

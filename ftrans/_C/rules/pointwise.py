@@ -52,7 +52,7 @@ def pointwise_rule(level, func, args, bdims, kwargs):
             new_args[i] = x
     if batched_0dim and mixed:
         _fix_promotion(func, args, bdims, kwargs, new_args)
-    out = func(*new_args, **kwargs)
+    out = func._op(*new_args, **kwargs)  # the C++ callable: no OpOverload.__call__ frame
     if type(out) is tuple:
         return out, (0,) * len(out)
     return out, 0
