@@ -15,6 +15,11 @@ Python control flow on tensor *values*: tracing with fake tensors makes it fail 
 eagerly from then on for that signature.  Tensors the function closes over are read at replay
 time (they are graph constants by reference, so in-place updates to them are seen), but a
 closure rebound to a *new* tensor object is not: pass changing tensors as arguments.
+
+A replay is not differentiable with respect to its inputs (the trace records aten ops, not the
+autograd graph around them): differentiate *inside* the compiled function.  A signature whose
+inputs, or whose captured tensors, require grad (under grad mode) warns once and runs eagerly,
+so that gradients flowing to them stay correct.
 """
 from __future__ import annotations
 
@@ -55,8 +60,7 @@ def compile(
     Args:
         fn: any function of tensors (pytrees allowed), typically ``vmap(grad(loss))``.
         cuda_graph: capture the replay in a CUDA graph.  Default: on when every tensor input is
-            on a CUDA device and no input requires grad (CUDA-graph replays are not
-            differentiable).
+            on a CUDA device.
         backend: if given (e.g. ``"inductor"``), hand the flat graph to ``torch.compile`` with
             this backend.
         clone_outputs: with CUDA graphs, return copies of the graph's static output buffers
@@ -115,16 +119,51 @@ def _trace(fn, leaves, spec, cuda_graph, backend, clone_outputs):
         )
         return _Eager(fn, spec)
     out_spec, is_tensor, consts = out_spec_box[-1]
+    needs_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in example) or any(
+            getattr(getattr(gm, n.target, None), "requires_grad", False)
+            for n in gm.graph.nodes if n.op == "get_attr"))
+    if needs_grad:
+        warnings.warn(
+            f"ftrans.compile({getattr(fn, '__name__', fn)}): an input or a tensor the function "
+            "closes over requires grad, and a replay is not differentiable with respect to "
+            "them; running this signature eagerly. Pass detached tensors (e.g. parameters as "
+            "`{k: v.detach() for k, v in model.named_parameters()}`) to get a replay, or "
+            "differentiate inside the compiled function (ftrans.grad / vjp).",
+            CompileWarning,
+            stacklevel=3,
+        )
+        return _Eager(fn, spec)
+    _simplify(gm)
     runner = gm
     if backend is not None:
         runner = torch.compile(gm, backend=backend)
     devices = {t.device.type for t in example}
     use_graph = cuda_graph
     if use_graph is None:
-        use_graph = devices == {"cuda"} and not any(t.requires_grad for t in example)
+        use_graph = devices == {"cuda"}
     if use_graph:
         runner = _CudaGraphReplay(runner, example, clone_outputs)
     return _Replay(runner, tensor_pos, out_spec, is_tensor, consts)
+
+
+_aten = torch.ops.aten
+_NO_OPS = (_aten.detach.default, _aten.alias.default)
+
+
+def _simplify(gm):
+    """Drop what a replay need not run: nodes whose results are unused, and ``detach``/``alias``
+    (no autograd graph is built on replay), which the autodiff transforms leave behind and
+    which only cost a call each."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        # (one applied to an input stays: an output must not BE the caller's tensor object)
+        if (node.op == "call_function" and node.target in _NO_OPS
+                and node.args[0].op != "placeholder"):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    gm.recompile()
 
 
 class _Replay:

@@ -95,3 +95,39 @@ def test_random_ops_draw_fresh_values_on_replay():
     a, b = cf(x), cf(x)
     assert not torch.equal(a, b)
     assert a.unique().numel() == 4
+
+
+def test_replay_graph_drops_detach_and_dead_nodes_without_changing_results():
+    w = torch.randn(3)
+    f = ftrans.vmap(ftrans.grad(lambda x: ((x * w).sin() ** 2).sum()))
+    cf = ftrans.compile(f)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(cf(x), f(x))
+    gm = next(iter(cf.cache.values())).runner
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert not [n for n in nodes if n.target is torch.ops.aten.detach.default
+                and n.args[0].op != "placeholder"]
+    assert all(n.users for n in nodes)  # no dead node left
+    out = ftrans.compile(lambda t: t.detach())(x)  # an output is never the caller's tensor
+    assert out is not x and torch.equal(out, x)
+
+
+def test_inputs_or_closures_that_require_grad_run_eagerly_and_stay_differentiable():
+    f = ftrans.compile(ftrans.vmap(lambda t: (t * 2).sin().sum()))
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.warns(CompileWarning, match="requires grad"):
+        out = f(x)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(g, 2 * torch.cos(2 * x.detach()))
+
+    w = torch.randn(3, requires_grad=True)
+    h = ftrans.compile(ftrans.vmap(lambda t: (t * w).sum()))
+    xs = torch.randn(4, 3)
+    with pytest.warns(CompileWarning, match="requires grad"):
+        out = h(xs)
+    (gw,) = torch.autograd.grad(out.sum(), w)
+    torch.testing.assert_close(gw, xs.sum(0))
+    with torch.no_grad():  # no graph wanted: a replay
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.testing.assert_close(h(xs), xs @ w.detach())

@@ -212,3 +212,17 @@ def test_registering_a_rule_drops_learned_signatures():
     ftrans.reset_fallback_stats()
     torch.testing.assert_close(ftrans.vmap(op)(x), x * 2)
     assert calls and not ftrans.fallback_stats()
+
+
+@pytest.mark.parametrize("fn", [torch.nn.functional.hardswish, torch.nn.functional.hardtanh])
+def test_decompositions_that_call_torch_functions_do_not_recurse(fn):
+    # hardswish_backward's decomposition calls torch.where, whose ops (composite below autograd)
+    # must not be learned as fast: their handler would call the same torch function again.
+    x = torch.randn(5, dtype=torch.float64) * 4
+    cts = torch.randn(3, 5, dtype=torch.float64)
+    for _ in range(3):
+        _, vjp_fn = ftrans.vjp(fn, x)
+        (got,) = ftrans.vmap(vjp_fn)(cts)
+    _, tf_vjp = torch.func.vjp(fn, x)
+    (expected,) = torch.func.vmap(tf_vjp)(cts)
+    torch.testing.assert_close(got, expected)

@@ -112,6 +112,20 @@ def test_cross_entropy_nll(case):
     _match(fn, args, d)
 
 
+@pytest.mark.parametrize("spatial", [False, True])
+def test_cross_entropy_mean_with_every_target_ignored(spatial):
+    # 'mean' divides by a zero total weight for the first two examples: torch gives them zero
+    # gradients (ignored targets are skipped), not 0 * g / 0 = nan.
+    x = torch.randn(3, 2, 3, 4) if spatial else torch.randn(3, 2, 3)
+    t = torch.ones((3, 2, 4) if spatial else (3, 2), dtype=torch.long)
+    t[2, 0] = 0
+    loss = lambda x, t: F.cross_entropy(x, t, ignore_index=1)  # noqa: E731
+    got = ftrans.vmap(ftrans.grad(loss))(x, t)
+    expected = torch.stack([torch.func.grad(loss)(a, b) for a, b in zip(x, t)])
+    assert not got[:2].isnan().any()
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("in_dims", [(0, 0), (0, None), (None, 0)])
 def test_elementwise_losses(in_dims):
     def fn(x0, t):

@@ -25,6 +25,7 @@ need care at a vmap boundary:
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -247,7 +248,9 @@ def _install_overrides():
     from .fastpath import ENABLED, MISS, fast_call
 
     global _fast_call, _MISS, _fast_enabled
-    _fast_call, _MISS, _fast_enabled = fast_call, MISS, ENABLED
+    # FTRANS_NO_FASTPATH=1 turns the fast path off (to compare timings or rule it out).
+    _fast_call, _MISS, _fast_enabled = fast_call, MISS, ENABLED and not os.environ.get(
+        "FTRANS_NO_FASTPATH")
 
     _OVERRIDES.update(rnn.OVERRIDES)
     _OVERRIDES.update(indexing.OVERRIDES)

@@ -12,7 +12,8 @@ argument signature (per argument: type, and for tensors dtype, rank and device) 
 way while the dispatch entry points record what reaches them.  The signature is cached as fast
 only when that call was exactly ONE aten op, with the very same argument objects (scalars
 equal), that returned the very object the torch function returned, and the op is functional
-(no alias or mutation in its schema, not random, no tensor lists): a plain ``x.sin()``,
+(no alias or mutation in its schema, not random, no tensor lists) with a batching rule (not a
+decomposition or the loop fallback, which make torch calls of their own): a plain ``x.sin()``,
 ``x * 2``, ``torch.where(c, x, y)``, ``x @ w`` on matrices.  Composite functions that call
 several ops, reshape their arguments, return views or metadata, and anything with keyword
 arguments keep the normal path.
@@ -180,7 +181,9 @@ def _cacheable(record, args, out, key):
     from .rules.pointwise import pointwise_rule
 
     prepared = _OPS.get(op) or _prepare(op)
-    if prepared.general or prepared.random or prepared.inplace_view:
+    # Only ops with a rule: a decomposition or the loop fallback runs torch calls of its own,
+    # which (called from here, above the dispatcher) would come back through this path.
+    if prepared.kind != "rule" or prepared.general or prepared.random or prepared.inplace_view:
         return None
     return prepared, _simple_pointwise(prepared, key, pointwise_rule)
 

@@ -118,7 +118,7 @@ for _name, (_pos, _red) in _LOSSES.items():
 # ----------------------------------------------------------------------------------------------
 
 def _nll_parts(level, args, bdims):
-    """(x, class dim, safe targets, per-element weights) with the batch at 0."""
+    """(x, class dim, safe targets, per-element weights, kept mask) with the batch at 0."""
     B = level.batch_size
     x = batched_front(args[0], bdims[0], B)
     t = batched_front(args[1], bdims[1], B)
@@ -135,11 +135,11 @@ def _nll_parts(level, args, bdims):
         else:
             wt = to_front(w, wb).gather(1, safe.reshape(B, -1)).view(safe.shape)
         wt = wt * keep.to(wt.dtype)
-    return x, cdim, safe, wt
+    return x, cdim, safe, wt, keep
 
 
 def _nll_forward_rule(level, func, args, bdims, kwargs):
-    x, cdim, safe, wt = _nll_parts(level, args, bdims)
+    x, cdim, safe, wt, _ = _nll_parts(level, args, bdims)
     reduction = args[3]
     picked = x.gather(cdim, safe.unsqueeze(cdim)).squeeze(cdim)
     losses = -picked * wt
@@ -154,7 +154,7 @@ def _nll_forward_rule(level, func, args, bdims, kwargs):
 def _nll_backward_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
     go, gb = args[0], bdims[0]
-    x, cdim, safe, wt = _nll_parts(level, args[1:], bdims[1:])
+    x, cdim, safe, wt, keep = _nll_parts(level, args[1:], bdims[1:])
     reduction, tw, twb = args[4], args[6], bdims[6]
     g = batched_front(go, gb, B)
     if reduction != _NONE:
@@ -162,7 +162,9 @@ def _nll_backward_rule(level, func, args, bdims, kwargs):
         if reduction == _MEAN:
             total = batched_front(tw, twb, B).reshape(g.shape)
             g = g / total
-    coef = -(wt * g)
+    # Ignored targets get no gradient at all, as in torch's kernel (not 0 * g / 0 = nan when
+    # every target of an example is ignored and 'mean' divides by a zero total weight).
+    coef = torch.where(keep, -(wt * g), torch.zeros((), dtype=wt.dtype, device=wt.device))
     grad = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     return grad.scatter(cdim, safe.unsqueeze(cdim), coef.unsqueeze(cdim).to(x.dtype)), 0
 
