@@ -81,29 +81,36 @@ def fast_call(func, types, args):
         return MISS
     if _autocast() or _fwad._current_level >= 0:  # autocast casts; dual tensors carry tangents
         return MISS
+    # Subclass __torch_function__ is off from here on, as inside __torch_dispatch__: reading
+    # metadata must not re-enter it, and neither must the torch calls a rule makes on the
+    # values of lower levels (they dispatch like the rule's other physical calls).
+    with _DisableTF():
+        return _fast_call(func, types, args, entry)
+
+
+def _fast_call(func, types, args, entry):
     # The signature (per argument: type, and dtype, rank, device for tensors) and the highest
     # level in one pass; a tensor that autograd would record on makes the call ineligible.
     grad = _grad_enabled()
     key = []
     level = None
-    with _DisableTF():
-        for a in args:
-            t = type(a)
-            if t is BatchedTensor:
-                if grad and a.requires_grad:
-                    return MISS
-                lv = a.level
-                if level is None or lv.id > level.id:
-                    level = lv
-                key.append((t, a.dtype, a.dim(), a.is_cuda))
-            elif t in _SCALARS:
-                key.append(t)
-            elif isinstance(a, _Tensor):
-                if grad and a.requires_grad:
-                    return MISS
-                key.append((t, a.dtype, a.dim(), a.is_cuda))
-            else:
+    for a in args:
+        t = type(a)
+        if t is BatchedTensor:
+            if grad and a.requires_grad:
                 return MISS
+            lv = a.level
+            if level is None or lv.id > level.id:
+                level = lv
+            key.append((t, a.dtype, a.dim(), a.is_cuda))
+        elif t in _SCALARS:
+            key.append(t)
+        elif isinstance(a, _Tensor):
+            if grad and a.requires_grad:
+                return MISS
+            key.append((t, a.dtype, a.dim(), a.is_cuda))
+        else:
+            return MISS
     key = tuple(key)
     hit = entry.get(key, MISS)
     if hit is MISS:
