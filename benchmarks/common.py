@@ -54,8 +54,12 @@ def median_ms(fns: dict, device: str, warmup: int = 3, reps: int = 15, min_time:
             fn()
     sync(device)
     times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
+    order = list(fns)
+    for r in range(reps):
+        # Rotate who goes first each round: the first call after another one's large frees
+        # can pay different page-fault costs.
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            fn = fns[k]
             t0 = time.perf_counter()
             fn()
             sync(device)

@@ -53,7 +53,7 @@ def per_sample_rows(device, quick, only):
                 "torch.func": lambda: _per_sample_grads(torch.func, model, params, buffers, x, y),
             }
             rows.append(run_row(f"per-sample grads {name}", f"B={B}", impls, device,
-                                reps=5 if quick else 11))
+                                reps=5 if quick else 21))
             compiled = ftrans.compile(
                 lambda p, xb, yb: _per_sample_grads(ftrans, model, p, buffers, xb, yb))
             t0 = time.perf_counter()
@@ -61,7 +61,7 @@ def per_sample_rows(device, quick, only):
             trace_s = time.perf_counter() - t0
             impls["ftrans"] = lambda: compiled(params, x, y)
             row = run_row(f"per-sample grads {name} [ftrans.compile]", f"B={B}", impls, device,
-                          reps=5 if quick else 11)
+                          reps=5 if quick else 21)
             row.note += f"first call (trace) {trace_s:.2f} s"
             rows.append(row)
     return rows
@@ -85,24 +85,24 @@ def jacobian_rows(device, quick, only):
         x = torch.randn(n, device=device)
         impls = _impls(lambda: torch.autograd.functional.jacobian(_f_nd, x),
                        lambda lib: lib.jacrev(_f_nd)(x))
-        rows.append(run_row("jacrev", f"n={n}", impls, device, reps=5 if quick else 11))
+        rows.append(run_row("jacrev", f"n={n}", impls, device, reps=5 if quick else 21))
         rows.append(_compiled_row("jacrev", f"n={n}", impls, ftrans.jacrev(_f_nd), (x,), device,
-                                  reps=5 if quick else 11))
+                                  reps=5 if quick else 21))
     if not only or any(o in "vmap(jacrev)" for o in only):
         xs = torch.randn(32, 64, device=device)
         impls = _impls(
             lambda: torch.stack([torch.autograd.functional.jacobian(_f_nd, x) for x in xs]),
             lambda lib: lib.vmap(lib.jacrev(_f_nd))(xs))
-        rows.append(run_row("vmap(jacrev)", "32 x n=64", impls, device, reps=5 if quick else 11))
+        rows.append(run_row("vmap(jacrev)", "32 x n=64", impls, device, reps=5 if quick else 21))
     if not only or any(o in "hessian" for o in only):
         n = 64 if quick else 256
         x = torch.randn(n, device=device)
         g = lambda x: _f_nd(x).sum()  # noqa: E731
         impls = _impls(lambda: torch.autograd.functional.hessian(g, x),
                        lambda lib: lib.hessian(g)(x))
-        rows.append(run_row("hessian", f"n={n}", impls, device, reps=3 if quick else 7))
+        rows.append(run_row("hessian", f"n={n}", impls, device, reps=3 if quick else 15))
         rows.append(_compiled_row("hessian", f"n={n}", impls, ftrans.hessian(g), (x,), device,
-                                  reps=3 if quick else 7))
+                                  reps=3 if quick else 15))
     return rows
 
 
@@ -178,7 +178,7 @@ def maml_rows(device, quick, only):
 
         impls = {"loop": loop, "ftrans": lambda: run(ftrans), "torch.func": lambda: run(torch.func)}
         rows.append(run_row("MAML sine", f"{tasks} tasks, {steps} steps", impls, device,
-                            reps=3 if quick else 7))
+                            reps=3 if quick else 15))
     return rows
 
 
