@@ -131,3 +131,60 @@ def test_inputs_or_closures_that_require_grad_run_eagerly_and_stay_differentiabl
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             torch.testing.assert_close(h(xs), xs @ w.detach())
+
+
+def _psg(hidden=600):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(hidden, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 3))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x, y):
+        out = torch.func.functional_call(model, p, (x[None],))
+        return torch.nn.functional.cross_entropy(out, y[None])
+
+    return ftrans.vmap(ftrans.grad(loss), in_dims=(None, 0, 0)), params
+
+
+def test_cpu_replay_reuses_dropped_outputs_and_never_a_held_one():
+    f, params = _psg()
+    cf = ftrans.compile(f)
+    xs = [torch.randn(8, 600) for _ in range(4)]
+    y = torch.randint(0, 3, (8,))
+    expected = [f(params, x, y) for x in xs]
+    # Dropped results: the next replay writes into the same memory.
+    ptrs = []
+    for x, e in zip(xs, expected):
+        out = cf(params, x, y)
+        torch.testing.assert_close(out, e)
+        ptrs.append(out["0.weight"].data_ptr())
+        del out
+    assert len(set(ptrs[1:])) == 1  # 8 x 512 x 600 floats > 1 MiB: pooled
+    # A held result (or a view of it, or its storage) is never overwritten.
+    held = cf(params, xs[0], y)
+    snapshot = {k: v.clone() for k, v in held.items()}
+    again = cf(params, xs[1], y)
+    torch.testing.assert_close(held, snapshot)
+    torch.testing.assert_close(again, expected[1])
+    assert held["0.weight"].data_ptr() != again["0.weight"].data_ptr()
+    view = again["0.weight"][0]
+    del again
+    third = cf(params, xs[2], y)
+    assert view.data_ptr() != third["0.weight"][0].data_ptr()
+    torch.testing.assert_close(view, expected[1]["0.weight"][0])
+    storage = third["0.weight"].untyped_storage()
+    ptr = third["0.weight"].data_ptr()
+    del third
+    fourth = cf(params, xs[3], y)
+    assert fourth["0.weight"].data_ptr() != ptr
+    del storage
+
+
+def test_reuse_outputs_off_allocates_every_call():
+    f, params = _psg()
+    cf = ftrans.compile(f, reuse_outputs=False)
+    x, y = torch.randn(8, 600), torch.randint(0, 3, (8,))
+    entry_out = cf(params, x, y)
+    del entry_out
+    runner = next(iter(cf.cache.values())).runner
+    assert isinstance(runner, torch.fx.GraphModule)
