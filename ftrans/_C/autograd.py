@@ -30,6 +30,7 @@ import os
 import torch
 
 from .batched import BatchedTensor, add_batch_dim, remove_batch_dim
+from .levels import AUTODIFF_DEPTH as _AUTODIFF_DEPTH
 
 __all__ = ["AddBatchDim", "RemoveBatchDim", "sum_exited_levels",
            "batched_torch_function"]
@@ -185,7 +186,7 @@ def batched_torch_function(cls, func, types, args=(), kwargs=None):
             return _OVERRIDES[func](*args, **(kwargs or {}))
         except NotImplementedError:
             pass
-    if not kwargs and _fast_enabled:
+    if not kwargs and _fast_enabled and not _AUTODIFF_DEPTH[0]:
         out = _fast_call(func, types, args)
         if out is not _MISS:
             return out

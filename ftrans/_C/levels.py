@@ -55,7 +55,16 @@ def current_stack() -> list:
 
 def push(level: Level) -> Level:
     current_stack().append(level)
+    if level.kind != VMAP:
+        AUTODIFF_DEPTH[0] += 1
     return level
+
+
+# How many grad/jvp-family levels are live, in all threads: a hint for the torch-function fast
+# path, which stands back while one is (nearly every op inside records autograd, and the fast
+# path's own requires-grad check would only cost time).  A hint only: the fast path checks
+# requires_grad itself, so a count that a thread race left off changes speed, never results.
+AUTODIFF_DEPTH = [0]
 
 
 def pop(level: Level) -> None:
@@ -64,6 +73,8 @@ def pop(level: Level) -> None:
     while stack:
         top = stack.pop()
         top.alive = False
+        if top.kind != VMAP:
+            AUTODIFF_DEPTH[0] = max(0, AUTODIFF_DEPTH[0] - 1)
         if top is level:
             return
     level.alive = False
