@@ -400,3 +400,9 @@ if hasattr(aten, "linalg_lstsq"):
             return o.new_empty((B, 0)) if o.dim() == 1 and o.numel() == 0 else o
 
         return (sol, per_example(res), per_example(rank), per_example(sv)), (0, 0, 0, 0)
+
+
+# geqrf / ormqr / LDL: LAPACK wrappers looping over leading batch dims like the ones above
+# (the Householder factors are matrices, tau and pivots vectors).
+register_batch_rule(*_ops("geqrf", "linalg_ldl_factor_ex"))(leading_batch_rule({0: 2}))
+register_batch_rule(*_ops("ormqr", "linalg_ldl_solve"))(leading_batch_rule({0: 2, 1: 1, 2: 2}))
