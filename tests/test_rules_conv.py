@@ -145,3 +145,24 @@ def test_fractional_max_pool_forward_and_grad(d, with_n):
 def test_fractional_max_pool_module_repro():
     m = torch.nn.FractionalMaxPool2d(2, output_ratio=0.5, _random_samples=torch.rand(1, 3, 2))
     check_vmap(m, (torch.randn(3, 1, 3, 7, 7),), (0,))
+
+
+@pytest.mark.parametrize("in_dims", [0, 1, 4])
+@pytest.mark.parametrize("geometry", [(2, 2, 0, 1, False), (3, 2, 1, 1, True), (3, 1, 1, 2, False)])
+def test_max_pool2d_channels_last_path_matches_nchw_exactly(in_dims, geometry):
+    # The CPU rule pools in channels-last layout (faster kernel): values, tie-breaking between
+    # equal maxima, NaN and -inf, and the indices must be exactly what the NCHW kernel gives.
+    k, s, p, d, ceil = geometry
+    x = torch.randint(0, 3, (3, 2, 4, 9, 11)).float()
+    x[0, 0, 1, 0, 0] = float("nan")
+    x[1, 1, 2, 3, 4] = float("-inf")
+    x = x.movedim(0, in_dims)
+
+    def f(t):
+        return F.max_pool2d(t, k, s, p, d, ceil_mode=ceil, return_indices=True)
+
+    got = ftrans.vmap(f, in_dims=in_dims)(x)
+    ref = [torch.stack(r) for r in zip(*[f(t) for t in x.movedim(in_dims, 0)])]
+    assert torch.equal(got[1], ref[1])
+    torch.testing.assert_close(got[0], ref[0], equal_nan=True, rtol=0, atol=0)
+    assert got[0].is_contiguous() and got[1].is_contiguous()

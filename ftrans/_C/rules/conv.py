@@ -194,6 +194,35 @@ _register_fold("im2col", 3, [0])
 _register_fold("col2im", 2, [0])
 
 
+def _max_pool2d_channels_last(x, *args):
+    """``max_pool2d_with_indices`` computed in channels-last layout, returned contiguous.
+
+    torch's CPU kernel for contiguous NCHW input is 3-10x slower than its channels-last one
+    (1.1 ms vs 0.11 ms on [32, 16, 28, 28], torch 2.13), and the batched input of a pooled
+    CNN layer is exactly that.  Both kernels scan each window in the same order (same values,
+    same indices: the indices are offsets within one (n, c) plane, whatever the layout); the
+    two layout copies cost far less than the difference.  The outputs are made contiguous
+    again, so the logical tensors have the strides eager torch gives them.
+    """
+    out, idx = aten.max_pool2d_with_indices.default(
+        x.contiguous(memory_format=torch.channels_last), *args)
+    return out.contiguous(), idx.contiguous()
+
+
+_fold_max_pool2d = fold_rule(3, [0])
+
+
+@register_batch_rule(aten.max_pool2d_with_indices.default)
+def max_pool2d_rule(level, func, args, bdims, kwargs):
+    x = args[0]
+    # The fold gives the kernel [B*N, C, H, W] (or [B, C, H, W]): worth it for several
+    # channels of real floating point data on CPU.
+    if (x.device.type == "cpu" and x.is_floating_point() and not kwargs
+            and x.dim() - (bdims[0] is not None) >= 3 and x.shape[-3] > 1):
+        return _fold_max_pool2d(level, _max_pool2d_channels_last, args, bdims, kwargs)
+    return _fold_max_pool2d(level, func, args, bdims, kwargs)
+
+
 @register_batch_rule(aten.constant_pad_nd.default)
 def constant_pad_rule(level, func, args, bdims, kwargs):
     """Pads trailing dims only, so a front batch dim is just one more leading dim."""
