@@ -101,3 +101,24 @@ class Cube(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return 3 * x ** 2 * g
+
+
+def _stack_examples(xs):
+    if isinstance(xs[0], torch.Tensor):
+        return torch.stack(xs)
+    return tuple(torch.stack([x[i] for x in xs]) for i in range(len(xs[0])))
+
+
+def check_grads(f, args, in_dims, argnums, atol=1e-6):
+    """``vmap(grad(f, argnums))`` against a loop of ``torch.autograd.grad``, with no fallback."""
+    with no_fallback():
+        got = ftrans.vmap(ftrans.grad(f, argnums=argnums), in_dims=in_dims)(*args)
+    nums = argnums if isinstance(argnums, tuple) else (argnums,)
+    size = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
+    expected = []
+    for b in range(size):
+        ex = [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
+        ex = [a.detach().requires_grad_() if i in nums else a for i, a in enumerate(ex)]
+        gs = torch.autograd.grad(f(*ex), [ex[i] for i in nums])
+        expected.append(gs if isinstance(argnums, tuple) else gs[0])
+    torch.testing.assert_close(got, _stack_examples(expected), atol=atol, rtol=atol)

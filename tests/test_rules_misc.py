@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import ftrans
-from _helpers import check_vmap, no_fallback
+from _helpers import check_grads, check_vmap, no_fallback
 
 aten = torch.ops.aten
 B = 3
@@ -30,24 +30,6 @@ def test_op_has_a_rule(name):
     assert ftrans.op_status(getattr(getattr(aten, packet), overload)) == "rule"
 
 
-def _stack(xs):
-    if isinstance(xs[0], torch.Tensor):
-        return torch.stack(xs)
-    return tuple(torch.stack([x[i] for x in xs]) for i in range(len(xs[0])))
-
-
-def check_grads(f, args, in_dims, argnums, atol=1e-6):
-    """``vmap(grad(f, argnums))`` against a loop of ``torch.autograd.grad``, with no fallback."""
-    with no_fallback():
-        got = ftrans.vmap(ftrans.grad(f, argnums=argnums), in_dims=in_dims)(*args)
-    nums = argnums if isinstance(argnums, tuple) else (argnums,)
-    expected = []
-    for b in range(B):
-        ex = [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
-        ex = [a.detach().requires_grad_() if i in nums else a for i, a in enumerate(ex)]
-        gs = torch.autograd.grad(f(*ex), [ex[i] for i in nums])
-        expected.append(gs if isinstance(argnums, tuple) else gs[0])
-    torch.testing.assert_close(got, _stack(expected), atol=atol, rtol=atol)
 
 
 def _take(t, d):

@@ -176,9 +176,9 @@ def _born_before(a, top) -> bool:
 def batched_torch_function(cls, func, types, args=(), kwargs=None):
     """``__torch_function__`` of BatchedTensor: lift captured requires-grad args, then call.
 
-    Every torch call on a BatchedTensor pays this hop, so the common case (BatchedTensors of one
-    level, Python scalars, tensors that do not require grad) is one inline scan of the
-    arguments.  torch functions with an out-of-place replacement under transforms (the fused RNN
+    Every torch call on a BatchedTensor pays this hop.  Calls autograd will not record take the
+    fast path (``fastpath.py``); for the rest, the common case (BatchedTensors of one level and
+    Python scalars) costs one scan of the arguments.  torch functions with an out-of-place replacement under transforms (the fused RNN
     kernels, see ``rnn.py``; indexing, see ``indexing.py``) are swapped here, above autograd.
     """
     if func in _OVERRIDES:
@@ -190,25 +190,11 @@ def batched_torch_function(cls, func, types, args=(), kwargs=None):
         out = _fast_call(func, types, args)
         if out is not _MISS:
             return out
-    if _grad_enabled():
-        top = None
-        for a in args:
-            t = type(a)
-            if t is BatchedTensor:
-                if top is None:
-                    top = a.level
-                elif a.level is not top:
-                    break
-            elif t is list or t is tuple or (isinstance(a, _Tensor) and a.requires_grad):
-                break
-        else:
-            if not kwargs:
-                return _disabled_tf(func, types, args, {})
-        if func not in _NO_LIFT:
-            top = _lift_top(args, kwargs)
-            if top is not None and _any_lift(args, kwargs, top):
-                with _DisableTF():
-                    args, kwargs = _lift_args(func, args, kwargs, top)
+    if _grad_enabled() and func not in _NO_LIFT:
+        top = _lift_top(args, kwargs)
+        if top is not None and _any_lift(args, kwargs, top):
+            with _DisableTF():
+                args, kwargs = _lift_args(func, args, kwargs, top)
     return _disabled_tf(func, types, args, kwargs or {})
 
 

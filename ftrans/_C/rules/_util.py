@@ -63,3 +63,19 @@ def pad_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
         return x
     shape = x.shape
     return x.view((shape[0],) + (1,) * missing + tuple(shape[1:]))
+
+
+def aten_op(name, overload="default"):
+    """``aten.<name>.<overload>`` if this torch has it (older releases lack some), else None."""
+    packet = getattr(torch.ops.aten, name, None)
+    if packet is None or overload not in packet.overloads():
+        return None
+    return getattr(packet, overload)
+
+
+def register_present(*ops):
+    """``register_batch_rule`` for the ops of ``ops`` that exist (None entries are skipped)."""
+    from ..registry import register_batch_rule
+
+    present = [op for op in ops if op is not None]
+    return register_batch_rule(*present) if present else (lambda fn: fn)

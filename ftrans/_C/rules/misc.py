@@ -17,31 +17,19 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import register_batch_rule
-from ._util import batched_front
+from ._util import aten_op, batched_front, register_present
 from .pointwise import pointwise_rule
 
 aten = torch.ops.aten
 
 
-def _op(name, overload="default"):
-    """The OpOverload if this torch has it (older releases lack some), else None."""
-    packet = getattr(aten, name, None)
-    if packet is None or overload not in packet.overloads():
-        return None
-    return getattr(packet, overload)
-
-
-def _register(*ops):
-    present = [op for op in ops if op is not None]
-    return register_batch_rule(*present) if present else (lambda fn: fn)
 
 
 # ----------------------------------------------------------------------------------------------
 # rsub.Tensor
 # ----------------------------------------------------------------------------------------------
 
-@_register(_op("rsub", "Tensor"))
+@register_present(aten_op("rsub", "Tensor"))
 def rsub_tensor_rule(level, func, args, bdims, kwargs):
     return pointwise_rule(level, func, args, bdims, kwargs)
 
@@ -50,7 +38,7 @@ def rsub_tensor_rule(level, func, args, bdims, kwargs):
 # lu_unpack
 # ----------------------------------------------------------------------------------------------
 
-@_register(_op("lu_unpack"))
+@register_present(aten_op("lu_unpack"))
 def lu_unpack_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
     args = list(args)
@@ -89,7 +77,7 @@ def _unfold_spatial(out, dim, B):
     return out.view(shape[:dim] + (B, shape[dim] // B) + shape[dim + 1:])
 
 
-@_register(_op("grid_sampler_2d"), _op("grid_sampler_3d"))
+@register_present(aten_op("grid_sampler_2d"), aten_op("grid_sampler_3d"))
 def grid_sampler_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
     inp, grid, rest = args[0], args[1], args[2:]
@@ -101,7 +89,7 @@ def grid_sampler_rule(level, func, args, bdims, kwargs):
     return _unfold_n(out, B), 0
 
 
-@_register(_op("grid_sampler_2d_backward"), _op("grid_sampler_3d_backward"))
+@register_present(aten_op("grid_sampler_2d_backward"), aten_op("grid_sampler_3d_backward"))
 def grid_sampler_backward_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
     go, inp, grid = args[0], args[1], args[2]
@@ -121,14 +109,14 @@ def grid_sampler_backward_rule(level, func, args, bdims, kwargs):
 
 # cuDNN's grid sampler (CUDA, 2-D, bilinear, zeros padding, align_corners) takes the same
 # [N, C, H, W] / [N, H, W, 2] layout, so the fold into N applies unchanged.
-@_register(_op("cudnn_grid_sampler"))
+@register_present(aten_op("cudnn_grid_sampler"))
 def cudnn_grid_sampler_rule(level, func, args, bdims, kwargs):  # pragma: no cover - CUDA only
     B = level.batch_size
     out = func(_fold_n(args[0], bdims[0], B), _fold_n(args[1], bdims[1], B), **kwargs)
     return _unfold_n(out, B), 0
 
 
-@_register(_op("cudnn_grid_sampler_backward"))
+@register_present(aten_op("cudnn_grid_sampler_backward"))
 def cudnn_grid_sampler_backward_rule(level, func, args, bdims, kwargs):  # pragma: no cover
     B = level.batch_size
     outs = func(*[_fold_n(a, d, B) for a, d in zip(args, bdims)], **kwargs)

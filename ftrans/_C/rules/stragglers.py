@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import register_batch_rule
-from ._util import batched_front, to_front, wrap_dim
+from ._util import aten_op, batched_front, register_present, to_front, wrap_dim
 from .conv import fold_rule
 from .linalg import addr_rule
 from .pointwise import pointwise_rule
@@ -35,24 +34,13 @@ from .pointwise import pointwise_rule
 aten = torch.ops.aten
 
 
-def _op(name, overload="default"):
-    """The OpOverload if this torch has it (older releases lack some), else None."""
-    packet = getattr(aten, name, None)
-    if packet is None or overload not in packet.overloads():
-        return None
-    return getattr(packet, overload)
-
-
-def _register(*ops):
-    present = [op for op in ops if op is not None]
-    return register_batch_rule(*present) if present else (lambda fn: fn)
 
 
 # ----------------------------------------------------------------------------------------------
 # renorm
 # ----------------------------------------------------------------------------------------------
 
-@_register(_op("renorm"))
+@register_present(aten_op("renorm"))
 def renorm_rule(level, func, args, bdims, kwargs):
     x, p, dim, maxnorm = args[0], args[1], args[2], args[3]
     rank = x.dim() - 1
@@ -83,7 +71,7 @@ def _block_dtype(blocks, bds):
     return dtype
 
 
-@_register(_op("block_diag"))
+@register_present(aten_op("block_diag"))
 def block_diag_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
     blocks = list(args[0])
@@ -108,15 +96,15 @@ def block_diag_rule(level, func, args, bdims, kwargs):
 # anti-aliased bilinear upsampling
 # ----------------------------------------------------------------------------------------------
 
-_register(_op("_upsample_bilinear2d_aa"))(fold_rule(3, [0]))
-_register(_op("_upsample_bilinear2d_aa_backward"))(fold_rule(3, [0], size_pos=2))
+register_present(aten_op("_upsample_bilinear2d_aa"))(fold_rule(3, [0]))
+register_present(aten_op("_upsample_bilinear2d_aa_backward"))(fold_rule(3, [0], size_pos=2))
 
 
 # ----------------------------------------------------------------------------------------------
 # in-place addr_, floor_divide
 # ----------------------------------------------------------------------------------------------
 
-@_register(_op("addr_"))
+@register_present(aten_op("addr_"))
 def addr_inplace_rule(level, func, args, bdims, kwargs):
     out, od = addr_rule(level, aten.addr.default, args, bdims, kwargs)
     # The dispatcher raised already if self is unbatched while the vectors are batched.
@@ -124,8 +112,8 @@ def addr_inplace_rule(level, func, args, bdims, kwargs):
     return args[0], bdims[0]
 
 
-_register(_op("floor_divide"), _op("floor_divide", "Scalar"), _op("floor_divide_", "Tensor"),
-          _op("floor_divide_", "Scalar"))(pointwise_rule)
+register_present(aten_op("floor_divide"), aten_op("floor_divide", "Scalar"), aten_op("floor_divide_", "Tensor"),
+          aten_op("floor_divide_", "Scalar"))(pointwise_rule)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,5 +192,5 @@ def _batched_space(B, start, ds, end, de, steps, dtype, device, log, base):
 
 
 for _name, _log in (("linspace", False), ("logspace", True)):
-    _register(*[_op(_name, o) for o in ("Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor")])(
+    register_present(*[aten_op(_name, o) for o in ("Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor")])(
         _space_rule(_log))
