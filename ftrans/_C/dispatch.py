@@ -22,6 +22,7 @@ from .batched import BatchedTensor, make_batched
 from .fallback import (FallbackWarning, fallback_stats,  # noqa: F401 (re-exported)
                        loop_fallback as _loop_fallback, reset_fallback_stats)
 from . import fastpath as _fastpath
+from .custom_vmap import registered_vmap_rule, vmap_fn_for
 from .random import _VmapMode, random_dispatch
 from .registry import RULES, on_change
 
@@ -131,6 +132,8 @@ def _choose_handler(func, tags, tag_rule):
     rule = RULES.get(func)
     if rule is not None:  # a rule may handle the static cases of a data-dependent op
         return _rule_handler(rule), "rule"
+    if vmap_fn_for(func) is not None:  # a custom op's own torch.library vmap rule
+        return _rule_handler(registered_vmap_rule), "rule"
     if name in _DATA_DEPENDENT_HINTS:
         return _data_dependent, "error"
     rule = tag_rule(func, tags)
@@ -149,7 +152,14 @@ def _choose_handler(func, tags, tag_rule):
     # example: correct when every example's output has the same shape, a clear error otherwise.
     if torch.Tag.inplace_view in tags:  # a loop would resize each example's view, not the batch
         return _inplace_view_unsupported, "error"
-    return _rule_handler(_loop_fallback), "fallback"
+    return _rule_handler(_loop_or_registered_vmap), "fallback"
+
+
+def _loop_or_registered_vmap(level, func, args, bdims, kwargs):
+    # A custom op's vmap rule may be registered after the op's first batched call was cached.
+    if vmap_fn_for(func) is not None:
+        return registered_vmap_rule(level, func, args, bdims, kwargs)
+    return _loop_fallback(level, func, args, bdims, kwargs)
 
 
 _DECOMPS = None
