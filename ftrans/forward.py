@@ -22,6 +22,8 @@ from typing import Any, Callable
 import torch
 
 from ._C import levels as _levels
+from ._C.autograd import RemoveBatchDim, _levels_of
+from ._C.batched import remove_batch_dim
 from .autodiff import (_differentiating, _name, _tree_flatten, _tree_unflatten, autograd_grad,
                        check_argnums, check_callable, check_jacobian_args, jacobian_form,
                        check_tensor_outputs, detach_tree, enter, jacrev, outer_needs_graph,
@@ -63,7 +65,73 @@ class _Linearized:
         with _differentiating():
             res = autograd_grad(self.gs, self.us, flat_tangents, create_graph=need,
                                 retain_graph=retain_graph)
+        if need:
+            graph_levels = {lv.id for lv in _levels_of_all(self.gs)}
+            newer = [lv for lv in _levels_of_all(flat_tangents) if lv.id not in graph_levels]
+            if newer:
+                _sum_where_old_graph_is_reached(res, self.gs, newer)
         return _tree_unflatten(self.out_spec, res)
+
+
+def _sum_level(g, lv):
+    if g.requires_grad and torch.is_grad_enabled():
+        return RemoveBatchDim.apply(g, lv, lv.batch_size, 0).sum(0)
+    return remove_batch_dim(g, lv, lv.batch_size, 0).sum(0)
+
+
+def _levels_of_all(tensors):
+    out = {}
+    for t in tensors:
+        for lv in _levels_of(t):
+            out[lv.id] = lv
+    return list(out.values())
+
+
+def _sum_where_old_graph_is_reached(results, old_roots, levels):
+    """Per-use sums for the second backward of the double-vjp trick under a newer vmap.
+
+    ``J v`` for tangents batched at a vmap level newer than the linearization (``jacfwd``'s vmap
+    over basis tangents) is computed by the autograd engine from a graph recorded *before* that
+    vmap.  The engine's create_graph ops mix the batched tangents with tensors of that older
+    graph without passing ``__torch_function__``, where captured tensors are normally lifted
+    (``_C/autograd.py``).  So when an outer transform differentiates ``J v``, the gradient that
+    reaches an older tensor through one of these ops is batched at a level its tensor never had
+    and is added to that tensor's other, unbatched, gradient contributions: once the vmap has
+    exited, summing the total over it would count the unbatched part ``B`` times.  Instead, each
+    new node that feeds the older graph sums the exited levels out of what it sends along that
+    edge: the same per-use sum, placed on the graph's edges.
+    """
+    old = set()
+    stack = [r.grad_fn for r in old_roots if r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in old:
+            continue
+        old.add(node)
+        stack.extend(n for n, _ in node.next_functions if n is not None and n not in old)
+    seen = set()
+    stack = [r.grad_fn for r in results if isinstance(r, torch.Tensor) and r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in old:
+            continue
+        seen.add(node)
+        edges = [i for i, (n, _) in enumerate(node.next_functions) if n is not None and n in old]
+        if edges:
+            node.register_hook(functools.partial(_sum_exited_on_edges, frozenset(edges), levels))
+        stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
+
+
+def _sum_exited_on_edges(edges, levels, grad_inputs, grad_outputs):
+    out = list(grad_inputs)
+    for i in edges:
+        g = out[i]
+        if g is not None:
+            for lv in levels:
+                if not lv.alive and lv in _levels_of(g):
+                    g = _sum_level(g, lv)
+            out[i] = g
+    return tuple(out)
 
 
 def _check_primals_tangents(form, primals, tangents):

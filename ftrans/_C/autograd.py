@@ -55,7 +55,16 @@ class RemoveBatchDim(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return AddBatchDim.apply(grad, ctx.out_dim, ctx.level), None, None, None
+        level = ctx.level
+        if not level.alive and level in _levels_of(grad):
+            # The output had no batch dim at ``level``, but in a double backward through a vmap
+            # that has returned, the autograd engine's own ops can hand it a gradient that is
+            # still batched there (they mix batched and unbatched tensors without the per-use
+            # lift): that is a per-use contribution of the exited level, summed as the lift does.
+            differentiable = grad.requires_grad and torch.is_grad_enabled()
+            grad = (RemoveBatchDim.apply(grad, level, level.batch_size, 0) if differentiable
+                    else remove_batch_dim(grad, level, level.batch_size, 0)).sum(0)
+        return AddBatchDim.apply(grad, ctx.out_dim, level), None, None, None
 
 
 def sum_exited_levels(g, keep=()):
