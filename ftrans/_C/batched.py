@@ -67,6 +67,8 @@ class BatchedTensor(torch.Tensor):
 
 
 _make_wrapper = torch.Tensor._make_wrapper_subclass
+_DisableTF = torch._C.DisableTorchFunctionSubclass
+_tf_enabled = torch._C._is_torch_function_enabled
 _strided = torch.strided
 
 
@@ -93,6 +95,11 @@ def make_batched(value: torch.Tensor, bdim: int, level) -> BatchedTensor:
     Strides are passed only when they are not the contiguous default: parsing them costs about
     as much as the rest of the wrapper creation.
     """
+    if type(value) is BatchedTensor and _tf_enabled():
+        # A nested wrapper made outside dispatch (vmap's entry, autograd Functions): reading the
+        # inner wrapper's metadata must not go through its __torch_function__.
+        with _DisableTF():
+            return make_batched(value, bdim, level)
     shape = value.shape
     if bdim == 0 and value.is_contiguous():
         if _POSITIONAL:  # parses faster than keywords (strides, offset, format, dtype, layout, device)

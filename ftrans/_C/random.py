@@ -53,7 +53,13 @@ _dispatch = None
 
 
 def _mode_dispatch(self, func, types, args=(), kwargs=None):
-    return _dispatch(func, args, kwargs, True)
+    # As inside a subclass's __torch_dispatch__ (which torch runs with subclass
+    # __torch_function__ off), so that rules reading lower levels' wrappers do not re-enter it.
+    with _DisableTF():
+        return _dispatch(func, args, kwargs, True)
+
+
+_DisableTF = torch._C.DisableTorchFunctionSubclass
 
 
 class _VmapMode(TorchDispatchMode):
