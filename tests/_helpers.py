@@ -122,3 +122,23 @@ def check_grads(f, args, in_dims, argnums, atol=1e-6):
         gs = torch.autograd.grad(f(*ex), [ex[i] for i in nums])
         expected.append(gs if isinstance(argnums, tuple) else gs[0])
     torch.testing.assert_close(got, _stack_examples(expected), atol=atol, rtol=atol)
+
+
+def run_in_threads(work, n=4):
+    """Run ``work(i)`` in ``n`` threads at once; re-raise what any of them raised."""
+    import threading
+
+    errors = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

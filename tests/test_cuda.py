@@ -2,14 +2,13 @@
 
 Run on a GPU machine with ``bash benchmarks/run_gpu.sh`` (which also runs the benchmarks).
 """
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ftrans
-from _helpers import no_fallback
+from _helpers import no_fallback, run_in_threads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -57,23 +56,13 @@ def test_backward_on_autograd_device_threads():
 
 
 def test_threads_on_cuda():
-    errors = []
-
     def work(seed):
-        try:
-            g = torch.Generator(device="cuda").manual_seed(seed)
-            x = torch.randn(4, 3, device="cuda", generator=g)
-            got = ftrans.vmap(ftrans.grad(lambda t: (t ** 3).sum()))(x)
-            torch.testing.assert_close(got, 3 * x ** 2)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(4, 3, device="cuda", generator=g)
+        got = ftrans.vmap(ftrans.grad(lambda t: (t ** 3).sum()))(x)
+        torch.testing.assert_close(got, 3 * x ** 2)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(work, 4)
 
 
 def test_compile_with_cuda_graph_replay():

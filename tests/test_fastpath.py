@@ -8,7 +8,7 @@ import ftrans
 from ftrans._C import fastpath
 from ftrans._C.batched import BatchedTensor
 
-from _helpers import check_vmap
+from _helpers import check_vmap, run_in_threads
 
 pytestmark = pytest.mark.skipif(not fastpath.ENABLED, reason="torch lacks the dispatch-stack API")
 
@@ -232,27 +232,17 @@ def test_threads_learning_and_using_signatures_concurrently():
     import threading
 
     fastpath._CACHE.clear()
-    errors = []
     barrier = threading.Barrier(4)
 
     def work(seed):
-        try:
-            g = torch.Generator().manual_seed(seed)
-            dtype = (torch.float32, torch.float64)[seed % 2]
-            x = torch.randn(6, 5, generator=g, dtype=dtype)
-            barrier.wait()
-            for _ in range(20):
-                out = ftrans.vmap(_chain)(x)
-                torch.testing.assert_close(out, _chain(x))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        g = torch.Generator().manual_seed(seed)
+        dtype = (torch.float32, torch.float64)[seed % 2]
+        x = torch.randn(6, 5, generator=g, dtype=dtype)
+        barrier.wait()
+        for _ in range(20):
+            torch.testing.assert_close(ftrans.vmap(_chain)(x), _chain(x))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(work, 4)
     # the entry points are the normal ones again once every recording ended
     assert BatchedTensor.__dict__["__torch_dispatch__"] is fastpath._entries["subclass"]
     assert fastpath._mode_type.__dict__["__torch_dispatch__"] is fastpath._entries["mode"]
