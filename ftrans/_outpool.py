@@ -72,6 +72,8 @@ def plan(gm: torch.fx.GraphModule):
             n = n.args[0]
         if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
             continue
+        if any(r.alias_info is not None for r in n.target._schema.returns):
+            continue  # a view (or in-place op) of something else: its memory is not its own
         val = n.meta.get("val")
         if not isinstance(val, torch.Tensor) or val.device.type != "cpu" or n in producers:
             continue
