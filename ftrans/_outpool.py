@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import threading
 
 import torch
 import torch.fx
@@ -110,31 +111,45 @@ class OutputPool:
 
     def __init__(self, gm, gm_out, n_out):
         self.gm, self.gm_out, self.n_out = gm, gm_out, n_out
-        self.buffers = None
+        self.buffers = None  # [(alias, storage object)], the last call's results
+        self.baseline = None
+        # One writer at a time: two threads must never both find the same buffers free.
+        self._lock = threading.Lock()
 
-    def _refs(self):
-        return [sys.getrefcount(st) for _, st in self.buffers]
+    @staticmethod
+    def _refs(buffers):
+        return [sys.getrefcount(st) for _, st in buffers]
 
-    def _free(self) -> bool:
+    def _free(self, buffers, baseline) -> bool:
         # Strong references to the memory: the pool's alias and its storage object.  Python
         # references to that storage object: as many as right after it was stashed.  Anything
         # more is a tensor, a view or the storage object the caller (or autograd, or a queue)
         # still holds.
-        return self._refs() == self.baseline and all(
-            _use_count(st._cdata) == 2 for _, st in self.buffers)
+        return self._refs(buffers) == baseline and all(
+            _use_count(st._cdata) == 2 for _, st in buffers)
 
     def __call__(self, *tensors):
-        if self.buffers is not None and self._free():
-            res = self.gm_out(*tensors, *[alias for alias, _ in self.buffers])
-        else:
-            res = self.gm(*tensors)
+        buffers, baseline = self.buffers, self.baseline
+        if buffers is not None and self._lock.acquire(blocking=False):
+            try:
+                if self._free(buffers, baseline):
+                    self.buffers = None  # taken: no other call may find them free
+                    res = self.gm_out(*tensors, *[alias for alias, _ in buffers])
+                    del buffers
+                    return self._stash(res)
+            finally:
+                self._lock.release()
+        del buffers
+        return self._stash(self.gm(*tensors))
+
+    def _stash(self, res):
         n = self.n_out
-        self.buffers = None
         # Our own alias (a separate tensor object on the same storage), so that the caller's
         # results never share a tensor object with the pool, and the storage object, held so
         # that a caller holding it too shows in its reference count.
         aliases = [r.detach() for r in res[n:]]
-        self.buffers = [(a, a.untyped_storage()) for a in aliases]
+        buffers = [(a, a.untyped_storage()) for a in aliases]
         del aliases
-        self.baseline = self._refs()
+        baseline = self._refs(buffers)
+        self.buffers, self.baseline = buffers, baseline
         return list(res[:n])

@@ -188,3 +188,21 @@ def test_reuse_outputs_off_allocates_every_call():
     del entry_out
     runner = next(iter(cf.cache.values())).runner
     assert isinstance(runner, torch.fx.GraphModule)
+
+
+def test_output_reuse_from_several_threads():
+    from _helpers import run_in_threads
+
+    f, params = _psg()
+    cf = ftrans.compile(f)
+    y = torch.randint(0, 3, (8,))
+    xs = [torch.randn(8, 600, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = [f(params, x, y)["0.weight"] for x in xs]
+    cf(params, xs[0], y)  # trace once, before the threads
+
+    def work(i):
+        for _ in range(10):
+            out = cf(params, xs[i], y)["0.weight"]
+            torch.testing.assert_close(out, expected[i])
+
+    run_in_threads(work, 4)
