@@ -87,3 +87,35 @@ def test_compile_with_cuda_graph_replay():
     got2 = cf(params, x2, y)  # new values, same signature: replay sees them
     for k in eager2:
         torch.testing.assert_close(got2[k], eager2[k], atol=1e-4, rtol=1e-4)
+
+
+def test_fast_path_and_pooling_on_cuda():
+    # The torch-function fast path with CUDA values (learned per device), and max pooling,
+    # whose channels-last detour is CPU-only.
+    x = torch.randn(6, 3, 8, 8, device="cuda")
+
+    def f(t):
+        return F.max_pool2d((t * 1.5 + 0.25).sin(), 2)
+
+    for _ in range(2):
+        got = ftrans.vmap(f)(x)
+    torch.testing.assert_close(got, torch.stack([f(t) for t in x]))
+    assert got.device.type == "cuda" and got.is_contiguous()
+
+
+def test_compile_on_cuda_without_graphs_allocates_fresh_outputs():
+    model, params = _mlp("cuda")
+    x = torch.randn(8, 784, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+
+    def loss(p, xb, yb):
+        return F.cross_entropy(ftrans.functional_call(model, p, (xb[None],)), yb[None])
+
+    f = ftrans.vmap(ftrans.grad(loss), in_dims=(None, 0, 0))
+    cf = ftrans.compile(f, cuda_graph=False)
+    first = cf(params, x, y)
+    second = cf(params, x * 2, y)
+    torch.testing.assert_close(first, f(params, x, y))
+    torch.testing.assert_close(second, f(params, x * 2, y))
+    runner = next(iter(cf.cache.values())).runner
+    assert isinstance(runner, torch.fx.GraphModule)  # the output pool is CPU-only
