@@ -147,7 +147,6 @@ _NO_LIFT = {torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward}
 
 
 _disabled_tf = torch._C._disabled_torch_function_impl
-_Tensor = torch.Tensor
 _grad_enabled = torch.is_grad_enabled
 _OVERRIDES: dict = {}
 _fast_call = _MISS = None
@@ -187,8 +186,9 @@ def batched_torch_function(cls, func, types, args=(), kwargs=None):
 
     Every torch call on a BatchedTensor pays this hop.  Calls autograd will not record take the
     fast path (``fastpath.py``); for the rest, the common case (BatchedTensors of one level and
-    Python scalars) costs one scan of the arguments.  torch functions with an out-of-place replacement under transforms (the fused RNN
-    kernels, see ``rnn.py``; indexing, see ``indexing.py``) are swapped here, above autograd.
+    Python scalars) costs one scan of the arguments.  torch functions with an out-of-place
+    replacement under transforms (the fused RNN kernels, see ``rnn.py``; indexing, see
+    ``indexing.py``) are swapped here, above autograd.
     """
     if func in _OVERRIDES:
         try:

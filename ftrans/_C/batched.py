@@ -56,7 +56,8 @@ class BatchedTensor(torch.Tensor):
         )
 
     def _sync_metadata(self) -> None:
-        """After an in-place view op changed ``value``'s layout, make the wrapper agree (pitfall 3)."""
+        """After an in-place view op changed ``value``'s layout, make the wrapper agree
+        (pitfall 3)."""
         value, bdim = self.value, self.bdim
         shape, strides = value.shape, value.stride()
         with torch._C._ExcludeDispatchKeyGuard(_PYTHON_KEY):
@@ -102,7 +103,8 @@ def make_batched(value: torch.Tensor, bdim: int, level) -> BatchedTensor:
             return make_batched(value, bdim, level)
     shape = value.shape
     if bdim == 0 and value.is_contiguous():
-        if _POSITIONAL:  # parses faster than keywords (strides, offset, format, dtype, layout, device)
+        # Positional (strides, offset, format, dtype, layout, device): parses faster than keywords
+        if _POSITIONAL:
             out = _make_wrapper(BatchedTensor, shape[1:], None, None, None, value.dtype, _strided,
                                 value.device)
         else:

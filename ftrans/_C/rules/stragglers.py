@@ -112,8 +112,9 @@ def addr_inplace_rule(level, func, args, bdims, kwargs):
     return args[0], bdims[0]
 
 
-register_present(aten_op("floor_divide"), aten_op("floor_divide", "Scalar"), aten_op("floor_divide_", "Tensor"),
-          aten_op("floor_divide_", "Scalar"))(pointwise_rule)
+register_present(aten_op("floor_divide"), aten_op("floor_divide", "Scalar"),
+                 aten_op("floor_divide_", "Tensor"), aten_op("floor_divide_", "Scalar"))(
+    pointwise_rule)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,5 +193,5 @@ def _batched_space(B, start, ds, end, de, steps, dtype, device, log, base):
 
 
 for _name, _log in (("linspace", False), ("logspace", True)):
-    register_present(*[aten_op(_name, o) for o in ("Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor")])(
-        _space_rule(_log))
+    _overloads = ("Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor")
+    register_present(*[aten_op(_name, o) for o in _overloads])(_space_rule(_log))
