@@ -91,6 +91,13 @@ def test_how_ftrans_works():
     assert out["inside"]["physical_shape"] == (4, 3)
 
 
+def test_readme_demo():
+    # The README's first command runs tutorials/demo.py: per-sample gradients, eager and
+    # compiled, checked against a loop of torch.autograd.grad.
+    err, speedup = load("demo").main(batch=16, reps=1)
+    assert err < 1e-5 and speedup > 0
+
+
 def test_every_tutorial_is_tested():
     names = sorted(f[:-3] for f in os.listdir(TUTORIALS)
                    if f[0].isdigit() and f.endswith(".py"))
