@@ -221,11 +221,9 @@ def _compare(got, expected, shape_only, nested=False):
                 return f"output {j}: shape/dtype {tuple(g.shape)}/{g.dtype}, loop " \
                        f"{tuple(e.shape)}/{e.dtype}"
             continue
-        try:
-            torch.testing.assert_close(g, e, equal_nan=True)
-        except AssertionError as err:
-            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-            detail = "; ".join(ln for ln in lines if "Greatest" in ln or "Mismatched" in ln)
+        bad = sc.mismatch(g, e)
+        if bad is not None:
+            lines, detail = bad
             small = g.dtype == e.dtype and g.shape == e.shape and torch.allclose(
                 g, e, rtol=1e-4, atol=1e-4, equal_nan=True)
             return f"output {j}:{SMALL if small else ''} {lines[0] if lines else ''} {detail}"[:400]

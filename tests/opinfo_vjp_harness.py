@@ -135,12 +135,9 @@ def _compare(got, expected, shape_only=False):
                     f"{tuple(e.shape)}/{e.dtype}")
         if shape_only:
             continue
-        try:
-            torch.testing.assert_close(g, e, equal_nan=True)
-        except AssertionError as err:
-            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-            detail = "; ".join(ln for ln in lines if "Greatest" in ln or "Mismatched" in ln)
-            return f"gradient {j}: {detail}"[:400]
+        bad = sc.mismatch(g, e)
+        if bad is not None:
+            return f"gradient {j}: {bad[1]}"[:400]
     return None
 
 

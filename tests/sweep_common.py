@@ -32,6 +32,17 @@ def message_line(e: BaseException) -> str:
     return msg[0][:300] if msg else ""
 
 
+def mismatch(got, expected):
+    """None if ``torch.testing.assert_close`` accepts ``got``, else (message lines, the
+    "Greatest"/"Mismatched" lines joined) for a one-line report."""
+    try:
+        torch.testing.assert_close(got, expected, equal_nan=True)
+    except AssertionError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        return lines, "; ".join(ln for ln in lines if "Greatest" in ln or "Mismatched" in ln)
+    return None
+
+
 def first_line(e: BaseException) -> str:
     """``Type: first line``: what a report groups errors by."""
     return f"{type(e).__name__}: {message_line(e)}"
