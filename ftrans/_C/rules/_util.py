@@ -73,6 +73,11 @@ def aten_op(name, overload="default"):
     return getattr(packet, overload)
 
 
+def aten_ops(*names, overload="default"):
+    """The ``aten.<name>.<overload>`` of ``names`` that this torch has."""
+    return [op for op in (aten_op(n, overload) for n in names) if op is not None]
+
+
 def register_present(*ops):
     """``register_batch_rule`` for the ops of ``ops`` that exist (None entries are skipped)."""
     from ..registry import register_batch_rule

@@ -35,14 +35,9 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_batch_rule
-from ._util import batched_front, to_front
+from ._util import aten_ops, batched_front, to_front
 
 aten = torch.ops.aten
-
-
-def _ops(*names):
-    return [getattr(aten, n).default for n in names if hasattr(aten, n)
-            and "default" in getattr(aten, n).overloads()]
 
 
 def _full(func, args, bdims, kwargs):
@@ -107,7 +102,7 @@ def _unflat(x, B):
 # forward: _embedding_bag, _embedding_bag_forward_only
 # ----------------------------------------------------------------------------------------------
 
-@register_batch_rule(*_ops("_embedding_bag", "_embedding_bag_forward_only"))
+@register_batch_rule(*aten_ops("_embedding_bag", "_embedding_bag_forward_only"))
 def embedding_bag_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
     (w, idx, off, scale, mode, sparse, psw, last, pad), bd = _full(func, args, bdims, kwargs)
@@ -217,7 +212,7 @@ def _split_sparse_rows(out, B, V):
                                    (B, V) + tuple(out.shape[1:]), check_invariants=False)
 
 
-@register_batch_rule(*_ops("_embedding_bag_backward"))
+@register_batch_rule(*aten_ops("_embedding_bag_backward"))
 def embedding_bag_backward_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
     a, bd = _full(func, args, bdims, kwargs)
@@ -234,7 +229,7 @@ def embedding_bag_backward_rule(level, func, args, bdims, kwargs):
         grad, idx, off, o2b, bag_size, max_idx, B * V, sc, mode, False, psw, pad)), 0
 
 
-@register_batch_rule(*_ops("_embedding_bag_dense_backward"))
+@register_batch_rule(*aten_ops("_embedding_bag_dense_backward"))
 def embedding_bag_dense_backward_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
     a, bd = _full(func, args, bdims, kwargs)
@@ -251,7 +246,7 @@ def embedding_bag_dense_backward_rule(level, func, args, bdims, kwargs):
 # per-sample-weights gradient
 # ----------------------------------------------------------------------------------------------
 
-@register_batch_rule(*_ops("_embedding_bag_per_sample_weights_backward"))
+@register_batch_rule(*aten_ops("_embedding_bag_per_sample_weights_backward"))
 def embedding_bag_psw_backward_rule(level, func, args, bdims, kwargs):
     B = level.batch_size
     (grad, w, idx, off, o2b, mode, pad), bd = _full(func, args, bdims, kwargs)

@@ -20,21 +20,11 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_batch_rule
-from ._util import batched_front, pad_rank, to_front, wrap_dim
+from ._util import aten_ops, batched_front, pad_rank, to_front, wrap_dim
 
 aten = torch.ops.aten
 _SetExclude = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
 _DK = torch._C.DispatchKey
-
-
-def _ops(*names):
-    """Existing ``aten.<name>.default`` overloads (older torch may lack some)."""
-    out = []
-    for name in names:
-        packet = getattr(aten, name, None)
-        if packet is not None and "default" in packet.overloads():
-            out.append(packet.default)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +256,7 @@ def leading_batch_rule(cores):
     return rule
 
 
-_SINGLE = _ops(
+_SINGLE = aten_ops(
     "linalg_inv_ex", "_linalg_det", "_linalg_slogdet", "cholesky", "linalg_cholesky_ex",
     "cholesky_inverse", "linalg_qr", "_linalg_svd", "_linalg_eigh", "linalg_eig", "linalg_lu",
     "linalg_lu_factor_ex", "_linalg_eigvals", "linalg_eigvals",
@@ -275,16 +265,16 @@ _SINGLE = _ops(
 register_batch_rule(*_SINGLE)(leading_batch_rule({0: 2}))
 
 
-@register_batch_rule(*_ops("linalg_matrix_exp"))
+@register_batch_rule(*aten_ops("linalg_matrix_exp"))
 def matrix_exp_rule(level, func, args, bdims, kwargs):
     # torch 2.13's kernel views its input as [-1, n, n]: it fails on the permuted physical
     # layouts (batch dim moved to the front) that per-example calls never see.
     return func(to_front(args[0], bdims[0]).contiguous()), 0
-register_batch_rule(*_ops("cholesky_solve", "triangular_solve", "linalg_solve_triangular",
+register_batch_rule(*aten_ops("cholesky_solve", "triangular_solve", "linalg_solve_triangular",
                           "_cholesky_solve_helper"))(leading_batch_rule({0: 2, 1: 2}))
-register_batch_rule(*_ops("linalg_householder_product"))(leading_batch_rule({0: 2, 1: 1}))
-register_batch_rule(*_ops("linalg_lu_solve"))(leading_batch_rule({0: 2, 1: 1, 2: 2}))
-register_batch_rule(*_ops("lu_solve"))(leading_batch_rule({0: 2, 1: 2, 2: 1}))
+register_batch_rule(*aten_ops("linalg_householder_product"))(leading_batch_rule({0: 2, 1: 1}))
+register_batch_rule(*aten_ops("linalg_lu_solve"))(leading_batch_rule({0: 2, 1: 1, 2: 2}))
+register_batch_rule(*aten_ops("lu_solve"))(leading_batch_rule({0: 2, 1: 2, 2: 1}))
 if hasattr(aten, "linalg_pinv") and "atol_rtol_tensor" in aten.linalg_pinv.overloads():
     @register_batch_rule(aten.linalg_pinv.atol_rtol_tensor)
     def pinv_rule(level, func, args, bdims, kwargs):
@@ -313,7 +303,7 @@ if hasattr(aten, "linalg_pinv") and "atol_rtol_tensor" in aten.linalg_pinv.overl
 _solve_matrix = leading_batch_rule({0: 2, 1: 2})
 
 
-@register_batch_rule(*_ops("_linalg_solve_ex"))
+@register_batch_rule(*aten_ops("_linalg_solve_ex"))
 def linalg_solve_rule(level, func, args, bdims, kwargs):
     A, Bm = args[0], args[1]
     dA, dB = bdims[0], bdims[1]
@@ -338,13 +328,13 @@ def linalg_solve_rule(level, func, args, bdims, kwargs):
     return out, _out_bdims(out, Bsz)
 
 
-@register_batch_rule(*_ops("trace"))
+@register_batch_rule(*aten_ops("trace"))
 def trace_rule(level, func, args, bdims, kwargs):
     x = to_front(args[0], bdims[0])
     return x.diagonal(0, 1, 2).sum(-1), 0
 
 
-@register_batch_rule(*_ops("linalg_cross"))
+@register_batch_rule(*aten_ops("linalg_cross"))
 def cross_rule(level, func, args, bdims, kwargs):
     a, b = args[0], args[1]
     dim = kwargs.get("dim", -1)
@@ -404,5 +394,5 @@ if hasattr(aten, "linalg_lstsq"):
 
 # geqrf / ormqr / LDL: LAPACK wrappers looping over leading batch dims like the ones above
 # (the Householder factors are matrices, tau and pivots vectors).
-register_batch_rule(*_ops("geqrf", "linalg_ldl_factor_ex"))(leading_batch_rule({0: 2}))
-register_batch_rule(*_ops("ormqr", "linalg_ldl_solve"))(leading_batch_rule({0: 2, 1: 1, 2: 2}))
+register_batch_rule(*aten_ops("geqrf", "linalg_ldl_factor_ex"))(leading_batch_rule({0: 2}))
+register_batch_rule(*aten_ops("ormqr", "linalg_ldl_solve"))(leading_batch_rule({0: 2, 1: 1, 2: 2}))

@@ -20,7 +20,7 @@ import math
 import torch
 
 from ..registry import register_batch_rule
-from ._util import batched_front, to_front
+from ._util import aten_op, batched_front, register_present, to_front
 
 aten = torch.ops.aten
 
@@ -104,13 +104,9 @@ _LOSSES = {
     "binary_cross_entropy_with_logits": ([0, 1, 2, 3], 4),
 }
 for _name, (_pos, _red) in _LOSSES.items():
-    packet = getattr(aten, _name, None)
-    if packet is not None and "default" in packet.overloads():
-        register_batch_rule(packet.default)(loss_rule(_pos, _red))
-    packet = getattr(aten, _name + "_backward", None)
-    if packet is not None and "default" in packet.overloads():
-        register_batch_rule(packet.default)(
-            loss_backward_rule([0] + [p + 1 for p in _pos], _red + 1))
+    register_present(aten_op(_name))(loss_rule(_pos, _red))
+    register_present(aten_op(_name + "_backward"))(
+        loss_backward_rule([0] + [p + 1 for p in _pos], _red + 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,10 +242,7 @@ def _ctc_backward_rule(level, func, args, bdims, kwargs):
 
 
 for _name, _rule in (("_ctc_loss", _ctc_rule), ("_ctc_loss_backward", _ctc_backward_rule)):
-    _packet = getattr(aten, _name, None)
-    for _ov in ("default", "Tensor"):
-        if _packet is not None and _ov in _packet.overloads():
-            register_batch_rule(getattr(_packet, _ov))(_rule)
+    register_present(aten_op(_name), aten_op(_name, "Tensor"))(_rule)
 
 
 def _reduce_samples(out, reduction):

@@ -19,19 +19,11 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_batch_rule
-from ._util import batched_front, pad_rank, to_channels, to_front, wrap_dim
+from ._util import (aten_op, aten_ops, batched_front, pad_rank, register_present, to_channels,
+                    to_front, wrap_dim)
 from .pointwise import pointwise_rule
 
 aten = torch.ops.aten
-
-
-def _has(name, overload="default"):
-    packet = getattr(aten, name, None)
-    return packet is not None and overload in packet.overloads()
-
-
-def _op(name, overload="default"):
-    return getattr(getattr(aten, name), overload)
 
 
 def _trailing_param(p, bdim, rank, k):
@@ -219,33 +211,24 @@ def batch_norm_rule(acts, chans, training, stats=()):
 
 
 # (input, weight, bias, running_mean, running_var, training, momentum, eps)
-for _name in ("native_batch_norm", "_native_batch_norm_legit"):
-    if _has(_name):
-        register_batch_rule(_op(_name))(batch_norm_rule([0], [1, 2, 3, 4], 5, stats=(3, 4)))
-if _has("_native_batch_norm_legit", "no_stats"):
-    register_batch_rule(aten._native_batch_norm_legit.no_stats)(
-        batch_norm_rule([0], [1, 2], 3))
-if _has("_native_batch_norm_legit_no_training"):
-    register_batch_rule(aten._native_batch_norm_legit_no_training.default)(
-        batch_norm_rule([0], [1, 2, 3, 4], False))
-if _has("_native_batch_norm_legit_functional"):  # returns new stats instead of mutating
-    register_batch_rule(aten._native_batch_norm_legit_functional.default)(
-        batch_norm_rule([0], [1, 2, 3, 4], 5))
-if _has("_batch_norm_with_update"):
-    register_batch_rule(aten._batch_norm_with_update.default)(
-        batch_norm_rule([0], [1, 2, 3, 4], True, stats=(3, 4)))
-if _has("_batch_norm_with_update_functional"):
-    register_batch_rule(aten._batch_norm_with_update_functional.default)(
-        batch_norm_rule([0], [1, 2, 3, 4], True))
-if _has("_batch_norm_no_update"):
-    register_batch_rule(aten._batch_norm_no_update.default)(
-        batch_norm_rule([0], [1, 2, 3, 4], False))
+register_present(*aten_ops("native_batch_norm", "_native_batch_norm_legit"))(
+    batch_norm_rule([0], [1, 2, 3, 4], 5, stats=(3, 4)))
+register_present(aten_op("_native_batch_norm_legit", "no_stats"))(
+    batch_norm_rule([0], [1, 2], 3))
+register_present(aten_op("_native_batch_norm_legit_no_training"))(
+    batch_norm_rule([0], [1, 2, 3, 4], False))
+# returns new stats instead of mutating
+register_present(aten_op("_native_batch_norm_legit_functional"))(
+    batch_norm_rule([0], [1, 2, 3, 4], 5))
+register_present(aten_op("_batch_norm_with_update"))(
+    batch_norm_rule([0], [1, 2, 3, 4], True, stats=(3, 4)))
+register_present(aten_op("_batch_norm_with_update_functional"))(
+    batch_norm_rule([0], [1, 2, 3, 4], True))
+register_present(aten_op("_batch_norm_no_update"))(
+    batch_norm_rule([0], [1, 2, 3, 4], False))
 # (grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, mask)
-register_batch_rule(aten.native_batch_norm_backward.default)(
+register_present(*aten_ops("native_batch_norm_backward", "batch_norm_backward"))(
     batch_norm_rule([0, 1], [2, 3, 4, 5, 6], 7))
-if _has("batch_norm_backward"):
-    register_batch_rule(aten.batch_norm_backward.default)(
-        batch_norm_rule([0, 1], [2, 3, 4, 5, 6], 7))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,10 +264,9 @@ register_batch_rule(aten.glu_backward.default)(dim_rule([0, 1], 2))
 # prelu: the kernel is a broadcasting where(x > 0, x, w * x)
 # ----------------------------------------------------------------------------------------------
 
-if _has("_prelu_kernel"):
-    register_batch_rule(aten._prelu_kernel.default)(pointwise_rule)
+register_present(aten_op("_prelu_kernel"))(pointwise_rule)
 
-if _has("_prelu_kernel_backward"):
+if aten_op("_prelu_kernel_backward") is not None:
     @register_batch_rule(aten._prelu_kernel_backward.default)
     def prelu_backward_rule(level, func, args, bdims, kwargs):
         B = level.batch_size
@@ -436,5 +418,4 @@ _ATTN = {
         ({0: 4, 1: 4, 2: 4, 3: 4, 4: 4, 5: 4, 6: 3}, 9),
 }
 for _name, (_cores, _dp) in _ATTN.items():
-    if _has(_name):
-        register_batch_rule(_op(_name))(attention_rule(_cores, _dp))
+    register_present(aten_op(_name))(attention_rule(_cores, _dp))
