@@ -13,31 +13,27 @@ from _helpers import no_fallback, run_in_threads
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _mlp(device):
+def _per_sample_grads(device):
+    """(vmap(grad(loss)) of the benchmark MLP, its parameters) on ``device``."""
     from benchmarks import models
 
-    model, shape, classes = models.make("mlp", device)
+    model, _, _ = models.make("mlp", device)  # seeded: the same weights on any device
     params = {k: v.detach() for k, v in model.named_parameters()}
-    return model, params
-
-
-def test_per_sample_grads_on_cuda_match_cpu():
-    model, params = _mlp("cuda")
-    x = torch.randn(16, 784, device="cuda")
-    y = torch.randint(0, 10, (16,), device="cuda")
 
     def loss(p, xb, yb):
         return F.cross_entropy(ftrans.functional_call(model, p, (xb[None],)), yb[None])
 
+    return ftrans.vmap(ftrans.grad(loss), in_dims=(None, 0, 0)), params
+
+
+def test_per_sample_grads_on_cuda_match_cpu():
+    f, params = _per_sample_grads("cuda")
+    x = torch.randn(16, 784, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
     with no_fallback():
-        g = ftrans.vmap(ftrans.grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    cpu_model = model.to("cpu")
-    cpu_params = {k: v.cpu() for k, v in params.items()}
-
-    def loss_cpu(p, xb, yb):
-        return F.cross_entropy(ftrans.functional_call(cpu_model, p, (xb[None],)), yb[None])
-
-    ref = ftrans.vmap(ftrans.grad(loss_cpu), in_dims=(None, 0, 0))(cpu_params, x.cpu(), y.cpu())
+        g = f(params, x, y)
+    f_cpu, params_cpu = _per_sample_grads("cpu")
+    ref = f_cpu(params_cpu, x.cpu(), y.cpu())
     for k in g:
         torch.testing.assert_close(g[k].cpu(), ref[k], atol=1e-4, rtol=1e-4)
 
@@ -66,12 +62,7 @@ def test_threads_on_cuda():
 
 
 def test_compile_with_cuda_graph_replay():
-    model, params = _mlp("cuda")
-
-    def loss(p, xb, yb):
-        return F.cross_entropy(ftrans.functional_call(model, p, (xb[None],)), yb[None])
-
-    f = ftrans.vmap(ftrans.grad(loss), in_dims=(None, 0, 0))
+    f, params = _per_sample_grads("cuda")
     cf = ftrans.compile(f)  # CUDA inputs, none requiring grad: CUDA graph by default
     x = torch.randn(32, 784, device="cuda")
     y = torch.randint(0, 10, (32,), device="cuda")
@@ -104,14 +95,9 @@ def test_fast_path_and_pooling_on_cuda():
 
 
 def test_compile_on_cuda_without_graphs_allocates_fresh_outputs():
-    model, params = _mlp("cuda")
+    f, params = _per_sample_grads("cuda")
     x = torch.randn(8, 784, device="cuda")
     y = torch.randint(0, 10, (8,), device="cuda")
-
-    def loss(p, xb, yb):
-        return F.cross_entropy(ftrans.functional_call(model, p, (xb[None],)), yb[None])
-
-    f = ftrans.vmap(ftrans.grad(loss), in_dims=(None, 0, 0))
     cf = ftrans.compile(f, cuda_graph=False)
     first = cf(params, x, y)
     second = cf(params, x * 2, y)
