@@ -22,8 +22,7 @@ from typing import Any, Callable
 import torch
 
 from ._C import levels as _levels
-from ._C.autograd import RemoveBatchDim, _levels_of
-from ._C.batched import remove_batch_dim
+from ._C.autograd import _levels_of, sum_level
 from .autodiff import (_differentiating, _name, _tree_flatten, _tree_unflatten, autograd_grad,
                        check_argnums, check_callable, check_jacobian_args, jacobian_form,
                        check_tensor_outputs, detach_tree, enter, jacrev, outer_needs_graph,
@@ -71,12 +70,6 @@ class _Linearized:
             if newer:
                 _sum_where_old_graph_is_reached(res, self.gs, newer)
         return _tree_unflatten(self.out_spec, res)
-
-
-def _sum_level(g, lv):
-    if g.requires_grad and torch.is_grad_enabled():
-        return RemoveBatchDim.apply(g, lv, lv.batch_size, 0).sum(0)
-    return remove_batch_dim(g, lv, lv.batch_size, 0).sum(0)
 
 
 def _levels_of_all(tensors):
@@ -129,7 +122,7 @@ def _sum_exited_on_edges(edges, levels, grad_inputs, grad_outputs):
         if g is not None:
             for lv in levels:
                 if not lv.alive and lv in _levels_of(g):
-                    g = _sum_level(g, lv)
+                    g = sum_level(g, lv)
             out[i] = g
     return tuple(out)
 

@@ -32,7 +32,7 @@ import torch
 from .batched import BatchedTensor, add_batch_dim, remove_batch_dim
 from .levels import AUTODIFF_DEPTH as _AUTODIFF_DEPTH
 
-__all__ = ["AddBatchDim", "RemoveBatchDim", "sum_exited_levels",
+__all__ = ["AddBatchDim", "RemoveBatchDim", "sum_level", "sum_exited_levels",
            "batched_torch_function"]
 
 
@@ -61,26 +61,26 @@ class RemoveBatchDim(torch.autograd.Function):
             # that has returned, the autograd engine's own ops can hand it a gradient that is
             # still batched there (they mix batched and unbatched tensors without the per-use
             # lift): that is a per-use contribution of the exited level, summed as the lift does.
-            differentiable = grad.requires_grad and torch.is_grad_enabled()
-            grad = (RemoveBatchDim.apply(grad, level, level.batch_size, 0) if differentiable
-                    else remove_batch_dim(grad, level, level.batch_size, 0)).sum(0)
+            grad = sum_level(grad, level)
         return AddBatchDim.apply(grad, ctx.out_dim, level), None, None, None
+
+
+def sum_level(g, level):
+    """``g`` summed over batch level ``level``.  Under create_graph the sum stays
+    differentiable (forward-over-reverse differentiates through it, with the cotangent as the
+    variable)."""
+    if g.requires_grad and torch.is_grad_enabled():
+        return RemoveBatchDim.apply(g, level, level.batch_size, 0).sum(0)
+    return remove_batch_dim(g, level, level.batch_size, 0).sum(0)
 
 
 def sum_exited_levels(g, keep=()):
     """Sum a gradient over every batch level in it whose vmap has returned (except ``keep``)."""
     if type(g) is not BatchedTensor:
         return g
-    # Under create_graph the sum must stay differentiable (forward-over-reverse differentiates
-    # through it, with the cotangent as the variable).
-    differentiable = g.requires_grad and torch.is_grad_enabled()
     for level in [l for l in _levels_of(g) if not l.alive]:
-        if level in keep:
-            continue
-        if differentiable:
-            g = RemoveBatchDim.apply(g, level, level.batch_size, 0).sum(0)
-        else:
-            g = remove_batch_dim(g, level, level.batch_size, 0).sum(0)
+        if level not in keep:
+            g = sum_level(g, level)
     return g
 
 
