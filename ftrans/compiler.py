@@ -113,33 +113,20 @@ def _trace(fn, leaves, spec, cuda_graph, backend, clone_outputs, reuse_outputs):
         return [o for o in out_leaves if isinstance(o, torch.Tensor)]
 
     example = [leaves[i] for i in tensor_pos]
+    grad_on = torch.is_grad_enabled()
+    if grad_on and any(t.requires_grad for t in example):  # known before tracing
+        return _eager(fn, spec, _NEEDS_GRAD)
     try:
         gm = make_fx(flat_fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
     except Exception as e:  # data-dependent control flow, or an op fake tensors cannot run
-        warnings.warn(
-            f"ftrans.compile({getattr(fn, '__name__', fn)}): could not trace this input signature "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); running it eagerly. Python "
-            "control flow on tensor values cannot be traced: use torch.where instead.",
-            CompileWarning,
-            stacklevel=3,
-        )
-        return _Eager(fn, spec)
+        return _eager(fn, spec, (
+            f"could not trace this input signature ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); running it eagerly. Python control flow on "
+            "tensor values cannot be traced: use torch.where instead."))
     out_spec, is_tensor, consts = out_spec_box[-1]
-    needs_grad = torch.is_grad_enabled() and (
-        any(t.requires_grad for t in example) or any(
-            getattr(getattr(gm, n.target, None), "requires_grad", False)
-            for n in gm.graph.nodes if n.op == "get_attr"))
-    if needs_grad:
-        warnings.warn(
-            f"ftrans.compile({getattr(fn, '__name__', fn)}): an input or a tensor the function "
-            "closes over requires grad, and a replay is not differentiable with respect to "
-            "them; running this signature eagerly. Pass detached tensors (e.g. parameters as "
-            "`{k: v.detach() for k, v in model.named_parameters()}`) to get a replay, or "
-            "differentiate inside the compiled function (ftrans.grad / vjp).",
-            CompileWarning,
-            stacklevel=3,
-        )
-        return _Eager(fn, spec)
+    if grad_on and any(getattr(getattr(gm, n.target, None), "requires_grad", False)
+                       for n in gm.graph.nodes if n.op == "get_attr"):
+        return _eager(fn, spec, _NEEDS_GRAD)
     _simplify(gm)
     runner = gm
     if backend is not None:
@@ -157,6 +144,20 @@ def _trace(fn, leaves, spec, cuda_graph, backend, clone_outputs, reuse_outputs):
         if planned is not None:
             runner = OutputPool(*planned)
     return _Replay(runner, tensor_pos, out_spec, is_tensor, consts)
+
+
+_NEEDS_GRAD = (
+    "an input or a tensor the function closes over requires grad, and a replay is not "
+    "differentiable with respect to them; running this signature eagerly. Pass detached "
+    "tensors (e.g. parameters as `{k: v.detach() for k, v in model.named_parameters()}`) to "
+    "get a replay, or differentiate inside the compiled function (ftrans.grad / vjp).")
+
+
+def _eager(fn, spec, why):
+    """Warn (``CompileWarning``, naming the call) and run this signature eagerly from now on."""
+    warnings.warn(f"ftrans.compile({getattr(fn, '__name__', fn)}): {why}", CompileWarning,
+                  stacklevel=4)
+    return _Eager(fn, spec)
 
 
 _aten = torch.ops.aten
