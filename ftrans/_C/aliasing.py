@@ -1,0 +1,123 @@
+"""Views and in-place writes across a vmap boundary.
+
+Inside ``vmap`` autograd records on the *logical* tensors (the BatchedTensors), so a view of a
+mapped input is an autograd view of its wrapper and a write through it gives the wrapper a
+``CopySlices`` history, exactly as in eager.  The caller's own tensor ``x`` is a different
+matter: the wrapper's physical value shares ``x``'s memory, but the physical ops ran below
+autograd, so ``x`` never hears of them.  Left alone, that gives silent wrong answers outside the
+vmap: an output that is a slice of ``x`` and shares its memory but is no view of it for
+autograd (an in-place op on it, or on ``x``, is invisible to the other), and an ``x`` written in
+place inside the vmap whose autograd history and version counter still describe the old values.
+torch.func runs the physical ops through autograd and has neither problem; here the boundary
+repairs both, once per call, off the per-op hot path:
+
+1. An input whose wrapper was written in place (its version moved) gets the write into its own
+   history: ``x.copy_(result)`` where ``result`` is the wrapper's value with the batch dim back in
+   place.  Both are the same memory with the same layout, so ``copy_`` moves no data, but
+   autograd records it (and bumps the version counter, so tensors saved for backward notice the
+   change) as it would have recorded the in-place op on ``x`` in eager mode.  Without autograd
+   (``x`` does not require grad) only the version counter moves.
+2. An output that is a mapped input itself, or an autograd view of it, comes back as a view of
+   ``x``: ``x.as_strided`` with the output's physical geometry (``view_as_real`` /
+   ``view_as_complex`` of ``x`` first where the dtype changed).  Its ``_base``, its version
+   counter and in-place writes through it (``CopySlices`` on ``x``) then behave as in eager.  Its
+   gradient is the as_strided gradient, which equals the logical one because a view's values are
+   a fixed selection of ``x``'s memory (after step 1, ``x`` carries every write made in the vmap).
+"""
+from __future__ import annotations
+
+import torch
+
+from .batched import BatchedTensor
+
+__all__ = ["mutated_inputs_epilogue", "as_input_view", "physical"]
+
+_DisableTF = torch._C.DisableTorchFunctionSubclass
+_increment_version = getattr(getattr(torch.autograd, "graph", None), "increment_version", None) \
+    or getattr(torch._C, "_increment_version", None)
+
+
+def physical(t):
+    """The innermost plain tensor under nested wrappers."""
+    while type(t) is BatchedTensor:
+        t = t.value
+    return t
+
+
+def version(t) -> int:
+    with _DisableTF():
+        return t._version
+
+
+def mutated_inputs_epilogue(inputs, level, batch_size, remove):
+    """Step 1 of the module docstring.  ``inputs``: (x, wrapper, in_dim, version at entry);
+    ``remove(w, level, batch_size, d)`` turns a wrapper back into ``x``'s layout (autograd-aware
+    when ``w`` requires grad)."""
+    for x, w, d, v0 in inputs:
+        if version(w) == v0:
+            continue
+        with _DisableTF():
+            w_grad = w.requires_grad
+        if w_grad and torch.is_grad_enabled():
+            x.copy_(remove(w, level, batch_size, d))
+        elif _increment_version is not None and not x.is_inference():
+            _increment_version(x)
+
+
+def _geometry(o, d):
+    """(sizes, strides, storage offset) of ``o``'s value with the batch dim moved to ``d``."""
+    v, b = o.value, o.bdim
+    sizes, strides = list(v.shape), list(v.stride())
+    sizes.insert(d, sizes.pop(b))
+    strides.insert(d, strides.pop(b))
+    return sizes, strides, v.storage_offset()
+
+
+def _same_memory(a, b) -> bool:
+    pa, pb = physical(a), physical(b)
+    return pa.device == pb.device and \
+        pa.untyped_storage().data_ptr() == pb.untyped_storage().data_ptr()
+
+
+def _base_for(x, dtype):
+    """``x`` seen with element type ``dtype`` as a differentiable view, or None."""
+    if x.dtype == dtype:
+        return x
+    try:
+        if x.is_complex() and not x.is_conj() and torch.view_as_real(x).dtype == dtype:
+            return torch.view_as_real(x)
+        if dtype.is_complex and x.shape and x.shape[-1] == 2:
+            return torch.view_as_complex(x)
+    except RuntimeError:
+        return None
+    return None
+
+
+def as_input_view(o, d, level, by_wrapper):
+    """Step 2 of the module docstring: ``o`` (an output batched at ``level``, out_dim ``d``) as a
+    view of the caller's tensor it aliases, or None when it aliases no mapped input.
+    ``by_wrapper``: id(wrapper) -> (x, wrapper, in_dim)."""
+    if type(o) is not BatchedTensor or o.level is not level:
+        return None
+    with _DisableTF():
+        entry = by_wrapper.get(id(o))
+        if entry is None:
+            if not o._is_view():
+                return None
+            entry = by_wrapper.get(id(o._base))
+            if entry is None:
+                return None
+        x, w, in_dim = entry
+        value = o.value
+        if value.is_conj() != physical(w).is_conj() or value.is_neg() != physical(w).is_neg():
+            return None
+        if not _same_memory(value, x):
+            return None  # a rule copied: the output owns its memory
+        sizes, strides, offset = _geometry(o, d)
+    if o is w and x.dtype == value.dtype and list(x.shape) == sizes and \
+            list(x.stride()) == strides and x.storage_offset() == offset:
+        return x
+    base = _base_for(x, value.dtype)
+    if base is None:
+        return None
+    return base.as_strided(sizes, strides, offset)
