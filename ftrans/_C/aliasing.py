@@ -86,8 +86,11 @@ def _base_for(x, dtype):
     try:
         if x.is_complex() and not x.is_conj() and torch.view_as_real(x).dtype == dtype:
             return torch.view_as_real(x)
-        if dtype.is_complex and x.shape and x.shape[-1] == 2:
-            return torch.view_as_complex(x)
+        if dtype.is_complex and type(x) is not BatchedTensor and \
+                torch.view_as_real(torch.empty((), dtype=dtype)).dtype == x.dtype:
+            # The whole storage as pairs (x's own last dim need not be the pair).
+            n = x.untyped_storage().nbytes() // x.element_size()
+            return torch.view_as_complex(x.as_strided((n // 2, 2), (2, 1), 0))
     except RuntimeError:
         return None
     return None
@@ -114,7 +117,7 @@ def as_input_view(o, d, level, by_wrapper):
         if not _same_memory(value, x):
             return None  # a rule copied: the output owns its memory
         sizes, strides, offset = _geometry(o, d)
-    if o is w and x.dtype == value.dtype and list(x.shape) == sizes and \
+    if (o is w or value is w.value) and x.dtype == value.dtype and list(x.shape) == sizes and \
             list(x.stride()) == strides and x.storage_offset() == offset:
         return x
     base = _base_for(x, value.dtype)

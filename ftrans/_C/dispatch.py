@@ -124,7 +124,25 @@ def _prepare(func) -> _Op:
     op.random = (torch.Tag.nondeterministic_seeded in tags
                  and not getattr(RULES.get(func), "handles_randomness", False))
     op.handler, op.kind = _choose_handler(func, tags, tag_rule)
+    if op.kind == "rule" and _SetExclude is not None and not op.inplace_view and any(
+            r.alias_info is not None and not r.alias_info.is_write for r in rets):
+        op.handler = _tracking_views(op.handler)
     return op
+
+
+def _tracking_views(handle):
+    """A view op's rule runs below autograd, where torch also skips the ADInplaceOrView key:
+    its physical result would share memory with the physical input without being a view of it
+    (no ``_base``, its own version counter).  Turn that key back on for the rule, so the physical
+    views are real ones at every level: a nested vmap's result stays a view of the outer input
+    for the outer level's autograd, and vmap's outputs are views of the caller's tensors (see
+    ``aliasing.py``).  Autograd itself stays off: nothing is recorded below the logical level."""
+    def handle_view(op, level, args, kwargs):
+        with _SetExclude(_DK.ADInplaceOrView, False):
+            return handle(op, level, args, kwargs)
+
+    handle_view.rule = getattr(handle, "rule", None)
+    return handle_view
 
 
 def _choose_handler(func, tags, tag_rule):

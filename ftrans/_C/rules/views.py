@@ -125,9 +125,21 @@ def dim_rule(*names, rank_offset=0, scalar_ok=False):
     return rule
 
 
+def _transpose_rule(*names):
+    rule = dim_rule(*names, scalar_ok=True)
+
+    def transpose_rule(level, func, args, bdims, kwargs):
+        out, obd = rule(level, func, args, bdims, kwargs)  # checks the dims
+        if args[0].dim() == 1:  # a logical scalar: the input itself, as torch.func returns it
+            return args[0], bdims[0]
+        return out, obd
+
+    return transpose_rule
+
+
 for _ops, _rule in [
-    (overloads("transpose.int", "swapdims.default"), dim_rule("dim0", "dim1", scalar_ok=True)),
-    (overloads("swapaxes.default"), dim_rule("axis0", "axis1", scalar_ok=True)),
+    (overloads("transpose.int", "swapdims.default"), _transpose_rule("dim0", "dim1")),
+    (overloads("swapaxes.default"), _transpose_rule("axis0", "axis1")),
     (overloads("select.int", "slice.Tensor", "narrow.default", "narrow_copy.default",
                "unbind.int", "split.Tensor", "split_with_sizes.default", "unsafe_split.Tensor",
                "unsafe_split_with_sizes.default", "chunk.default"), dim_rule("dim")),
