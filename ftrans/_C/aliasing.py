@@ -124,3 +124,46 @@ def as_input_view(o, d, level, by_wrapper):
     if base is None:
         return None
     return base.as_strided(sizes, strides, offset)
+
+
+# ----------------------------------------------------------------------------------------------
+# ``.data`` under vmap: refused, as torch.func refuses it
+# ----------------------------------------------------------------------------------------------
+# ``x.data`` is the physical tensor's data with autograd cut off; on a BatchedTensor the logical
+# result would have to be a detached wrapper, and ``x.data = y`` would have to swap the physical
+# value of a wrapper autograd already recorded on.  torch.func refuses both; so does ftrans
+# (same type, its message first), instead of silently ignoring the assignment.
+
+def _level_of(args):
+    for a in args:
+        if type(a) is BatchedTensor:
+            return a.level
+    return None
+
+
+def _data_get(*args):
+    level = _level_of(args)
+    if level is None:
+        raise NotImplementedError  # not batched: torch's own getter
+    from .dispatch import describe
+
+    raise RuntimeError(
+        f"accessing `data` under vmap transform is not allowed. {describe(level)}: use the "
+        "tensor itself, or `x.detach()` for a value autograd does not record on."
+    )
+
+
+def _data_set(*args):
+    level = _level_of(args)
+    if level is None:
+        raise NotImplementedError
+    from .dispatch import describe
+
+    raise RuntimeError(
+        f"mutating directly with `.data` under vmap transform is not allowed. "
+        f"{describe(level)}: write in place instead (`x.copy_(y)` under `torch.no_grad()`), "
+        "or return the new value from the vmapped function."
+    )
+
+
+OVERRIDES = {torch.Tensor.data.__get__: _data_get, torch.Tensor.data.__set__: _data_set}

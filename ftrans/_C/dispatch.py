@@ -309,13 +309,24 @@ def wrap_result(out, out_bdims, level):
     return wrapped if isinstance(out, list) else tuple(wrapped)
 
 
+# torch.func's message for the same refusal (ftrans's own call form and hint follow it).
+_INPLACE_UNBATCHED = (
+    "vmap: inplace arithmetic(self, *extra_args) is not possible because there exists a Tensor "
+    "`other` in extra_args that has more elements than `self`. This happened due to `other` "
+    "being vmapped over but `self` not being vmapped over in a vmap. Please try to use "
+    "out-of-place operators instead of inplace arithmetic. If said operator is being called "
+    "inside the PyTorch framework, please file a bug report instead."
+)
+
+
 def _check_mutation(op, level, args, bdims):
     for i in op.mutable_pos:
         if i < len(bdims) and bdims[i] is None and args[i] is not None and any(
             b is not None for b in bdims
         ):
             raise VmapError(
-                f"{describe(level)}: {op.name} writes in place into an argument that is not "
+                f"{_INPLACE_UNBATCHED} {describe(level)}: {op.name} writes in place into an "
+                "argument that is not "
                 "batched (it has no per-example dimension) from a batched value; the result "
                 "cannot fit. Write into a batched tensor instead, e.g. replace "
                 "`y.add_(x)` by `y = y + x`, or pass `y` to vmap as a mapped input."
