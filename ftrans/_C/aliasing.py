@@ -132,7 +132,7 @@ def as_input_view(o, d, level, by_wrapper):
 # ``x.data`` is the physical tensor's data with autograd cut off; on a BatchedTensor the logical
 # result would have to be a detached wrapper, and ``x.data = y`` would have to swap the physical
 # value of a wrapper autograd already recorded on.  torch.func refuses both; so does ftrans
-# (same type, its message first), instead of silently ignoring the assignment.
+# (same type and message, after the call form), instead of silently ignoring the assignment.
 
 def _level_of(args):
     for a in args:
@@ -148,7 +148,7 @@ def _data_get(*args):
     from .dispatch import describe
 
     raise RuntimeError(
-        f"accessing `data` under vmap transform is not allowed. {describe(level)}: use the "
+        f"{describe(level)}: accessing `data` under vmap transform is not allowed. Use the "
         "tensor itself, or `x.detach()` for a value autograd does not record on."
     )
 
@@ -160,9 +160,9 @@ def _data_set(*args):
     from .dispatch import describe
 
     raise RuntimeError(
-        f"mutating directly with `.data` under vmap transform is not allowed. "
-        f"{describe(level)}: write in place instead (`x.copy_(y)` under `torch.no_grad()`), "
-        "or return the new value from the vmapped function."
+        f"{describe(level)}: mutating directly with `.data` under vmap transform is not "
+        "allowed. Write in place instead (`x.copy_(y)` under `torch.no_grad()`), or return the "
+        "new value from the vmapped function."
     )
 
 

@@ -309,7 +309,7 @@ def wrap_result(out, out_bdims, level):
     return wrapped if isinstance(out, list) else tuple(wrapped)
 
 
-# torch.func's message for the same refusal (ftrans's own call form and hint follow it).
+# torch.func's message for the same refusal (after ftrans's call form, before its hint).
 _INPLACE_UNBATCHED = (
     "vmap: inplace arithmetic(self, *extra_args) is not possible because there exists a Tensor "
     "`other` in extra_args that has more elements than `self`. This happened due to `other` "
@@ -325,7 +325,7 @@ def _check_mutation(op, level, args, bdims):
             b is not None for b in bdims
         ):
             raise VmapError(
-                f"{_INPLACE_UNBATCHED} {describe(level)}: {op.name} writes in place into an "
+                f"{describe(level)}: {_INPLACE_UNBATCHED} {op.name} writes in place into an "
                 "argument that is not "
                 "batched (it has no per-example dimension) from a batched value; the result "
                 "cannot fit. Write into a batched tensor instead, e.g. replace "
