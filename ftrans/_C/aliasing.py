@@ -33,6 +33,8 @@ from .batched import BatchedTensor
 __all__ = ["mutated_inputs_epilogue", "as_input_view", "physical"]
 
 _DisableTF = torch._C.DisableTorchFunctionSubclass
+_get_creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
+_set_creation_meta = getattr(torch._C._autograd, "_set_creation_meta", None)
 _increment_version = getattr(getattr(torch.autograd, "graph", None), "increment_version", None) \
     or getattr(torch._C, "_increment_version", None)
 
@@ -123,7 +125,15 @@ def as_input_view(o, d, level, by_wrapper):
     base = _base_for(x, value.dtype)
     if base is None:
         return None
-    return base.as_strided(sizes, strides, offset)
+    out = base.as_strided(sizes, strides, offset)
+    if o is not w and _get_creation_meta is not None:
+        # A view of a multi-output op (unbind, split) or made under no_grad stays one: eager
+        # refuses in-place writes into it, and so must the view it comes back as.
+        with _DisableTF():
+            meta = _get_creation_meta(o)
+        if meta != _get_creation_meta(out):
+            _set_creation_meta(out, meta)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
