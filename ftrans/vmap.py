@@ -202,7 +202,7 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
         _levels.push(level)
         try:
             wrapped = []
-            inputs = []  # (x, wrapper, in_dim, version): see _C/aliasing.py
+            inputs = []  # (x, wrapper, in_dim, version, grad_fn): see _C/aliasing.py
             for x, d in zip(leaves, flat_dims):
                 if d is None:
                     wrapped.append(x)
@@ -210,14 +210,17 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
                     d = d % x.dim()
                     if grad_on and x.requires_grad:
                         w = AddBatchDim.apply(x, d, level)
+                        if x.is_leaf:
+                            _aliasing.LEAVES.setdefault(level.id, set()).add(id(w))
                     else:
                         w = add_batch_dim(x, d, level)
                     wrapped.append(w)
-                    inputs.append((x, w, d, _aliasing.version(w)))
+                    inputs.append((x, w, d, *_aliasing.entry_state(w)))
             out = func(*_pytree.tree_unflatten(treespec, wrapped), **kwargs)
             _aliasing.mutated_inputs_epilogue(inputs, level, batch_size, _remove)
             return _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs)
         finally:
+            _aliasing.LEAVES.pop(level.id, None)
             _levels.pop(level)
 
 
@@ -253,7 +256,7 @@ def _remove(o, level, batch_size, d):
 def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs=()):
     out_leaves, out_spec = _pytree.tree_flatten(out)
     flat_out_dims = _flat_out_dims(func, in_dims, out_dims, out, len(out_leaves), out_spec)
-    by_wrapper = {id(w): (x, w, d) for x, w, d, _ in inputs}
+    by_wrapper = {id(w): (x, w, d) for x, w, d, *_ in inputs}
     results = []
     for o, d in zip(out_leaves, flat_out_dims):
         if d is None:

@@ -234,11 +234,29 @@ def test_input_written_in_place_bumps_its_version():
             y.sum().backward()
 
 
-def test_leaf_written_in_place_raises():
+@pytest.mark.parametrize("write", [lambda t: t.mul_(2), lambda t: t[0].mul_(2)],
+                         ids=["leaf", "view_of_leaf"])
+def test_leaf_written_in_place_raises_before_writing(write):
     for vmap in (tf.vmap, ftrans.vmap):
         x = torch.randn(3, 4, requires_grad=True)
+        before = x.detach().clone()
         with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
-            vmap(lambda t: t.mul_(2))(x)
+            vmap(write)(x)
+        assert torch.equal(x.detach(), before) and x._version == 0
+
+
+def test_leaf_written_under_no_grad():
+    def f(t):
+        with torch.no_grad():
+            t.mul_(2)
+        return t * 3
+
+    for vmap in (tf.vmap, ftrans.vmap):
+        x = torch.randn(3, 4, dtype=DT, requires_grad=True)
+        before = x.detach().clone()
+        out = vmap(f)(x)
+        assert torch.equal(x.detach(), 2 * before) and x._version == 1 and x.grad_fn is None
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.full_like(x, 3))
 
 
 def test_chunked_vmap_input_written_in_place():

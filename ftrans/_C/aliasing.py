@@ -39,6 +39,30 @@ _increment_version = getattr(getattr(torch.autograd, "graph", None), "increment_
     or getattr(torch._C, "_increment_version", None)
 
 
+# level id -> ids of the wrappers of mapped inputs that are leaves requiring grad.  Eager
+# refuses an in-place write into such a leaf (or a view of it) before writing; so must vmap,
+# whose wrapper is not a leaf for autograd (it is the output of AddBatchDim).
+LEAVES: dict = {}
+
+
+def check_leaf_write(op, level, args):
+    ids = LEAVES.get(level.id)
+    if not ids or not torch.is_grad_enabled():
+        return
+    n = len(args)
+    with _DisableTF():
+        for i in op.mutable_pos:
+            a = args[i] if i < n else None
+            if type(a) is not BatchedTensor or a.level is not level:
+                continue
+            if id(a) in ids:
+                raise RuntimeError(
+                    "a leaf Variable that requires grad is being used in an in-place operation.")
+            if a._is_view() and id(a._base) in ids:
+                raise RuntimeError("a view of a leaf Variable that requires grad is being used "
+                                   "in an in-place operation.")
+
+
 def physical(t):
     """The innermost plain tensor under nested wrappers."""
     while type(t) is BatchedTensor:
@@ -46,22 +70,25 @@ def physical(t):
     return t
 
 
-def version(t) -> int:
+def entry_state(w):
+    """What step 1 compares at exit: the wrapper's version and grad_fn."""
     with _DisableTF():
-        return t._version
+        return w._version, w.grad_fn
 
 
 def mutated_inputs_epilogue(inputs, level, batch_size, remove):
-    """Step 1 of the module docstring.  ``inputs``: (x, wrapper, in_dim, version at entry);
+    """Step 1 of the module docstring.  ``inputs``: (x, wrapper, in_dim, version and grad_fn
+    at entry);
     ``remove(w, level, batch_size, d)`` turns a wrapper back into ``x``'s layout (autograd-aware
     when ``w`` requires grad)."""
-    for x, w, d, v0 in inputs:
-        if version(w) == v0:
-            continue
+    for x, w, d, v0, fn0 in inputs:
         with _DisableTF():
-            w_grad = w.requires_grad
-        if w_grad and torch.is_grad_enabled():
-            x.copy_(remove(w, level, batch_size, d))
+            if w._version == v0:
+                continue
+            recorded = w.grad_fn is not fn0  # not written under no_grad
+        if recorded:
+            with torch.enable_grad():
+                x.copy_(remove(w, level, batch_size, d))
         elif _increment_version is not None and not x.is_inference():
             _increment_version(x)
 

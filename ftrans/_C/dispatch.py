@@ -21,7 +21,7 @@ import torch
 from .batched import BatchedTensor, make_batched
 from .fallback import (FallbackWarning, fallback_stats,  # noqa: F401 (re-exported)
                        loop_fallback as _loop_fallback, reset_fallback_stats)
-from . import fastpath as _fastpath
+from . import aliasing as _aliasing, fastpath as _fastpath
 from .custom_vmap import registered_vmap_rule, vmap_fn_for
 from .random import _VmapMode, random_dispatch
 from .registry import RULES, on_change
@@ -409,6 +409,8 @@ class BDims(list):
 
 
 def _general_rule_call(rule, op, level, args, kwargs):
+    if op.mutable_pos and _aliasing.LEAVES:
+        _aliasing.check_leaf_write(op, level, args)
     pargs, bdims = unwrap_args(op, level, args)
     # A rule marked `checks_mutation` (batch norm writes its stats only when training) decides.
     if op.mutable_pos and not getattr(rule, "checks_mutation", False):
