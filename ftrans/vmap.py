@@ -286,8 +286,12 @@ def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs=()):
                 f"-{nd} <= out_dim < {nd}."
             )
         d = d % nd
-        view = _aliasing.as_input_view(o, d, level, by_wrapper) if by_wrapper else None
-        results.append(view if view is not None else _remove(o, level, batch_size, d))
+        view = _aliasing.as_input_view(o, d, level, by_wrapper)
+        if view is None:
+            view = _remove(o, level, batch_size, d)
+            if type(o) is BatchedTensor and o.level is level:
+                by_wrapper.setdefault(id(o), (view, o, d))  # later outputs may be views of it
+        results.append(view)
     return _pytree.tree_unflatten(out_spec, results)
 
 

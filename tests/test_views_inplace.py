@@ -318,3 +318,45 @@ def test_jvp_writing_into_primals(name, f):
     (out, x), (ref, x_ref) = run(ftrans), run(tf)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x, x_ref)  # the primal itself was written, as in torch.func
+
+
+def test_output_view_of_another_output():
+    def f(t):
+        u = t * 2
+        return u, u[1:], u.t()
+
+    def run(vmap):
+        x = torch.randn(5, 3, 4, dtype=DT, generator=torch.Generator().manual_seed(5),
+                        requires_grad=True)
+        u, v, ut = vmap(f)(x)
+        assert v._base is u and ut._base is u
+        v.mul_(3)
+        return torch.autograd.grad((u ** 2).sum() + (ut * 1.5).sum(), x)[0], u.detach()
+
+    (g, u), (g_ref, u_ref) = run(ftrans.vmap), run(tf.vmap)
+    torch.testing.assert_close(u, u_ref)
+    torch.testing.assert_close(g, g_ref)
+
+
+AS_STRIDED_ERRORS = [
+    ("length", lambda x: x.as_strided([1, 1, 1], [1, 1]), (5, 2, 3), "same length"),
+    ("past_end", lambda x: x.as_strided([3], [1], 1), (5, 3), "not supported inside of vmap"),
+    ("too_big", lambda x: x.as_strided([4, 4], [4, 1], 0), (5, 3, 5),
+     "not supported inside of vmap"),
+    ("empty", lambda x: x.as_strided([3], [1]), (5, 0, 3), "not supported inside of vmap"),
+]
+
+
+@pytest.mark.parametrize("name, fn, shape, msg", AS_STRIDED_ERRORS,
+                         ids=[a[0] for a in AS_STRIDED_ERRORS])
+def test_as_strided_outside_the_example_raises(name, fn, shape, msg):
+    # Beyond one example's memory lies the next example's: torch.func refuses, and so must we
+    # (the loop would read other memory than the batched call).
+    x = torch.randn(shape)
+    with pytest.raises(RuntimeError, match=msg):
+        tf.vmap(fn)(x)
+    with pytest.raises(RuntimeError, match=msg):
+        ftrans.vmap(fn)(x)
+    x = torch.randn(5, 4)
+    inside = lambda t: t.as_strided([2], [2])  # noqa: E731
+    torch.testing.assert_close(ftrans.vmap(inside)(x), tf.vmap(inside)(x))

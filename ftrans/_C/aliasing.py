@@ -128,7 +128,9 @@ def _base_for(x, dtype):
 def as_input_view(o, d, level, by_wrapper):
     """Step 2 of the module docstring: ``o`` (an output batched at ``level``, out_dim ``d``) as a
     view of the caller's tensor it aliases, or None when it aliases no mapped input.
-    ``by_wrapper``: id(wrapper) -> (x, wrapper, in_dim)."""
+    ``by_wrapper``: id(wrapper) -> (x, wrapper, in_dim); earlier outputs are entered too (as
+    (result, output, out_dim)), so an output that is a view of another comes back as a view of
+    that one's result, as in torch.func."""
     if type(o) is not BatchedTensor or o.level is not level:
         return None
     with _DisableTF():
