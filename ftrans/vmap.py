@@ -14,6 +14,7 @@ import torch
 from . import _pytree
 
 from ._C import levels as _levels
+from ._C import aliasing as _aliasing
 from ._C.autograd import AddBatchDim, RemoveBatchDim
 from ._C.batched import BatchedTensor, add_batch_dim, remove_batch_dim
 from ._C.random import vmap_mode
@@ -201,18 +202,25 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
         _levels.push(level)
         try:
             wrapped = []
+            inputs = []  # (x, wrapper, in_dim, version, grad_fn): see _C/aliasing.py
             for x, d in zip(leaves, flat_dims):
                 if d is None:
                     wrapped.append(x)
                 else:
                     d = d % x.dim()
                     if grad_on and x.requires_grad:
-                        wrapped.append(AddBatchDim.apply(x, d, level))
+                        w = AddBatchDim.apply(x, d, level)
+                        if x.is_leaf:
+                            _aliasing.LEAVES.setdefault(level.id, set()).add(id(w))
                     else:
-                        wrapped.append(add_batch_dim(x, d, level))
+                        w = add_batch_dim(x, d, level)
+                    wrapped.append(w)
+                    inputs.append((x, w, d, *_aliasing.entry_state(w)))
             out = func(*_pytree.tree_unflatten(treespec, wrapped), **kwargs)
-            return _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size)
+            _aliasing.mutated_inputs_epilogue(inputs, level, batch_size, _remove)
+            return _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs)
         finally:
+            _aliasing.LEAVES.pop(level.id, None)
             _levels.pop(level)
 
 
@@ -239,9 +247,16 @@ def _flat_out_dims(func, in_dims, out_dims, out, n_leaves, out_spec) -> list:
         ) from None
 
 
-def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size):
+def _remove(o, level, batch_size, d):
+    if o.requires_grad and torch.is_grad_enabled() and _batched_at(o, level):
+        return RemoveBatchDim.apply(o, level, batch_size, d)
+    return remove_batch_dim(o, level, batch_size, d)
+
+
+def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs=()):
     out_leaves, out_spec = _pytree.tree_flatten(out)
     flat_out_dims = _flat_out_dims(func, in_dims, out_dims, out, len(out_leaves), out_spec)
+    by_wrapper = {id(w): (x, w, d) for x, w, d, *_ in inputs}
     results = []
     for o, d in zip(out_leaves, flat_out_dims):
         if d is None:
@@ -271,10 +286,12 @@ def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size):
                 f"-{nd} <= out_dim < {nd}."
             )
         d = d % nd
-        if o.requires_grad and torch.is_grad_enabled() and _batched_at(o, level):
-            results.append(RemoveBatchDim.apply(o, level, batch_size, d))
-        else:
-            results.append(remove_batch_dim(o, level, batch_size, d))
+        view = _aliasing.as_input_view(o, d, level, by_wrapper)
+        if view is None:
+            view = _remove(o, level, batch_size, d)
+            if type(o) is BatchedTensor and o.level is level:
+                by_wrapper.setdefault(id(o), (view, o, d))  # later outputs may be views of it
+        results.append(view)
     return _pytree.tree_unflatten(out_spec, results)
 
 

@@ -21,7 +21,7 @@ import torch
 from .batched import BatchedTensor, make_batched
 from .fallback import (FallbackWarning, fallback_stats,  # noqa: F401 (re-exported)
                        loop_fallback as _loop_fallback, reset_fallback_stats)
-from . import fastpath as _fastpath
+from . import aliasing as _aliasing, fastpath as _fastpath
 from .custom_vmap import registered_vmap_rule, vmap_fn_for
 from .random import _VmapMode, random_dispatch
 from .registry import RULES, on_change
@@ -124,7 +124,25 @@ def _prepare(func) -> _Op:
     op.random = (torch.Tag.nondeterministic_seeded in tags
                  and not getattr(RULES.get(func), "handles_randomness", False))
     op.handler, op.kind = _choose_handler(func, tags, tag_rule)
+    if op.kind == "rule" and _SetExclude is not None and not op.inplace_view and any(
+            r.alias_info is not None and not r.alias_info.is_write for r in rets):
+        op.handler = _tracking_views(op.handler)
     return op
+
+
+def _tracking_views(handle):
+    """A view op's rule runs below autograd, where torch also skips the ADInplaceOrView key:
+    its physical result would share memory with the physical input without being a view of it
+    (no ``_base``, its own version counter).  Turn that key back on for the rule, so the physical
+    views are real ones at every level: a nested vmap's result stays a view of the outer input
+    for the outer level's autograd, and vmap's outputs are views of the caller's tensors (see
+    ``aliasing.py``).  Autograd itself stays off: nothing is recorded below the logical level."""
+    def handle_view(op, level, args, kwargs):
+        with _SetExclude(_DK.ADInplaceOrView, False):
+            return handle(op, level, args, kwargs)
+
+    handle_view.rule = getattr(handle, "rule", None)
+    return handle_view
 
 
 def _choose_handler(func, tags, tag_rule):
@@ -291,13 +309,24 @@ def wrap_result(out, out_bdims, level):
     return wrapped if isinstance(out, list) else tuple(wrapped)
 
 
+# torch.func's message for the same refusal (after ftrans's call form, before its hint).
+_INPLACE_UNBATCHED = (
+    "vmap: inplace arithmetic(self, *extra_args) is not possible because there exists a Tensor "
+    "`other` in extra_args that has more elements than `self`. This happened due to `other` "
+    "being vmapped over but `self` not being vmapped over in a vmap. Please try to use "
+    "out-of-place operators instead of inplace arithmetic. If said operator is being called "
+    "inside the PyTorch framework, please file a bug report instead."
+)
+
+
 def _check_mutation(op, level, args, bdims):
     for i in op.mutable_pos:
         if i < len(bdims) and bdims[i] is None and args[i] is not None and any(
             b is not None for b in bdims
         ):
             raise VmapError(
-                f"{describe(level)}: {op.name} writes in place into an argument that is not "
+                f"{describe(level)}: {_INPLACE_UNBATCHED} {op.name} writes in place into an "
+                "argument that is not "
                 "batched (it has no per-example dimension) from a batched value; the result "
                 "cannot fit. Write into a batched tensor instead, e.g. replace "
                 "`y.add_(x)` by `y = y + x`, or pass `y` to vmap as a mapped input."
@@ -380,6 +409,8 @@ class BDims(list):
 
 
 def _general_rule_call(rule, op, level, args, kwargs):
+    if op.mutable_pos and _aliasing.LEAVES:
+        _aliasing.check_leaf_write(op, level, args)
     pargs, bdims = unwrap_args(op, level, args)
     # A rule marked `checks_mutation` (batch norm writes its stats only when training) decides.
     if op.mutable_pos and not getattr(rule, "checks_mutation", False):
