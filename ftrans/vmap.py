@@ -24,7 +24,12 @@ _RANDOMNESS = ("error", "different", "same")
 
 
 def _func_name(func) -> str:
-    return getattr(func, "__name__", None) or repr(func)
+    name = getattr(func, "__name__", None)
+    if name:
+        return name
+    if isinstance(func, functools.partial):
+        return f"functools.partial({_func_name(func.func)}, ...)"
+    return repr(func)
 
 
 def _call_form(func, in_dims, out_dims) -> str:
@@ -71,15 +76,15 @@ def vmap(
         raise TypeError(f"vmap(func): expected `func` to be a callable, got {type(func).__name__}")
     if randomness not in _RANDOMNESS:
         raise RuntimeError(
-            f"vmap({_func_name(func)}, randomness={randomness!r}): randomness must be one of "
-            f"{_RANDOMNESS}, got {randomness!r}"
+            f"vmap({_func_name(func)}, randomness={randomness!r}): Only allowed values for "
+            f"randomness are 'error', 'different', or 'same'. Got {randomness}"
         )
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
     ):
         raise ValueError(
-            f"vmap({_func_name(func)}, chunk_size={chunk_size!r}): chunk_size must be a positive "
-            "int or None"
+            f"vmap({_func_name(func)}, chunk_size={chunk_size!r}): vmap: chunk_size should be "
+            f"None or greater than 0. (got {chunk_size}): chunk_size must be a positive int or None"
         )
 
     @functools.wraps(func)
@@ -93,20 +98,21 @@ def vmap(
 
 def _flatten_in_dims(func, in_dims, out_dims, args):
     """Leaves of ``args`` and the in_dim of each, with torch.func's error messages."""
-    leaves, treespec = _pytree.tree_flatten(args)
-    if isinstance(in_dims, int) or in_dims is None:
-        if isinstance(in_dims, bool):
-            raise ValueError(
-                f"{_call_form(func, in_dims, out_dims)}: expected `in_dims` to be int or a "
-                f"(potentially nested) tuple matching the structure of inputs, got: {in_dims!r}."
-            )
-        return leaves, treespec, [in_dims] * len(leaves)
-    if not isinstance(in_dims, tuple):
+    if isinstance(in_dims, bool) or not isinstance(in_dims, (int, tuple, type(None))):
         raise ValueError(
             f"{_call_form(func, in_dims, out_dims)}: expected `in_dims` to be int or a "
             f"(potentially nested) tuple matching the structure of inputs, got: "
-            f"{type(in_dims).__name__}."
+            f"{type(in_dims)}."
         )
+    if not args:
+        raise ValueError(
+            f"{_call_form(func, in_dims, out_dims)}: got no inputs. Maybe you forgot to add "
+            "inputs, or you are trying to vmap over a function with no inputs. The latter is "
+            "unsupported."
+        )
+    leaves, treespec = _pytree.tree_flatten(args)
+    if not isinstance(in_dims, tuple):
+        return leaves, treespec, [in_dims] * len(leaves)
     if len(in_dims) != len(args):
         raise ValueError(
             f"{_call_form(func, in_dims, out_dims)}: in_dims is not compatible with the structure "
@@ -151,9 +157,9 @@ def _batch_size(func, in_dims, out_dims, leaves, flat_dims):
         sizes.append(x.shape[d])
     if not sizes:
         raise ValueError(
-            f"{_call_form(func, in_dims, out_dims)}: at least one input must be a Tensor mapped "
-            "over a dimension (in_dims are all None or inputs hold no Tensors). Pass a tensor "
-            "with an int in_dim."
+            f"{_call_form(func, in_dims, out_dims)}: vmap: Expected at least one Tensor to vmap "
+            "over (in_dims are all None or inputs hold no Tensors): at least one input must be a "
+            "Tensor mapped over a dimension. Pass a tensor with an int in_dim."
         )
     if any(s != sizes[0] for s in sizes):
         raise ValueError(
@@ -170,6 +176,7 @@ def _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs):
 
 
 def _vmap_call_impl(func, in_dims, out_dims, randomness, chunk_size, args, kwargs):
+    _check_out_dims(func, in_dims, out_dims)
     leaves, treespec, flat_dims = _flatten_in_dims(func, in_dims, out_dims, args)
     batch_size = _batch_size(func, in_dims, out_dims, leaves, flat_dims)
     if chunk_size is not None and chunk_size < batch_size:
@@ -216,26 +223,41 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
             _levels.pop(level)
 
 
+def _check_out_dims(func, in_dims, out_dims):
+    """``out_dims`` is an int, None or a pytree (tuple, list, dict, ...) of those, checked before
+    ``func`` runs, as torch.func does."""
+    if out_dims is None or (isinstance(out_dims, int) and not isinstance(out_dims, bool)):
+        return
+    bad = [d for d in _pytree.tree_leaves(out_dims)
+           if d is not None and (isinstance(d, bool) or not isinstance(d, int))]
+    if bad or isinstance(out_dims, bool):
+        raise ValueError(
+            f"{_call_form(func, in_dims, out_dims)}: `out_dims` must be an int, None or a "
+            "python collection of ints representing where in the outputs the vmapped dimension "
+            f"should appear (got {bad[0] if bad else out_dims!r})."
+        )
+
+
 def _flat_out_dims(func, in_dims, out_dims, out, n_leaves, out_spec) -> list:
     """One out_dim per output leaf: ``out_dims`` is an int, None, or a pytree prefix of the
     outputs (a 1-tuple around a single tensor output is accepted, as torch.func does)."""
     if out_dims is None or (isinstance(out_dims, int) and not isinstance(out_dims, bool)):
         return [out_dims] * n_leaves
-    if not isinstance(out_dims, (tuple, list)):
-        raise ValueError(
-            f"{_call_form(func, in_dims, out_dims)}: expected `out_dims` to be int or a "
-            f"(potentially nested) tuple matching the structure of outputs, got "
-            f"{type(out_dims).__name__}."
-        )
-    tree = out_dims[0] if isinstance(out, torch.Tensor) and len(out_dims) == 1 else out_dims
+    tree = out_dims
+    if isinstance(out, torch.Tensor) and isinstance(out_dims, tuple) and len(out_dims) == 1:
+        tree = out_dims[0]
     try:
+        if isinstance(out, torch.Tensor) and tree is out_dims:
+            raise ValueError  # a container of out_dims for one tensor output (torch.func too)
         return _pytree.tree_leaves(_pytree.tree_broadcast_prefix(tree, out))
     except ValueError:
-        n_out = len(out) if isinstance(out, (tuple, list)) else 1
+        n_dims = len(out_dims) if isinstance(out_dims, (tuple, list, dict)) else 1
+        n_out = len(out) if isinstance(out, (tuple, list, dict)) else 1
         raise ValueError(
             f"{_call_form(func, in_dims, out_dims)}: out_dims is not compatible with the "
-            f"structure of `outputs`. out_dims has {len(out_dims)} entries but the function "
-            f"returned {n_out} outputs (structure {out_spec})."
+            f"structure of `outputs`. out_dims has structure {_pytree.tree_structure(out_dims)} "
+            f"but outputs has structure {out_spec}: out_dims has {n_dims} entries but the "
+            f"function returned {n_out} outputs."
         ) from None
 
 
@@ -247,7 +269,8 @@ def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size):
         if d is None:
             if isinstance(o, BatchedTensor) and _batched_at(o, level):
                 raise ValueError(
-                    f"{_call_form(func, in_dims, out_dims)}: out_dim=None for an output that is "
+                    f"{_call_form(func, in_dims, out_dims)}: `{_func_name(func)}` can not return "
+                    "a BatchedTensor when out_dim is None: out_dim=None for an output that is "
                     "batched (it depends on the mapped inputs); give it an int out_dim."
                 )
             results.append(o)
@@ -255,18 +278,13 @@ def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size):
         if not isinstance(o, torch.Tensor):
             raise ValueError(
                 f"{_call_form(func, in_dims, out_dims)}: `{_func_name(func)}` must only return "
-                f"Tensors, got type {type(o).__name__}. Did you mean to set out_dims= to None for "
-                "that output?"
-            )
-        if not isinstance(d, int) or isinstance(d, bool):
-            raise ValueError(
-                f"{_call_form(func, in_dims, out_dims)}: out_dims entries must be int or None, "
-                f"got {d!r}."
+                f"Tensors, got type {type(o)}. Did you mean to set out_dims= to None for output?"
             )
         nd = o.dim() + 1
         if d < -nd or d >= nd:
-            raise ValueError(
-                f"{_call_form(func, in_dims, out_dims)}: Got out_dim={d} for an output of "
+            raise IndexError(
+                f"{_call_form(func, in_dims, out_dims)}: Dimension out of range (expected to be "
+                f"in range of [{-nd}, {nd - 1}], but got {d}): Got out_dim={d} for an output of "
                 f"dimensionality {o.dim()} (with the batch dim: {nd}); expected "
                 f"-{nd} <= out_dim < {nd}."
             )
