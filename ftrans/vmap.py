@@ -7,6 +7,7 @@ touches pytrees once per call.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable
 
 import torch
@@ -144,8 +145,8 @@ def _batch_size(func, in_dims, out_dims, leaves, flat_dims):
         if not isinstance(x, torch.Tensor):
             raise ValueError(
                 f"{_call_form(func, in_dims, out_dims)}: Got in_dim={d} for an input but the input "
-                f"is of type {type(x).__name__}. We cannot vmap over non-Tensor arguments, please "
-                "use None as the respective in_dim."
+                f"is of type {type(x)}. We cannot vmap over non-Tensor arguments, please use None "
+                "as the respective in_dim"
             )
         nd = x.dim()
         if d < -nd or d >= nd or nd == 0:
@@ -154,6 +155,14 @@ def _batch_size(func, in_dims, out_dims, leaves, flat_dims):
                 f"input is a Tensor of dimensionality {nd} so expected in_dim to satisfy "
                 f"-{nd} <= in_dim < {nd}."
             )
+        if x.is_nested:
+            if d % nd != 0:
+                raise RuntimeError(
+                    f"{_call_form(func, in_dims, out_dims)}: Nested tensors can only be vmapped "
+                    f"over dim=0, but got dim={d}"
+                )
+            sizes.append(x.size(0))
+            continue
         sizes.append(x.shape[d])
     if not sizes:
         raise ValueError(
@@ -179,6 +188,11 @@ def _vmap_call_impl(func, in_dims, out_dims, randomness, chunk_size, args, kwarg
     _check_out_dims(func, in_dims, out_dims)
     leaves, treespec, flat_dims = _flatten_in_dims(func, in_dims, out_dims, args)
     batch_size = _batch_size(func, in_dims, out_dims, leaves, flat_dims)
+    if getattr(_nested_tls, "markers", None):
+        _check_one_nested_level(func, in_dims, out_dims, leaves)
+    if any(d is not None and x.is_nested for x, d in zip(leaves, flat_dims)):
+        return _vmap_nested(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
+                            batch_size, kwargs)
     if chunk_size is not None and chunk_size < batch_size:
         return _chunked(func, in_dims, out_dims, randomness, chunk_size, leaves, treespec,
                         flat_dims, batch_size, kwargs)
@@ -337,3 +351,82 @@ def _chunked(func, in_dims, out_dims, randomness, chunk_size, leaves, treespec, 
         else:
             merged.append(torch.cat([f[j] for f in flat_all], dim=d))
     return _pytree.tree_unflatten(spec, merged)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nested tensors
+# ----------------------------------------------------------------------------------------------
+
+_nested_tls = threading.local()
+
+
+def _vmap_nested(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims, batch_size,
+                 kwargs):
+    """vmap over the batch dim of nested tensors, as torch.func supports it: each example is the
+    dense component, ``func`` runs once per example (under a vmap level of size 1, so randomness
+    and the refusals are vmap's), and tensor outputs are nested again.  torch.func's limits and
+    messages: dim 0 only, dense arguments batched at dim 0 only, one vmap level."""
+    form = _call_form(func, in_dims, out_dims)
+    if any(d not in (0, None) for d in _pytree.tree_leaves(out_dims)):
+        raise RuntimeError(
+            f"{form}: Nested tensors can only be vmapped over dim=0 (out_dims={out_dims!r})")
+    per_example = []
+    layout = None
+    for x, d in zip(leaves, flat_dims):
+        if d is None:
+            per_example.append(None)
+        elif x.is_nested:
+            layout = layout or x.layout
+            per_example.append(x.unbind())
+        elif d % x.dim() != 0:
+            raise RuntimeError(
+                f"{form}: Fallback not supported for mixed nested / non-nested arguments without "
+                "bdim=0"
+            )
+        else:
+            per_example.append(x.unbind(0))
+    ex_dims = [None if d is None else 0 for d in flat_dims]
+    rng = torch.get_rng_state() if randomness == "same" else None
+    outs = []
+    for i in range(batch_size):
+        if rng is not None:  # 'same': every example draws from the same generator state
+            torch.set_rng_state(rng)
+        ex = [x if p is None else p[i].unsqueeze(0) for x, p in zip(leaves, per_example)]
+        outs.append(_vmap_once_marked(func, in_dims, out_dims, randomness, ex, treespec,
+                                      ex_dims, kwargs))
+    flat0, spec = _pytree.tree_flatten(outs[0])
+    flat_all = [_pytree.tree_leaves(o) for o in outs]
+    dims = _flat_out_dims(func, in_dims, out_dims, outs[0], len(flat0), spec)
+    merged = []
+    for j, d in enumerate(dims):
+        if d is None:
+            merged.append(flat0[j])
+        else:
+            merged.append(torch.nested.as_nested_tensor([f[j].select(0, 0) for f in flat_all],
+                                                        layout=layout))
+    return _pytree.tree_unflatten(spec, merged)
+
+
+def _vmap_once_marked(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims, kwargs):
+    """One example of a nested-tensor vmap: a level of size 1, remembered (by its depth on the
+    level stack) so that a vmap nested inside over its values is refused (torch.func supports
+    one level)."""
+    markers = getattr(_nested_tls, "markers", None)
+    if markers is None:
+        markers = _nested_tls.markers = []
+    markers.append(len(_levels.current_stack()))
+    try:
+        return _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims, 1,
+                          kwargs)
+    finally:
+        markers.pop()
+
+
+def _check_one_nested_level(func, in_dims, out_dims, leaves):
+    stack = _levels.current_stack()
+    nested = [stack[d] for d in _nested_tls.markers if d < len(stack)]
+    if any(type(x) is BatchedTensor and any(_batched_at(x, l) for l in nested) for x in leaves):
+        raise RuntimeError(
+            f"{_call_form(func, in_dims, out_dims)}: Only one level of vmap is supported when "
+            "vmapping over nested tensors"
+        )
