@@ -6,6 +6,7 @@ touches pytrees once per call.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import Any, Callable
@@ -214,6 +215,10 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
         with torch.inference_mode(False):
             return _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
                               batch_size, kwargs)
+    if _top_hooks is not None and _top_hooks(False) is not None:
+        with _saved_tensors_hooks_off():
+            return _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
+                              batch_size, kwargs)
     level = _levels.Level(_levels.VMAP, batch_size, randomness)
     level.origin = getattr(func, "_ftrans_origin", None) or functools.partial(
         _call_form, func, in_dims, out_dims)
@@ -250,6 +255,31 @@ def _check_out_dims(func, in_dims, out_dims):
             "python collection of ints representing where in the outputs the vmapped dimension "
             f"should appear (got {bad[0] if bad else out_dims!r})."
         )
+
+
+# Saved-tensor hooks of an enclosing scope (non-reentrant checkpointing) see only what the vmap
+# returns, not the BatchedTensors its ops save: a checkpoint recomputation would hand the backward
+# of the vmap's ops values batched at the recomputation's level, not at their own.  torch.func's
+# transforms refuse the hooks inside; here they are set aside for the vmap's body and restored.
+_ag = torch._C._autograd
+_top_hooks = getattr(_ag, "_top_saved_tensors_default_hooks", None)
+_pop_hooks = getattr(_ag, "_pop_saved_tensors_default_hooks", None)
+_push_hooks = getattr(_ag, "_push_saved_tensors_default_hooks", None)
+if _pop_hooks is None or _push_hooks is None:  # pragma: no cover - older torch
+    _top_hooks = None
+
+
+@contextlib.contextmanager
+def _saved_tensors_hooks_off():
+    popped = []
+    while _top_hooks(False) is not None:
+        popped.append(_top_hooks(False))
+        _pop_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(popped):
+            _push_hooks(pack, unpack)
 
 
 def _flat_out_dims(func, in_dims, out_dims, out, n_leaves, out_spec) -> list:

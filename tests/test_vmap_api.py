@@ -276,3 +276,43 @@ def test_user_registered_rule():
     torch.testing.assert_close(out, (x * 2).T)
     assert calls == [3]
     assert ftrans.op_status(op) == "rule"
+
+
+def test_vmap_inside_non_reentrant_checkpoint():
+    # The checkpoint's saved-tensor hooks are set aside for the vmap's body: its recomputation
+    # used to hand the vmap's backward values batched at the recomputation's level, and a
+    # BatchedTensor leaked into .grad.
+    from torch.utils.checkpoint import checkpoint
+
+    a = torch.randn(3, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def loss(m):
+        q, _ = ftrans.vmap(torch.linalg.qr)(m)
+        return (q * m).sum()
+
+    expected = torch.autograd.grad(loss(a), a)[0]
+    got = torch.autograd.grad(checkpoint(loss, a, use_reentrant=False), a)[0]
+    assert type(got) is torch.Tensor
+    torch.testing.assert_close(got, expected)
+    a.grad = None
+    checkpoint(loss, a, use_reentrant=False).backward()
+    assert type(a.grad) is torch.Tensor
+    torch.testing.assert_close(a.grad, expected)
+
+
+def test_saved_tensors_hooks_restored_after_vmap():
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    x = torch.randn(2, 3, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with pytest.raises(ZeroDivisionError):
+            ftrans.vmap(lambda v: v.sin() / 0 if (1 / 0) else v)(x)
+        y = ftrans.vmap(torch.sin)(x)
+        n = len(packed)
+        (y * y).sum()
+        assert len(packed) > n  # the hooks apply again after the vmap
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
