@@ -154,6 +154,9 @@ def _choose_handler(func, tags, tag_rule):
         return _rule_handler(registered_vmap_rule), "rule"
     if name in _DATA_DEPENDENT_HINTS:
         return _data_dependent, "error"
+    if any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
+           for a in func._schema.arguments):  # out=: a loop would return a new tensor, not out
+        return _out_variant_unsupported, "error"
     rule = tag_rule(func, tags)
     if rule is not None:
         return _rule_handler(rule), "rule"
@@ -457,13 +460,43 @@ def _decomp_handler(fn):
     return handle
 
 
+# torch.func's own words for these refusals (code written against torch.func matches them).
+_ITEM_MSG = (
+    "vmap: It looks like you're calling .item() on a Tensor. We don't support vmap over calling "
+    ".item() on a Tensor, please try to rewrite what you're doing with other operations. If "
+    "error is occurring somewhere inside PyTorch internals, please file a bug report."
+)
+
+
+def _torch_data_dependent_msg(name) -> str:
+    if name in ("aten::_local_scalar_dense", "aten::allclose"):
+        return _ITEM_MSG
+    if name == "aten::is_nonzero":
+        from .tensor_guards import CONTROL_FLOW_MSG
+        return CONTROL_FLOW_MSG
+    if name in ("aten::equal", "aten::is_same_size"):
+        return f"Batching rule not implemented for {name}. We could not generate a fallback."
+    return (f"vmap: We do not support batching operators that can output dynamic shape. "
+            f"Attempted to vmap over {name}. Please file an issue at "
+            "https://github.com/pytorch/pytorch/issues if you need this feature.")
+
+
 def _data_dependent(op, level, args, kwargs):
     hint = _DATA_DEPENDENT_HINTS.get(op.name) or (
         f"{op.name} has an output whose shape or value depends on the data of each example"
     )
     raise VmapError(
-        f"{describe(level)}: data-dependent operation {op.name} on a batched value is not "
-        f"supported: {hint}."
+        f"{describe(level)}: {_torch_data_dependent_msg(op.name)} {op.name} is a data-dependent "
+        f"operation, not supported on a batched value: {hint}."
+    )
+
+
+def _out_variant_unsupported(op, level, args, kwargs):
+    raise VmapError(
+        f"{describe(level)}: Batching rule not implemented for "
+        f"{op.name}.{op.func._overloadname}; the fallback path doesn't work on out= or view "
+        "ops. Call the op without `out=` and use its result (`y = torch.abs(x)` "
+        "instead of `torch.abs(x, out=y)`)."
     )
 
 
