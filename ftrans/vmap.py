@@ -6,6 +6,7 @@ touches pytrees once per call.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
@@ -14,13 +15,15 @@ import torch
 from . import _pytree
 
 from ._C import levels as _levels
-from ._C.autograd import AddBatchDim, RemoveBatchDim
+from ._C.autograd import AddBatchDim, RemoveBatchDim, saved_tensor_hooks_around_vmap
 from ._C.batched import BatchedTensor, add_batch_dim, remove_batch_dim
+from ._C.guards import mark_input
 from ._C.random import vmap_mode
 
 __all__ = ["vmap"]
 
 _RANDOMNESS = ("error", "different", "same")
+_NO_HOOKS = contextlib.nullcontext()
 
 
 def _func_name(func) -> str:
@@ -197,7 +200,7 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
     level.origin = getattr(func, "_ftrans_origin", None) or functools.partial(
         _call_form, func, in_dims, out_dims)
     grad_on = torch.is_grad_enabled()
-    with vmap_mode(randomness):
+    with vmap_mode(randomness), saved_tensor_hooks_around_vmap() or _NO_HOOKS:
         _levels.push(level)
         try:
             wrapped = []
@@ -207,9 +210,9 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
                 else:
                     d = d % x.dim()
                     if grad_on and x.requires_grad:
-                        wrapped.append(AddBatchDim.apply(x, d, level))
+                        wrapped.append(mark_input(AddBatchDim.apply(x, d, level)))
                     else:
-                        wrapped.append(add_batch_dim(x, d, level))
+                        wrapped.append(mark_input(add_batch_dim(x, d, level)))
             out = func(*_pytree.tree_unflatten(treespec, wrapped), **kwargs)
             return _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size)
         finally:
