@@ -170,7 +170,8 @@ def outer_needs_graph(grad_enabled: bool, tensors) -> bool:
 
 def zeros_for(x):
     # Unbatched zeros: the logical value is the same for every example, and vmap broadcasts it.
-    return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    # (In x's layout: a sparse input gets a sparse zero gradient, as in torch.func.)
+    return torch.zeros(x.shape, dtype=x.dtype, device=x.device, layout=x.layout)
 
 
 def autograd_grad(outputs, inputs, grad_outputs, create_graph: bool, retain_graph=None):

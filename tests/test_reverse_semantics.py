@@ -287,3 +287,25 @@ def test_vmap_under_save_on_cpu():
         out = ftrans.vmap(lambda t: (t * w).sin().sum())(x)
     (g,) = torch.autograd.grad(out.sum(), w)
     assert_close(g, ((x * w).cos() * x).sum(0).detach())
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse inputs: gradients in torch.func's layout
+# ----------------------------------------------------------------------------------------------
+
+_D = torch.randn(3, 2)
+
+
+@pytest.mark.parametrize("f", [
+    lambda s, d: torch.sparse.mm(s, d).sum(),
+    lambda s, d: torch.sparse.sum(s) * d.sum(),
+    lambda s, d: (s.to_dense() * 2).sum(),
+    lambda s, d: d.sum(),                      # s unused: a zero gradient
+], ids=["sparse.mm", "sparse.sum", "to_dense", "unused"])
+def test_sparse_input_gradients_match_torch_func(f):
+    s = torch.randn(3, 3).relu().to_sparse()
+    got = ftrans.grad(f, argnums=(0, 1))(s, _D)
+    expected = torch.func.grad(f, argnums=(0, 1))(s, _D)
+    for g, e in zip(got, expected):
+        assert g.layout == e.layout
+        assert_close(g.to_dense(), e.to_dense())
