@@ -28,8 +28,8 @@ from . import _pytree
 
 from ._C import levels as _levels
 from ._C.autograd import sum_exited_levels
-from ._C.guards import mark_input
 from .vmap import vmap
+from ._C.guards import mark_input
 
 __all__ = ["grad", "grad_and_value", "vjp", "jacrev"]
 

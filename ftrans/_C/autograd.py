@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from .batched import BatchedTensor, add_batch_dim, make_batched, remove_batch_dim
+from .batched import BatchedTensor, add_batch_dim, remove_batch_dim
 from .levels import AUTODIFF_DEPTH as _AUTODIFF_DEPTH
 
 __all__ = ["AddBatchDim", "RemoveBatchDim", "sum_level", "sum_exited_levels",
@@ -121,7 +121,7 @@ def saved_tensor_hooks_around_vmap():
 
     def unpack(p):
         if type(p) is _SavedBatched:
-            return make_batched(outer_unpack(p.packed), p.bdim, p.level)
+            return BatchedTensor(outer_unpack(p.packed), p.bdim, p.level)
         return outer_unpack(p)
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
