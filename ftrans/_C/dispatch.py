@@ -25,6 +25,7 @@ from . import fastpath as _fastpath
 from .custom_vmap import registered_vmap_rule, vmap_fn_for
 from .random import _VmapMode, random_dispatch
 from .registry import RULES, on_change
+from .levels import SUMMING_EXITED as _SUMMING_EXITED
 
 __all__ = ["dispatch", "FallbackWarning", "fallback_stats", "reset_fallback_stats", "op_status",
            "VmapError"]
@@ -455,7 +456,7 @@ _ESCAPE_OK = frozenset({"aten::detach", "aten::alias"})
 
 
 def _escaped(op, level):
-    if op.name in _ESCAPE_OK:
+    if op.name in _ESCAPE_OK or _SUMMING_EXITED[0]:
         return
     raise VmapError(
         f"{describe(level)}: {op.name} was called on a per-example value (BatchedTensor) that "
