@@ -163,6 +163,29 @@ def outer_needs_graph(grad_enabled: bool, tensors) -> bool:
     return False
 
 
+def closes_over_grad(outputs, entered) -> bool:
+    """Does the graph of ``outputs`` reach a tensor that requires grad other than the inputs
+    ``entered`` at this level (parameters ``func`` closed over)?  Then, when the caller records
+    gradients, results stay differentiable with respect to it, as under torch.func: a gradient
+    penalty ``vmap(grad(critic))(x)`` backpropagates into the critic's parameters.  One walk of
+    the graph, taken only when nothing else asks for it."""
+    own = {id(t) for t in entered}
+    seen = set()
+    stack = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
+        if leaf is not None:
+            if id(leaf) not in own:
+                return True
+            continue
+        stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
+    return False
+
+
 def zeros_for(x):
     # Unbatched zeros: the logical value is the same for every example, and vmap broadcasts it.
     return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
@@ -235,14 +258,23 @@ def refuse_complex(api: str, flat, what: str, form: str):
                              f"tensor at flattened input idx: {idx}")
 
 
-def sum_exited_per_edge(results, roots, cotangents):
+def sum_exited_per_edge(results, roots, cotangents, marked=False):
     """After ``results = autograd.grad(roots, ..., cotangents, create_graph=True)``: where the
     cotangents are batched at levels the graph of ``roots`` does not carry, sum those levels per
-    edge once they exit (:func:`_sum_where_old_graph_is_reached`)."""
+    edge once they exit (:func:`_sum_where_old_graph_is_reached`).  ``marked``: the graph of
+    ``roots`` was recorded while :func:`edge_sums` changed, so it may hold nodes that predate
+    a level, whose new feeders must sum it too."""
     graph_levels = {lv.id for lv in _levels_of_all(roots)}
-    newer = [lv for lv in _levels_of_all(cotangents) if lv.id not in graph_levels]
-    if newer:
+    newer = frozenset(lv for lv in _levels_of_all(cotangents) if lv.id not in graph_levels)
+    if newer or marked:
         _sum_where_old_graph_is_reached(results, roots, newer)
+
+
+_EDGE_SUMS = [0]  # how many graphs _sum_where_old_graph_is_reached has marked
+
+
+def edge_sums() -> int:
+    return _EDGE_SUMS[0]
 
 
 def _levels_of_all(tensors):
@@ -258,15 +290,22 @@ def _sum_where_old_graph_is_reached(results, old_roots, levels):
 
     A vjp function called under a vmap newer than its graph (``jacrev``'s vmap over basis
     cotangents; ``J v`` of the double-vjp trick under ``jacfwd``'s vmap over tangents) is
-    computed by the autograd engine from a graph recorded *before* that vmap.  The engine's create_graph ops mix the batched tangents with tensors of that older
-    graph without passing ``__torch_function__``, where captured tensors are normally lifted
-    (``_C/autograd.py``).  So when an outer transform differentiates ``J v``, the gradient that
+    computed by the autograd engine from a graph recorded *before* that vmap.  The engine's
+    create_graph ops mix the batched (co)tangents with tensors of that older graph without
+    passing ``__torch_function__``, where captured tensors are normally lifted
+    (``_C/autograd.py``).  So when an outer transform differentiates the result, the gradient that
     reaches an older tensor through one of these ops is batched at a level its tensor never had
     and is added to that tensor's other, unbatched, gradient contributions: once the vmap has
     exited, summing the total over it would count the unbatched part ``B`` times.  Instead, each
     new node that feeds the older graph sums the exited levels out of what it sends along that
     edge: the same per-use sum, placed on the graph's edges.
+
+    Each older node also remembers (in its ``metadata``) the levels it predates: when this
+    backward is itself differentiated later (``jacrev(jacrev(f))``), the new nodes that feed it
+    carry these levels too, and their edges into it sum them as well.
     """
+    if levels:
+        _EDGE_SUMS[0] += 1
     old = set()
     stack = [r.grad_fn for r in old_roots if r.grad_fn is not None]
     while stack:
@@ -274,6 +313,9 @@ def _sum_where_old_graph_is_reached(results, old_roots, levels):
         if node in old:
             continue
         old.add(node)
+        meta = getattr(node, "metadata", None)
+        if levels and meta is not None:
+            meta[_PREDATES] = meta.get(_PREDATES, frozenset()).union(levels)
         stack.extend(n for n, _ in node.next_functions if n is not None and n not in old)
     seen = set()
     stack = [r.grad_fn for r in results if isinstance(r, torch.Tensor) and r.grad_fn is not None]
@@ -282,18 +324,27 @@ def _sum_where_old_graph_is_reached(results, old_roots, levels):
         if node in seen or node in old:
             continue
         seen.add(node)
-        edges = [i for i, (n, _) in enumerate(node.next_functions) if n is not None and n in old]
+        edges = [(i, n) for i, (n, _) in enumerate(node.next_functions)
+                 if n is not None and n in old and (levels or _PREDATES in _meta(n))]
         if edges:
-            node.register_hook(functools.partial(_sum_exited_on_edges, frozenset(edges), levels))
+            node.register_hook(functools.partial(_sum_exited_on_edges, tuple(edges), levels))
         stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
+
+
+_PREDATES = "ftrans_predates"  # node metadata: vmap levels newer than the node
+
+
+def _meta(node):
+    return getattr(node, "metadata", None) or {}
 
 
 def _sum_exited_on_edges(edges, levels, grad_inputs, grad_outputs):
     out = list(grad_inputs)
-    for i in edges:
+    for i, target in edges:
         g = out[i]
         if g is not None:
-            for lv in levels:
+            meta = getattr(target, "metadata", None)
+            for lv in levels.union(meta.get(_PREDATES, ())) if meta else levels:
                 if not lv.alive and lv in _levels_of(g):
                     g = sum_level(g, lv)
             out[i] = g
@@ -328,9 +379,11 @@ def _grad_level(diff, form):
 def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
     form = _grad_form(func, argnums, has_aux, api)
     argnums = check_argnums(argnums, len(args), form)
+    grad_on, marks = torch.is_grad_enabled(), edge_sums()
     with _grad_level(select_argnums(args, argnums), form) as (entered, _, spec, need):
         args = replace_argnums(args, argnums, _tree_unflatten(spec, entered))
         output, aux = split_aux(func(*args, **kwargs), has_aux, form)
+        need = need or (grad_on and closes_over_grad([output], entered))
         if not isinstance(output, torch.Tensor):
             raise RuntimeError(
                 f"{form}: Expected f(*args) to return a Tensor, got {type(output)}"
@@ -341,8 +394,10 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
                 f"{output.dim()} dims. Maybe you wanted to use the vjp or jacrev APIs "
                 "instead?"
             )
-        grads = autograd_grad([output], entered, [torch.ones_like(output)],
-                              create_graph=need)
+        ones = torch.ones_like(output)
+        grads = autograd_grad([output], entered, [ones], create_graph=need)
+        if need and edge_sums() != marks:
+            sum_exited_per_edge(grads, [output], [ones], marked=True)
     grads = _tree_unflatten(spec, grads)
     if not need:
         output, aux = output.detach(), detach_tree(aux)
@@ -405,7 +460,10 @@ def grad(func: Callable, argnums: Any = 0, has_aux: bool = False) -> Callable:
 class _VjpFn:
     """The pullback returned by :func:`vjp`; may be called many times, and under a newer vmap."""
 
-    def __init__(self, outputs, out_spec, entered, primals, primal_spec, form):
+    def __init__(self, outputs, out_spec, entered, primals, primal_spec, form, captured=False,
+                 marked=False):
+        self._captured = captured  # the graph reaches a closed-over tensor that requires grad
+        self._marked = marked  # see sum_exited_per_edge
         self._outputs = outputs
         self._out_spec = out_spec
         self._entered = entered
@@ -434,12 +492,13 @@ class _VjpFn:
                 )
         if create_graph is None:
             create_graph = outer_needs_graph(torch.is_grad_enabled(),
-                                             list(self._primals) + list(flat_ct))
+                                             list(self._primals) + list(flat_ct)) or (
+                self._captured and torch.is_grad_enabled())
         with _differentiating():
             grads = autograd_grad(self._outputs, self._entered, flat_ct,
                                   create_graph=create_graph, retain_graph=retain_graph)
         if create_graph:
-            sum_exited_per_edge(grads, self._outputs, flat_ct)
+            sum_exited_per_edge(grads, self._outputs, flat_ct, self._marked)
         return _tree_unflatten(self._primal_spec, grads)
 
 
@@ -450,13 +509,17 @@ def vjp_impl(func, primals, argnums, has_aux, form, kwargs=None):
     as a tuple).
     """
     diff = tuple(primals) if argnums is None else select_argnums(primals, argnums)
+    grad_on, marks = torch.is_grad_enabled(), edge_sums()
     with _grad_level(diff, form) as (entered, flat_diff, spec, need):
         diff_in = _tree_unflatten(spec, entered)
         args = diff_in if argnums is None else replace_argnums(primals, argnums, diff_in)
         output, aux = split_aux(func(*args, **(kwargs or {})), has_aux, form)
         flat_out, out_spec = _tree_flatten(output)
         check_tensor_outputs(flat_out, form)
-    vjp_fn = _VjpFn(flat_out, out_spec, entered, flat_diff, spec, form)
+        captured = not need and grad_on and closes_over_grad(flat_out, entered)
+    vjp_fn = _VjpFn(flat_out, out_spec, entered, flat_diff, spec, form, captured,
+                    edge_sums() != marks)
+    need = need or captured
     if not need:
         output, aux = detach_tree(output), detach_tree(aux)
     return output, vjp_fn, aux, need

@@ -23,10 +23,10 @@ import torch
 
 from ._C import levels as _levels
 from .autodiff import (_differentiating, _name, _tree_flatten, _tree_unflatten, autograd_grad,
-                       check_argnums, check_callable, check_jacobian_args, jacobian_form,
-                       check_tensor_outputs, detach_tree, enter, func_error, jacrev,
-                       outer_needs_graph, refuse_complex, replace_argnums, select_argnums,
-                       split_aux, sum_exited_per_edge, identity_basis)
+                       check_argnums, check_callable, check_jacobian_args, check_tensor_outputs,
+                       closes_over_grad, detach_tree, enter, func_error, identity_basis,
+                       jacobian_form, jacrev, outer_needs_graph, refuse_complex, replace_argnums,
+                       select_argnums, split_aux, sum_exited_per_edge, edge_sums)
 from .vmap import vmap
 
 __all__ = ["jvp", "jacfwd", "hessian", "linearize"]
@@ -43,7 +43,8 @@ class _Linearized:
 
     def __init__(self, func, flat_primals, spec, form, has_aux=False):
         self.form = form
-        self.need = outer_needs_graph(torch.is_grad_enabled(), flat_primals)
+        grad_on, marks = torch.is_grad_enabled(), edge_sums()
+        self.need = outer_needs_graph(grad_on, flat_primals)
         level = _levels.push(_levels.Level(_levels.JVP))
         try:
             with _differentiating():
@@ -56,12 +57,17 @@ class _Linearized:
                 check_tensor_outputs(flat_out, form, float_only=False)
                 self.flat_out = flat_out
                 self.diff = [o.is_floating_point() or o.is_complex() for o in flat_out]
+                self.need = self.need or (grad_on and closes_over_grad(flat_out, entered))
                 self.us = [torch.zeros(o.shape, dtype=o.dtype, device=o.device,
                                        requires_grad=True)
                            for o, d in zip(flat_out, self.diff) if d]
                 # g = J^T u, kept differentiable in u (and in x, for outer levels).
-                gs = autograd_grad([o for o, d in zip(flat_out, self.diff) if d], entered,
-                                   self.us, create_graph=True, retain_graph=True)
+                diff_out = [o for o, d in zip(flat_out, self.diff) if d]
+                gs = autograd_grad(diff_out, entered, self.us, create_graph=True,
+                                   retain_graph=True)
+                self.marked = edge_sums() != marks  # see sum_exited_per_edge
+                if self.marked:
+                    sum_exited_per_edge(gs, diff_out, self.us, marked=True)
                 self.gs = gs
                 for x, p, v in zip(flat_primals, passed, versions):
                     if p._version != v:
@@ -78,7 +84,7 @@ class _Linearized:
             res = autograd_grad(self.gs, self.us, flat_tangents, create_graph=need,
                                 retain_graph=retain_graph)
         if need:
-            sum_exited_per_edge(res, self.gs, flat_tangents)
+            sum_exited_per_edge(res, self.gs, flat_tangents, self.marked)
         if not all(self.diff):
             it = iter(res)
             res = [next(it) if d else torch.zeros_like(o.detach())

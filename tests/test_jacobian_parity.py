@@ -139,7 +139,8 @@ def test_jvp_of_function_writing_into_its_primal(f):
     assert_close(x_ours, _written(f, x, y))
     assert_close(tx_ours, tx)          # the tangent is the caller's and is left alone
 
-    _same(ftrans.jacfwd(f, argnums=(0, 1))(x.clone(), y), tf.jacfwd(f, argnums=(0, 1))(x.clone(), y))
+    _same(ftrans.jacfwd(f, argnums=(0, 1))(x.clone(), y),
+          tf.jacfwd(f, argnums=(0, 1))(x.clone(), y))
 
     def tangent_sum(L):
         return lambda x, y: L.jvp(f, (x.clone(), y), (tx.clone(), ty))[1].sum()
@@ -263,3 +264,50 @@ def test_linearize_tangent_structure_error():
     _, jvp_fn = ftrans.linearize(torch.sin, X)
     with pytest.raises(RuntimeError, match="to have the same argspec as the primals"):
         jvp_fn((T, T))
+
+
+# ---------------------------------------------------------------------------------------------
+# Results stay differentiable with respect to tensors the function closes over (a gradient
+# penalty backpropagates into the critic's parameters); they were detached before, and such a
+# term silently added nothing to the parameters' gradients.
+
+_W = torch.randn(3, dtype=torch.float64)
+_XS = torch.randn(4, 3, dtype=torch.float64)
+_THROUGH = {
+    "grad": lambda L, f: L.grad(lambda x: f(x).sum())(_XS[0]),
+    "vmap_grad": lambda L, f: L.vmap(L.grad(lambda x: f(x).sum()))(_XS),
+    "grad_and_value": lambda L, f: L.grad_and_value(lambda x: f(x).sum())(_XS[0]),
+    "vjp": lambda L, f: L.vjp(f, _XS[0])[1](_XS[1]),
+    "jacrev": lambda L, f: L.jacrev(f)(_XS[0]),
+    "jacfwd": lambda L, f: L.jacfwd(f)(_XS[0]),
+    "jvp": lambda L, f: L.jvp(f, (_XS[0],), (_XS[1],)),
+    "vmap_jvp": lambda L, f: L.vmap(lambda x, t: L.jvp(f, (x,), (t,)))(_XS, _XS.flip(0)),
+    # torch.func.linearize's result is not differentiable: jvp is its oracle
+    "linearize": lambda L, f: (L.linearize(f, _XS[0])[1](_XS[1]) if L is ftrans
+                               else L.jvp(f, (_XS[0],), (_XS[1],))[1]),
+    "jacrev_jacrev": lambda L, f: L.jacrev(L.jacrev(f))(_XS[0]),
+    "jacrev_jacfwd": lambda L, f: L.jacrev(L.jacfwd(f))(_XS[0]),
+    "jacfwd_jacfwd": lambda L, f: L.jacfwd(L.jacfwd(f))(_XS[0]),
+    "hessian": lambda L, f: L.hessian(lambda x: f(x).sum())(_XS[0]),
+}
+
+
+@pytest.mark.parametrize("api", sorted(_THROUGH))
+def test_results_differentiable_wrt_closed_over_parameters(api):
+    def param_grad(L):
+        w = _W.clone().requires_grad_()
+        out = _THROUGH[api](L, lambda x: (w * x).sin() * w)
+        penalty = sum((t ** 2).sum() for t in tree_leaves(out))
+        return torch.autograd.grad(penalty, w)[0]
+
+    assert_close(param_grad(ftrans), param_grad(tf))
+
+
+@pytest.mark.parametrize("api", sorted(_THROUGH))
+def test_results_not_differentiable_without_grad_mode_or_closure(api):
+    w = _W.clone().requires_grad_()
+    with torch.no_grad():
+        out = _THROUGH[api](ftrans, lambda x: (w * x).sin() * w)
+    assert not any(t.requires_grad for t in tree_leaves(out))
+    out = _THROUGH[api](ftrans, lambda x: (_W * x).sin() * _W)
+    assert not any(t.requires_grad for t in tree_leaves(out))
