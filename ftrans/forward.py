@@ -32,13 +32,40 @@ from .vmap import vmap
 __all__ = ["jvp", "jacfwd", "hessian", "linearize"]
 
 
+class _Writable(torch.autograd.Function):
+    """The primal ``func`` sees: ``x``'s memory and version counter, but not a leaf, so ``func``
+    may write into it in place, as torch.func's jvp allows (its dual tensors are not leaves).
+    Gradients are taken with respect to ``x`` itself, which keeps the values before the write."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _writable(x, primal):
+    # When an outer level differentiates the primal, it must see f's writes into it: f gets a
+    # copy, and a write is copied back into the primal with autograd recording it (_write_back).
+    out = x.clone() if primal.requires_grad else _Writable.apply(x)
+    born = x.__dict__.get("_ftrans_born")
+    if born is not None:
+        out._ftrans_born = born
+    return out
+
+
+def _write_back(primals, writable, versions):
+    for x, w, v in zip(primals, writable, versions):
+        if x.requires_grad and w._version != v:
+            x.copy_(w)
+
+
 class _Linearized:
     """``f`` linearized at fixed primals: ``self(tangents) = J @ tangents`` (flat lists).
 
-    ``f`` may write into its inputs in place, as under torch.func: it receives copies of the
-    differentiated inputs (which keep the values ``J`` is taken at), and a write is copied back
-    into the caller's tensor, as calling ``f`` eagerly would do.  Outputs that are not floating
-    point or complex get zero tangents.
+    Outputs that are not floating point or complex get zero tangents, as under torch.func.
     """
 
     def __init__(self, func, flat_primals, spec, form, has_aux=False):
@@ -50,9 +77,9 @@ class _Linearized:
             with _differentiating():
                 self.primals = flat_primals
                 entered = [enter(x, form) for x in flat_primals]
-                passed = [_copy_for_writes(e) for e in entered]
-                versions = [p._version for p in passed]
-                out, aux = split_aux(func(*_tree_unflatten(spec, passed)), has_aux, form)
+                writable = [_writable(e, x) for e, x in zip(entered, flat_primals)]
+                versions = [w._version for w in writable]
+                out, aux = split_aux(func(*_tree_unflatten(spec, writable)), has_aux, form)
                 flat_out, self.out_spec = _tree_flatten(out)
                 check_tensor_outputs(flat_out, form, float_only=False)
                 self.flat_out = flat_out
@@ -69,9 +96,7 @@ class _Linearized:
                 if self.marked:
                     sum_exited_per_edge(gs, diff_out, self.us, marked=True)
                 self.gs = gs
-                for x, p, v in zip(flat_primals, passed, versions):
-                    if p._version != v:
-                        _write_back(x, p)
+                _write_back(flat_primals, writable, versions)
         finally:
             _levels.pop(level)
         self.output = out if self.need else detach_tree(out)
@@ -90,22 +115,6 @@ class _Linearized:
             res = [next(it) if d else torch.zeros_like(o.detach())
                    for o, d in zip(self.flat_out, self.diff)]
         return _tree_unflatten(self.out_spec, res)
-
-
-def _write_back(x, written):
-    if x.requires_grad:  # an outer level differentiates through the write, as through f's
-        x.copy_(written)
-    else:
-        with torch.no_grad():
-            x.copy_(written)
-
-
-def _copy_for_writes(entered):
-    copy = entered.clone()
-    born = entered.__dict__.get("_ftrans_born")
-    if born is not None:  # made at this level, as the input it copies (see autodiff.enter)
-        copy._ftrans_born = born
-    return copy
 
 
 _JVP = "jvp(f, primals, tangents)"  # how torch.func's messages name jvp (and jacfwd)

@@ -245,7 +245,7 @@ def _lift_top(args, kwargs):
 
 
 def _install_overrides():
-    from . import indexing, rnn
+    from . import aliasing, indexing, rnn, tensor_guards
     from .fastpath import ENABLED, MISS, fast_call
 
     global _fast_call, _MISS, _fast_enabled
@@ -255,6 +255,8 @@ def _install_overrides():
 
     _OVERRIDES.update(rnn.OVERRIDES)
     _OVERRIDES.update(indexing.OVERRIDES)
+    _OVERRIDES.update(tensor_guards.OVERRIDES)
+    _OVERRIDES.update(aliasing.OVERRIDES)
 
 
 _install_overrides()

@@ -235,3 +235,16 @@ def histc_rule(level, func, args, bdims, kwargs):
     out = out.scatter_add(1, pos, keep.to(x.dtype))
     return torch.where(finite, out, torch.full((), float("nan"), dtype=x.dtype,
                                                device=x.device)), 0
+
+
+# `_is_all_true`/`_is_any_true` back `torch._check_tensor_all` (TORCH_CHECK_TENSOR_ALL): the
+# check holds when it holds for every example, so they reduce the whole batch to one unbatched
+# bool, which the check's `.item()` can read (torch.func's rule does the same).
+@register_batch_rule(aten._is_all_true.default)
+def _is_all_true_rule(level, func, args, bdims, kwargs):
+    return func(args[0]), None
+
+
+@register_batch_rule(aten._is_any_true.default)
+def _is_any_true_rule(level, func, args, bdims, kwargs):
+    return func(args[0]), None
