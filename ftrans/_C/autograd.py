@@ -30,7 +30,7 @@ import os
 import torch
 
 from .batched import BatchedTensor, add_batch_dim, remove_batch_dim
-from .levels import AUTODIFF_DEPTH as _AUTODIFF_DEPTH
+from .levels import AUTODIFF_DEPTH as _AUTODIFF_DEPTH, SUMMING_EXITED as _SUMMING_EXITED
 
 __all__ = ["AddBatchDim", "RemoveBatchDim", "sum_level", "sum_exited_levels",
            "batched_torch_function", "saved_tensor_hooks_around_vmap"]
@@ -78,9 +78,14 @@ def sum_exited_levels(g, keep=()):
     """Sum a gradient over every batch level in it whose vmap has returned (except ``keep``)."""
     if type(g) is not BatchedTensor:
         return g
-    for level in [l for l in _levels_of(g) if not l.alive]:
-        if level not in keep:
-            g = sum_level(g, level)
+    exited = [l for l in _levels_of(g) if not l.alive and l not in keep]
+    if exited:
+        _SUMMING_EXITED[0] += 1
+        try:
+            for level in exited:
+                g = sum_level(g, level)
+        finally:
+            _SUMMING_EXITED[0] -= 1
     return g
 
 
