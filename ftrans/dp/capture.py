@@ -1,0 +1,206 @@
+"""One forward and one backward over the batch, with every parameter use captured.
+
+:func:`run` is the engine under the clipping transforms.  It calls ``vmap`` over a per-example
+function that
+
+1. enters the differentiated inputs as a grad level does (fresh leaves),
+2. runs ``func`` under :class:`_Tape`, a ``TorchFunctionMode`` that sees every torch call
+   *above* autograd.  A call taking a differentiated parameter and having a norm rule runs the
+   rule instead: the op is computed with the parameter detached (autograd will never form its
+   per-example gradient), the rule's saved tensors are kept, and a gradient hook on the output
+   records ``g``, the gradient of the loss w.r.t. that output, during the backward.  A call with
+   no rule (or one the rule declines) runs as written with the differentiable leaf: that use's
+   per-example gradient is instantiated by autograd (the fallback, counted);
+3. runs ONE backward, ``autograd.grad(loss, [anchor, *leaves])``: activation gradients only,
+   plus the fallback parameters.  Every rule output is offset by a zero ``anchor`` leaf, so
+   that its hook fires even where nothing else upstream requires grad (the first layer).  The
+   hook sits on the output as the op produced it: a later in-place op on it (``ReLU(inplace=
+   True)``) does not change what the hook sees.
+
+The per-example function returns the saved tensors and the ``g``'s; leaving ``vmap`` turns them
+into physical batched tensors, from which each rule builds its factors (``factors.py``).
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .. import _pytree
+from .._C import levels as _levels
+from ..autodiff import (_grad_level, check_argnums, replace_argnums, select_argnums,
+                        split_aux)
+from ..vmap import vmap
+from .factors import Dense, combine
+from .norm_rules import Call, count_fallback, get_norm_rule
+
+__all__ = ["run", "Captured"]
+
+
+class _Tap:
+    __slots__ = ("names", "saved", "factors", "out", "g")
+
+    def __init__(self, names, saved, factors, out):
+        self.names, self.saved, self.factors, self.out, self.g = names, saved, factors, out, None
+
+
+class _Tape(TorchFunctionMode):
+    def __init__(self, leaves, born):
+        super().__init__()
+        self.index = {id(t): i for i, t in enumerate(leaves)}
+        self.taps: list = []
+        self.fallbacks: collections.Counter = collections.Counter()
+        self.anchors: dict = {}
+        self.born = born
+
+    def _anchor(self, dtype, device):
+        key = (dtype, device)
+        a = self.anchors.get(key)
+        if a is None:
+            a = self.anchors[key] = torch.zeros((), dtype=dtype, device=device,
+                                                requires_grad=True)
+            a._ftrans_born = self.born
+        return a
+
+    def _hits(self, args, kwargs):
+        index = self.index
+        hit = False
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if id(a) in index:
+                    return True
+            elif type(a) in (list, tuple):
+                hit = hit or any(id(x) in index for x in a if isinstance(x, torch.Tensor))
+        if kwargs:
+            hit = hit or any(isinstance(v, torch.Tensor) and id(v) in index
+                             for v in kwargs.values())
+        return hit
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._hits(args, kwargs):
+            return func(*args, **kwargs)
+        rule = get_norm_rule(func)
+        if rule is not None:
+            out = self._apply(rule, args, kwargs)
+            if out is not None:
+                return out
+        name = getattr(func, "__name__", str(func))
+        self.fallbacks[name] += 1
+        count_fallback(name)
+        return func(*args, **kwargs)
+
+    def _apply(self, rule, args, kwargs):
+        bound = rule.bind(args, kwargs)
+        if bound is None:
+            return None
+        names = {}
+        for k, v in bound.items():
+            if isinstance(v, torch.Tensor) and id(v) in self.index:
+                if k not in rule.params:
+                    return None
+                names[k] = self.index[id(v)]
+                bound[k] = v.detach()
+        res = rule.fn(Call(bound, frozenset(names)))
+        if res is None:
+            return None
+        out, saved, factors = res
+        if not (out.is_floating_point() or out.is_complex()):
+            return None
+        out = out + self._anchor(out.dtype, out.device)
+        tap = _Tap(names, tuple(saved), factors, out)
+        out.register_hook(lambda g, tap=tap: _store(tap, g))
+        self.taps.append(tap)
+        return out
+
+
+def _store(tap, g):
+    tap.g = g if tap.g is None else tap.g + g
+
+
+class Captured:
+    """What one capture run produced: ``factors[i]`` is the Factor of the i-th differentiated
+    leaf (None if the loss does not depend on it), ``spec`` their pytree structure."""
+
+    def __init__(self, factors, leaves, spec, losses, aux, fallbacks, batch_size):
+        self.factors, self.leaves, self.spec = factors, leaves, spec
+        self.losses, self.aux, self.fallbacks, self.batch_size = losses, aux, fallbacks, batch_size
+
+
+def normalize_in_dims(in_dims, argnums, nargs, form):
+    """The clipping transforms map every argument but the differentiated ones: an int (the
+    default 0) applies to the others; a tuple gives one entry per argument and must hold None
+    at each position of ``argnums``."""
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    if in_dims is None or (isinstance(in_dims, int) and not isinstance(in_dims, bool)):
+        return tuple(None if i in nums else in_dims for i in range(nargs))
+    if not isinstance(in_dims, tuple) or len(in_dims) != nargs:
+        raise ValueError(f"{form}: in_dims must be an int or a tuple with one entry per "
+                         f"positional argument ({nargs}), got {in_dims!r}")
+    for i in nums:
+        if any(d is not None for d in _pytree.tree_leaves(in_dims[i])):
+            raise ValueError(
+                f"{form}: argument {i} is differentiated (argnums) and must not be mapped: "
+                f"in_dims[{i}] must be None, got {in_dims[i]!r}. Per-example gradients are "
+                "taken w.r.t. inputs shared by all examples")
+    return in_dims
+
+
+def run(func, argnums, in_dims, has_aux, args, kwargs, form) -> Captured:
+    argnums = check_argnums(argnums, len(args), form)
+    dims = normalize_in_dims(in_dims, argnums, len(args), form)
+    flat_diff, spec = _pytree.tree_flatten(select_argnums(args, argnums))
+    state = {}
+
+    def per_example(*ex):
+        with _grad_level(select_argnums(ex, argnums), form) as (entered, _, espec, need):
+            ex = replace_argnums(ex, argnums, _pytree.tree_unflatten(espec, entered))
+            tape = _Tape(entered, _levels.current_stack()[-1].id)
+            with tape:
+                out = func(*ex, **kwargs)
+            loss, aux = split_aux(out, has_aux, form)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise RuntimeError(f"{form}: Expected f(*args) to return a scalar Tensor (the "
+                                   f"loss of one example), got {_describe(loss)}")
+            wrt = list(tape.anchors.values()) + list(entered)
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, wrt, allow_unused=True, create_graph=need)
+            else:
+                grads = [None] * len(wrt)
+            fb = list(grads[len(tape.anchors):])
+            state["tape"] = tape
+            state["fallback"] = [g is not None for g in fb]
+            gs = [tap.g if tap.g is not None else torch.zeros_like(tap.out) for tap in tape.taps]
+            saved = [s for tap in tape.taps for s in tap.saved]
+            if not need:
+                loss, aux = loss.detach(), _pytree.tree_map(
+                    lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
+            rest = (aux,) if has_aux else ()
+            return (loss, saved, gs, [g for g in fb if g is not None]) + rest
+
+    losses, saved, gs, fb, *aux = vmap(per_example, in_dims=dims)(*args)
+    aux = aux[0] if has_aux else None
+    tape = state["tape"]
+    B = losses.shape[0]
+    parts = [[] for _ in flat_diff]
+    pos = 0
+    for tap, g in zip(tape.taps, gs):
+        n = len(tap.saved)
+        made = tap.factors(*saved[pos:pos + n], g)
+        pos += n
+        for name, i in tap.names.items():
+            if name in made:
+                parts[i].append(made[name])
+    it = iter(fb)
+    for i, used in enumerate(state["fallback"]):
+        if used:
+            parts[i].append(Dense(next(it)))
+    factors = [combine(p) if p else None for p in parts]
+    return Captured(factors, flat_diff, spec, losses, aux, dict(tape.fallbacks), B)
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"a Tensor with {x.dim()} dims"
+    return f"{type(x).__name__}"
