@@ -23,12 +23,14 @@ into physical batched tensors, from which each rule builds its factors (``factor
 from __future__ import annotations
 
 import collections
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from .. import _pytree
 from .._C import levels as _levels
+from .._C.autograd import _OVERRIDES
 from ..autodiff import (_grad_level, check_argnums, replace_argnums, select_argnums,
                         split_aux)
 from ..vmap import vmap
@@ -86,10 +88,22 @@ class _Tape(TorchFunctionMode):
             out = self._apply(rule, args, kwargs)
             if out is not None:
                 return out
-        name = getattr(func, "__name__", str(func))
-        self.fallbacks[name] += 1
-        count_fallback(name)
-        return func(*args, **kwargs)
+        inner = _open(func)
+        if inner is not None:
+            # A composite written in Python (multi-head attention, the out-of-place RNNs):
+            # run its body with this mode on, so that its own calls meet the norm rules.
+            try:
+                with self:
+                    return inner(*args, **kwargs)
+            except NotImplementedError:
+                pass
+        out = func(*args, **kwargs)
+        if any(isinstance(o, torch.Tensor) and o.requires_grad
+               for o in (out if isinstance(out, (tuple, list)) else (out,))):
+            name = getattr(func, "__name__", str(func))
+            self.fallbacks[name] += 1
+            count_fallback(name)
+        return out
 
     def _apply(self, rule, args, kwargs):
         bound = rule.bind(args, kwargs)
@@ -113,6 +127,32 @@ class _Tape(TorchFunctionMode):
         out.register_hook(lambda g, tap=tap: _store(tap, g))
         self.taps.append(tap)
         return out
+
+
+_OPENED: dict = {}
+_TF_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
+
+
+def _never(*args):
+    return False
+
+
+def _open(func):
+    """A callable running ``func``'s body without its own torch-function hop, or None."""
+    if func in _OVERRIDES:
+        return _OVERRIDES[func]
+    f = _OPENED.get(func, False)
+    if f is not False:
+        return f
+    f = None
+    if isinstance(func, types.FunctionType) and any(n in func.__globals__ for n in _TF_CHECKS):
+        g = dict(func.__globals__)
+        g.update({n: _never for n in _TF_CHECKS if n in g})
+        f = types.FunctionType(func.__code__, g, func.__name__, func.__defaults__,
+                               func.__closure__)
+        f.__kwdefaults__ = func.__kwdefaults__
+    _OPENED[func] = f
+    return f
 
 
 def _store(tap, g):
