@@ -23,6 +23,7 @@ into physical batched tensors, from which each rule builds its factors (``factor
 from __future__ import annotations
 
 import collections
+import functools
 import types
 
 import torch
@@ -34,7 +35,7 @@ from .._C.autograd import _OVERRIDES
 from ..autodiff import (_grad_level, check_argnums, replace_argnums, select_argnums,
                         split_aux)
 from ..vmap import vmap
-from .factors import Dense, combine
+from .factors import Dense, Outer, combine
 from .norm_rules import Call, count_fallback, get_norm_rule
 
 __all__ = ["run", "Captured"]
@@ -55,6 +56,8 @@ class _Tape(TorchFunctionMode):
         self.fallbacks: collections.Counter = collections.Counter()
         self.anchors: dict = {}
         self.born = born
+        self.derived: dict = {}  # id(transposed view of a leaf) -> leaf index
+        self._keep: list = []
 
     def _anchor(self, dtype, device):
         key = (dtype, device)
@@ -66,7 +69,7 @@ class _Tape(TorchFunctionMode):
         return a
 
     def _hits(self, args, kwargs):
-        index = self.index
+        index = self.index if not self.derived else {**self.index, **self.derived}
         hit = False
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -83,6 +86,15 @@ class _Tape(TorchFunctionMode):
         kwargs = kwargs or {}
         if not self._hits(args, kwargs):
             return func(*args, **kwargs)
+        if func in _TRANSPOSES and len(args) == 1 + (func in _TRANSPOSE_DIMS) \
+                and id(args[0]) in self.index and args[0].dim() == 2 and not kwargs \
+                and (len(args) == 1 or sorted(d % 2 for d in args[1:]) == [0, 1]):
+            # w.T / w.t() / w.mT of a 2-D parameter: the rule of the op that consumes the view
+            # sees a transposed parameter (x @ w.T is a linear layer; tied output embeddings).
+            out = func(*args)
+            self.derived[id(out)] = self.index[id(args[0])]
+            self._keep.append(out)
+            return out
         rule = get_norm_rule(func)
         if rule is not None:
             out = self._apply(rule, args, kwargs)
@@ -109,12 +121,16 @@ class _Tape(TorchFunctionMode):
         bound = rule.bind(args, kwargs)
         if bound is None:
             return None
-        names = {}
+        names, flipped = {}, set()
         for k, v in bound.items():
-            if isinstance(v, torch.Tensor) and id(v) in self.index:
+            if isinstance(v, torch.Tensor) and (id(v) in self.index or id(v) in self.derived):
                 if k not in rule.params:
                     return None
-                names[k] = self.index[id(v)]
+                if id(v) in self.derived:
+                    names[k] = self.derived[id(v)]
+                    flipped.add(k)
+                else:
+                    names[k] = self.index[id(v)]
                 bound[k] = v.detach()
         res = rule.fn(Call(bound, frozenset(names)))
         if res is None:
@@ -123,10 +139,29 @@ class _Tape(TorchFunctionMode):
         if not (out.is_floating_point() or out.is_complex()):
             return None
         out = out + self._anchor(out.dtype, out.device)
+        if flipped:
+            factors = functools.partial(_flip, factors, flipped)
         tap = _Tap(names, tuple(saved), factors, out)
         out.register_hook(lambda g, tap=tap: _store(tap, g))
         self.taps.append(tap)
         return out
+
+
+_TRANSPOSES = {torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.t, torch.t,
+               torch.Tensor.transpose, torch.transpose}
+_TRANSPOSE_DIMS = {torch.Tensor.transpose, torch.transpose}
+
+
+def _flip(factors, flipped, *saved):
+    """Factors of a rule that saw ``w.T``, as factors of ``w``."""
+    made = factors(*saved)
+    for k in flipped:
+        f = made[k]
+        if isinstance(f, Outer):
+            made[k] = Outer(f.a, f.g, f.shape[::-1], not f.transpose)
+        else:
+            made[k] = Dense(f.materialize().mT)
+    return made
 
 
 _OPENED: dict = {}

@@ -31,6 +31,10 @@ import torch
 __all__ = ["Factor", "Dense", "Outer", "Scatter", "Sum", "combine"]
 
 
+def _rows(t):
+    return t.reshape(t.shape[0], -1)
+
+
 class Factor:
     """Per-example gradients of one parameter; ``shape`` is the parameter's shape."""
 
@@ -40,19 +44,19 @@ class Factor:
         raise NotImplementedError
 
     def norm2(self) -> torch.Tensor:
-        return self.materialize().flatten(1).square().sum(1)
+        return _rows(self.materialize()).square().sum(1)
 
     def weighted(self, c: torch.Tensor) -> torch.Tensor:
         return torch.tensordot(c.to(self.dtype), self.materialize(), 1)
 
     def dot(self, v: torch.Tensor) -> torch.Tensor:
-        return self.materialize().flatten(1) @ v.reshape(-1).to(self.dtype)
+        return _rows(self.materialize()) @ v.reshape(-1).to(self.dtype)
 
     def cross(self, other: "Factor") -> torch.Tensor:
-        return self.materialize().flatten(1) @ other.materialize().flatten(1).mT
+        return _rows(self.materialize()) @ _rows(other.materialize()).mT
 
     def inner(self, other: "Factor") -> torch.Tensor:
-        return (self.materialize().flatten(1) * other.materialize().flatten(1)).sum(1)
+        return (_rows(self.materialize()) * _rows(other.materialize())).sum(1)
 
 
 class Dense(Factor):
