@@ -27,6 +27,7 @@ import functools
 import types
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .. import _pytree
@@ -49,8 +50,9 @@ class _Tap:
 
 
 class _Tape(TorchFunctionMode):
-    def __init__(self, leaves, born):
+    def __init__(self, leaves, born, batch_norm="error", level=None):
         super().__init__()
+        self.batch_norm, self.level = batch_norm, level
         self.index = {id(t): i for i, t in enumerate(leaves)}
         self.taps: list = []
         self.fallbacks: collections.Counter = collections.Counter()
@@ -84,6 +86,8 @@ class _Tape(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.batch_norm:
+            args, kwargs = _bn_policy(self, args, kwargs)
         if not self._hits(args, kwargs):
             return func(*args, **kwargs)
         if func in _TRANSPOSES and len(args) == 1 + (func in _TRANSPOSE_DIMS) \
@@ -190,6 +194,70 @@ def _open(func):
     return f
 
 
+BATCH_NORM_POLICIES = ("error", "eval", "per_sample", "batch")
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+            "eps")
+
+
+def _bn_policy(tape, args, kwargs):
+    """Rewrite a train-mode ``F.batch_norm`` call by the transform's ``batch_norm`` policy."""
+    bound = dict(zip(_BN_ARGS, args), **kwargs)
+    if not bound.get("training", False):
+        return args, kwargs  # eval-mode BatchNorm is per-example already
+    policy = tape.batch_norm
+    if policy == "error":
+        raise RuntimeError(
+            "per-sample gradients of a model with BatchNorm in training mode: each example's "
+            "normalisation depends on the other examples of the batch. Choose batch_norm="
+            "'eval' (running statistics, DP-safe), 'per_sample' (each example normalised with "
+            "its own statistics, DP-safe), or 'batch' (batch statistics: per-example "
+            "contributions that sum to the batch gradient, not DP-safe); or replace BatchNorm "
+            "by GroupNorm.")
+    if policy == "eval":
+        if bound.get("running_mean") is None:
+            raise RuntimeError("batch_norm='eval': this BatchNorm keeps no running statistics "
+                               "(track_running_stats=False)")
+        bound["training"] = False
+    elif policy == "per_sample":
+        bound["running_mean"] = bound["running_var"] = None  # no batched write into buffers
+    elif policy == "batch":
+        x = bound["input"]
+        C = x.shape[1]
+        bound["input"] = _batch_normalized(tape.level, x, bound.get("eps", 1e-5))
+        # An eval-mode batch_norm with mean 0, var 1, eps 0 is exactly the affine part.
+        bound["running_mean"] = torch.zeros(C, dtype=x.dtype, device=x.device)
+        bound["running_var"] = torch.ones(C, dtype=x.dtype, device=x.device)
+        bound["training"], bound["eps"] = False, 0.0
+    return (), bound
+
+
+def _batch_normalized(level, x, eps):
+    """``x`` normalised with statistics over the whole batch (every example, every position).
+    The statistics stay differentiable through the vmap boundary functions, so a Jacobian of
+    the batch's losses sees every example's dependence on the others."""
+    from .._C.autograd import RemoveBatchDim
+    from .._C.batched import BatchedTensor
+    if not (type(x) is BatchedTensor and x.level is level):
+        raise RuntimeError("batch_norm='batch': the BatchNorm input does not depend on the "
+                           "mapped examples")
+    xp = RemoveBatchDim.apply(x, level, level.batch_size, 0)  # [B, N, C, *S]
+    dims = [0, 1] + list(range(3, xp.dim()))
+    mean = xp.mean(dims)
+    var = xp.var(dims, unbiased=False)
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    return (x - mean.view(shape)) / (var + eps).sqrt().view(shape)
+
+
+class _BatchNormOnly(_Tape):
+    """Only the BatchNorm policy (the 'batch' policy differentiates the batch as a whole)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            args, kwargs = _bn_policy(self, args, kwargs)
+        return func(*args, **kwargs)
+
+
 def _store(tap, g):
     tap.g = g if tap.g is None else tap.g + g
 
@@ -222,16 +290,22 @@ def normalize_in_dims(in_dims, argnums, nargs, form):
     return in_dims
 
 
-def run(func, argnums, in_dims, has_aux, args, kwargs, form) -> Captured:
+def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error") -> Captured:
+    if batch_norm not in BATCH_NORM_POLICIES:
+        raise ValueError(f"{form}: batch_norm must be one of {BATCH_NORM_POLICIES}, got "
+                         f"{batch_norm!r}")
     argnums = check_argnums(argnums, len(args), form)
     dims = normalize_in_dims(in_dims, argnums, len(args), form)
+    if batch_norm == "batch":
+        return _run_batch(func, argnums, dims, has_aux, args, kwargs, form)
     flat_diff, spec = _pytree.tree_flatten(select_argnums(args, argnums))
     state = {}
 
     def per_example(*ex):
         with _grad_level(select_argnums(ex, argnums), form) as (entered, _, espec, need):
             ex = replace_argnums(ex, argnums, _pytree.tree_unflatten(espec, entered))
-            tape = _Tape(entered, _levels.current_stack()[-1].id)
+            stack = _levels.current_stack()
+            tape = _Tape(entered, stack[-1].id, batch_norm, stack[-2])
             with tape:
                 out = func(*ex, **kwargs)
             loss, aux = split_aux(out, has_aux, form)
@@ -279,3 +353,33 @@ def _describe(x):
     if isinstance(x, torch.Tensor):
         return f"a Tensor with {x.dim()} dims"
     return f"{type(x).__name__}"
+
+
+def _run_batch(func, argnums, dims, has_aux, args, kwargs, form):
+    """batch_norm='batch': per-example contributions ``d loss_i / d params`` of the batch
+    computed with batch statistics (BackPACK's option 3), as the Jacobian of the ``[B]``
+    losses; they sum to the batch gradient.  Instantiated: this policy is for non-private
+    per-example work, and the clipping layer refuses it."""
+    from ..autodiff import jacrev
+    diff = select_argnums(args, argnums)
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+
+    def losses_of(*d):
+        full = replace_argnums(args, argnums, d[0] if isinstance(argnums, int) else d)
+
+        def one(*ex):
+            tape = _BatchNormOnly([], 0, "batch", _levels.current_stack()[-1])
+            with tape:
+                loss, aux = split_aux(func(*ex, **kwargs), has_aux, form)
+            return (loss, aux) if has_aux else loss
+        out = vmap(one, in_dims=dims)(*full)
+        losses, aux = out if has_aux else (out, None)
+        return losses, (losses.detach(), aux)
+
+    diff_args = (diff,) if isinstance(argnums, int) else diff
+    jac, (losses, aux) = jacrev(losses_of, argnums=tuple(range(len(nums))), has_aux=True)(
+        *diff_args)
+    flat_diff, spec = _pytree.tree_flatten(diff)
+    flat_jac = _pytree.tree_leaves(jac[0] if isinstance(argnums, int) else jac)
+    factors = [Dense(j) for j in flat_jac]
+    return Captured(factors, flat_diff, spec, losses, aux, {}, losses.shape[0])

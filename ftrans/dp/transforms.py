@@ -14,6 +14,13 @@ norm; a callable maps each leaf's path (``"0.weight"``, ``"[1]"``, as
 ``torch.utils._pytree.keystr`` without the brackets of dict keys) to a group label; a pytree
 prefix of the ``argnums`` inputs gives the labels directly.  ``max_norm`` is then a number (the
 same bound for every group) or a dict ``{label: bound}``.
+
+BatchNorm in training mode (``batch_norm=``, BEYOND.md section 6): ``"error"`` (default: the
+message lists the choices), ``"eval"`` (running statistics, not updated), ``"per_sample"`` (each
+example normalised with its own statistics, as torch.func's ``replace_all_batch_norm_modules_``),
+``"batch"`` (batch statistics; each example's *contribution* ``d loss_i / d params`` with the
+cross-example terms, so that the contributions sum to the batch gradient; instantiated, and not
+differentially private: an example's contribution depends on the others).
 """
 from __future__ import annotations
 
@@ -115,7 +122,8 @@ def _weights(kwargs, batch_form):
 
 
 def per_sample_grad_norms(func: Callable, argnums: Any = 0, *, in_dims: Any = 0,
-                          has_aux: bool = False, groups: Any = None) -> Callable:
+                          has_aux: bool = False, groups: Any = None,
+                          batch_norm: str = "error") -> Callable:
     """``[B]`` L2 norms of the per-example gradients, without materialising them.
 
     Equal to ``vmap(grad(func, argnums), in_dims)(*args)`` flattened over every leaf and
@@ -137,7 +145,7 @@ def per_sample_grad_norms(func: Callable, argnums: Any = 0, *, in_dims: Any = 0,
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        cap = run(func, argnums, in_dims, has_aux, args, kwargs, form)
+        cap = run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm)
         labels = group_labels(groups, _pytree.tree_unflatten(cap.spec, cap.leaves),
                               len(cap.leaves), form)
         norms = group_norms(cap, labels)
@@ -148,7 +156,8 @@ def per_sample_grad_norms(func: Callable, argnums: Any = 0, *, in_dims: Any = 0,
 
 
 def clipped_grad(func: Callable, max_norm: Any, argnums: Any = 0, *, in_dims: Any = 0,
-                 has_aux: bool = False, groups: Any = None) -> Callable:
+                 has_aux: bool = False, groups: Any = None,
+                 batch_norm: str = "error") -> Callable:
     """``sum_i g_i * min(1, max_norm / ||g_i||)``, shaped like the ``argnums`` inputs.
 
     ``g_i`` is the gradient of ``func`` for example ``i`` (as ``vmap(grad(func, argnums),
@@ -176,7 +185,7 @@ def clipped_grad(func: Callable, max_norm: Any, argnums: Any = 0, *, in_dims: An
     def wrapper(*args, **kwargs):
         kwargs = dict(kwargs)
         w = _weights(kwargs, form)
-        cap = run(func, argnums, in_dims, has_aux, args, kwargs, form)
+        cap = run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm)
         diff = _pytree.tree_unflatten(cap.spec, cap.leaves)
         labels = group_labels(groups, diff, len(cap.leaves), form)
         grads, _, _ = clip_factors(cap, labels, _bounds(max_norm, labels, form), w)
@@ -186,7 +195,8 @@ def clipped_grad(func: Callable, max_norm: Any, argnums: Any = 0, *, in_dims: An
     return wrapper
 
 
-def per_sample_grad_dots(func: Callable, argnums: Any = 0, *, in_dims: Any = 0) -> Callable:
+def per_sample_grad_dots(func: Callable, argnums: Any = 0, *, in_dims: Any = 0,
+                         batch_norm: str = "error") -> Callable:
     """``(vector, *args) -> [B]``: ``<g_i, vector>`` for every example, ``vector`` shaped like
     the ``argnums`` inputs (e.g. a validation-set gradient, for data attribution)."""
     _check_func(func, "per_sample_grad_dots")
@@ -194,7 +204,7 @@ def per_sample_grad_dots(func: Callable, argnums: Any = 0, *, in_dims: Any = 0) 
 
     @functools.wraps(func)
     def wrapper(vector, *args, **kwargs):
-        cap = run(func, argnums, in_dims, False, args, kwargs, form)
+        cap = run(func, argnums, in_dims, False, args, kwargs, form, batch_norm)
         vs, vspec = _pytree.tree_flatten(vector)
         if vspec != cap.spec:
             raise ValueError(f"{form}: vector must have the structure of the differentiated "
@@ -211,7 +221,8 @@ def per_sample_grad_dots(func: Callable, argnums: Any = 0, *, in_dims: Any = 0) 
     return wrapper
 
 
-def per_sample_grad_cross(func: Callable, argnums: Any = 0, *, in_dims: Any = 0) -> Callable:
+def per_sample_grad_cross(func: Callable, argnums: Any = 0, *, in_dims: Any = 0,
+                          batch_norm: str = "error") -> Callable:
     """``(args, other_args) -> [B1, B2]``: ``<g_i, h_j>`` between the per-example gradients of
     two batches (``args`` and ``other_args`` are the argument tuples of two calls of ``func``
     with the same ``argnums`` inputs), e.g. train-vs-test gradient similarity (TracIn)."""
@@ -220,8 +231,8 @@ def per_sample_grad_cross(func: Callable, argnums: Any = 0, *, in_dims: Any = 0)
 
     @functools.wraps(func)
     def wrapper(args, other_args, **kwargs):
-        a = run(func, argnums, in_dims, False, tuple(args), kwargs, form)
-        b = run(func, argnums, in_dims, False, tuple(other_args), kwargs, form)
+        a = run(func, argnums, in_dims, False, tuple(args), kwargs, form, batch_norm)
+        b = run(func, argnums, in_dims, False, tuple(other_args), kwargs, form, batch_norm)
         if a.spec != b.spec:
             raise ValueError(f"{form}: the two batches differentiate inputs of different "
                              "structures")
