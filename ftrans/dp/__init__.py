@@ -9,9 +9,11 @@ engine in ``capture.py``.
 from .norm_rules import (get_norm_rule, norm_rule_stats, register_norm_rule,
                          reset_norm_rule_stats)
 from .factors import Dense, Outer, Scatter
+from .dpsgd import DPSGD, bucket_size, make_accountant, pad_batch, poisson_batches
 from .transforms import (clipped_grad, per_sample_grad_cross, per_sample_grad_dots,
                          per_sample_grad_norms)
 
 __all__ = ["per_sample_grad_norms", "clipped_grad", "per_sample_grad_dots",
            "per_sample_grad_cross", "register_norm_rule", "get_norm_rule", "norm_rule_stats",
-           "reset_norm_rule_stats", "Dense", "Outer", "Scatter"]
+           "reset_norm_rule_stats", "Dense", "Outer", "Scatter", "DPSGD", "poisson_batches",
+           "bucket_size", "pad_batch", "make_accountant"]
