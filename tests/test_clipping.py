@@ -391,3 +391,21 @@ def test_errors():
         ftrans.clipped_grad(loss, 1.0, argnums=5)(params, x, y)
     with pytest.raises(ValueError, match="sample_weights"):
         ftrans.clipped_grad(loss, 1.0)(params, x, y, sample_weights=[1.0])
+
+
+def test_unused_output():
+    p = {"w1": torch.randn(5, 4), "w2": torch.randn(3, 5), "w3": torch.randn(2, 5)}
+
+    def loss(p, x):
+        h = F.linear(x, p["w1"]) * 1.0
+        F.linear(h, p["w3"])                 # output unused: zero gradient for w3
+        out = F.linear(h, p["w2"])
+        return out.sin().sum() + h.square().sum()
+
+    x = torch.randn(6, 4)
+    per = reference(loss, p, (x,))
+    close(ftrans.per_sample_grad_norms(loss)(p, x), flat_norms(per))
+    got = ftrans.clipped_grad(loss, 0.3)(p, x)
+    for k, v in clipped_reference(per, 0.3).items():
+        close(got[k], v)
+    assert torch.equal(got["w3"], torch.zeros_like(got["w3"]))

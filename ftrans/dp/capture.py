@@ -11,9 +11,10 @@ function that
    records ``g``, the gradient of the loss w.r.t. that output, during the backward.  A call with
    no rule (or one the rule declines) runs as written with the differentiable leaf: that use's
    per-example gradient is instantiated by autograd (the fallback, counted);
-3. runs ONE backward, ``autograd.grad(loss, [anchor, *leaves])``: activation gradients only,
-   plus the fallback parameters.  Every rule output is offset by a zero ``anchor`` leaf, so
-   that its hook fires even where nothing else upstream requires grad (the first layer).  The
+3. runs ONE backward, ``autograd.grad(loss, [anchor, *leaves, *inputs])``: activation
+   gradients only, plus the fallback parameters.  The hook of a rule's output must fire: when
+   the op's input requires grad, that input is requested too (the hook's node is on the way);
+   otherwise (the first layer) the output is offset by a zero ``anchor`` leaf.  The
    hook sits on the output as the op produced it: a later in-place op on it (``ReLU(inplace=
    True)``) does not change what the hook sees.
 
@@ -43,7 +44,7 @@ __all__ = ["run", "Captured"]
 
 
 class _Tap:
-    __slots__ = ("names", "saved", "factors", "out", "g")
+    __slots__ = ("names", "saved", "factors", "out", "g", "anchored")
 
     def __init__(self, names, saved, factors, out):
         self.names, self.saved, self.factors, self.out, self.g = names, saved, factors, out, None
@@ -58,6 +59,8 @@ class _Tape(TorchFunctionMode):
         self.fallbacks: collections.Counter = collections.Counter()
         self.anchors: dict = {}
         self.born = born
+        self.force_anchor = False
+        self.via: list = []
         self.derived: dict = {}  # id(transposed view of a leaf) -> leaf index
         self._keep: list = []
 
@@ -142,10 +145,19 @@ class _Tape(TorchFunctionMode):
         out, saved, factors = res
         if not (out.is_floating_point() or out.is_complex()):
             return None
-        out = out + self._anchor(out.dtype, out.device)
+        via = [v for k, v in bound.items() if k not in names and isinstance(v, torch.Tensor)
+               and v.requires_grad]
+        if self.force_anchor or not (out.requires_grad and via):
+            out = out + self._anchor(out.dtype, out.device)
+            via = []
+        else:
+            # The op's input is requested from the backward too: the hook's node lies on a
+            # path to it, so it runs, without the anchor's extra pass over the output.
+            self.via.extend(via)
         if flipped:
             factors = functools.partial(_flip, factors, flipped)
         tap = _Tap(names, tuple(saved), factors, out)
+        tap.anchored = not via
         out.register_hook(lambda g, tap=tap: _store(tap, g))
         self.taps.append(tap)
         return out
@@ -262,6 +274,10 @@ def _store(tap, g):
     tap.g = g if tap.g is None else tap.g + g
 
 
+class _Unreached(Exception):
+    pass
+
+
 class Captured:
     """What one capture run produced: ``factors[i]`` is the Factor of the i-th differentiated
     leaf (None if the loss does not depend on it), ``spec`` their pytree structure."""
@@ -306,6 +322,7 @@ def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error")
             ex = replace_argnums(ex, argnums, _pytree.tree_unflatten(espec, entered))
             stack = _levels.current_stack()
             tape = _Tape(entered, stack[-1].id, batch_norm, stack[-2])
+            tape.force_anchor = state.get("force_anchor", False)
             with tape:
                 out = func(*ex, **kwargs)
             loss, aux = split_aux(out, has_aux, form)
@@ -313,11 +330,20 @@ def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error")
                 raise RuntimeError(f"{form}: Expected f(*args) to return a scalar Tensor (the "
                                    f"loss of one example), got {_describe(loss)}")
             wrt = list(tape.anchors.values()) + list(entered)
+            seen = {id(t) for t in wrt}
+            for t in tape.via:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    wrt.append(t)
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, wrt, allow_unused=True, create_graph=need)
             else:
                 grads = [None] * len(wrt)
-            fb = list(grads[len(tape.anchors):])
+            if any(tap.g is None and not tap.anchored for tap in tape.taps):
+                # Not reached (the input was written in place after the op, or the output is
+                # unused): only an anchored run can tell zero from unreached.
+                raise _Unreached
+            fb = list(grads[len(tape.anchors):len(tape.anchors) + len(entered)])
             state["tape"] = tape
             state["fallback"] = [g is not None for g in fb]
             gs = [tap.g if tap.g is not None else torch.zeros_like(tap.out) for tap in tape.taps]
@@ -328,7 +354,11 @@ def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error")
             rest = (aux,) if has_aux else ()
             return (loss, saved, gs, [g for g in fb if g is not None]) + rest
 
-    losses, saved, gs, fb, *aux = vmap(per_example, in_dims=dims)(*args)
+    try:
+        losses, saved, gs, fb, *aux = vmap(per_example, in_dims=dims)(*args)
+    except _Unreached:
+        state["force_anchor"] = True
+        losses, saved, gs, fb, *aux = vmap(per_example, in_dims=dims)(*args)
     aux = aux[0] if has_aux else None
     tape = state["tape"]
     B = losses.shape[0]
