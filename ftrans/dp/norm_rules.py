@@ -78,6 +78,25 @@ def register_norm_rule(*funcs, args, params) -> Callable:
     ``args`` names the call's positional parameters in order (keyword calls bind by the same
     names); ``params`` names those that may be differentiated parameters.  The decorated
     function receives a :class:`Call` and returns ``(out, saved, factors)`` or None.
+
+    Example (a rule for ``torch.outer(x, w)`` with the parameter on the right; the gradient of
+    ``w`` for one example is ``g^T x``, an :class:`~ftrans.dp.Outer` factor with one row):
+        >>> import torch, ftrans
+        >>> from ftrans.dp import Outer
+        >>> @ftrans.register_norm_rule(torch.outer, args=("input", "vec2"), params=("vec2",))
+        ... def _outer(call):
+        ...     x, w = call["input"], call["vec2"]
+        ...     def factors(x, g):              # x [B, n], g [B, n, m]
+        ...         return {"vec2": Outer(g.unsqueeze(1), x.unsqueeze(1).unsqueeze(-1),
+        ...                               w.shape, transpose=True)}
+        ...     return torch.outer(x, w), (x,), factors
+        >>> w, x = torch.randn(3), torch.randn(4, 2)
+        >>> loss = lambda w, x: torch.outer(x, w).sin().sum()
+        >>> ftrans.reset_norm_rule_stats()
+        >>> norms = ftrans.per_sample_grad_norms(loss)(w, x)
+        >>> ref = ftrans.vmap(ftrans.grad(loss), in_dims=(None, 0))(w, x).norm(dim=1)
+        >>> torch.allclose(norms, ref, atol=1e-5), ftrans.norm_rule_stats()
+        (True, {})
     """
     def decorator(fn):
         for f in funcs:
@@ -94,11 +113,28 @@ def get_norm_rule(func) -> Optional[NormRule]:
 
 def norm_rule_stats() -> dict:
     """``{op name: calls}`` for every parameter use that had no norm rule and was instantiated
-    per example (the slow path of the clipping transforms)."""
+    per example (the slow path of the clipping transforms).
+
+    Example:
+        >>> import torch, ftrans
+        >>> ftrans.reset_norm_rule_stats()
+        >>> w = torch.randn(3)
+        >>> _ = ftrans.clipped_grad(lambda w, x: (w.exp() * x).sum(), 1.0)(w, torch.randn(4, 3))
+        >>> ftrans.norm_rule_stats()   # exp() of a parameter has no norm rule
+        {'exp': 1}
+    """
     return dict(_stats)
 
 
 def reset_norm_rule_stats() -> None:
+    """Clear :func:`norm_rule_stats`.
+
+    Example:
+        >>> import ftrans
+        >>> ftrans.reset_norm_rule_stats()
+        >>> ftrans.norm_rule_stats()
+        {}
+    """
     _stats.clear()
 
 

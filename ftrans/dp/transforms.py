@@ -198,7 +198,18 @@ def clipped_grad(func: Callable, max_norm: Any, argnums: Any = 0, *, in_dims: An
 def per_sample_grad_dots(func: Callable, argnums: Any = 0, *, in_dims: Any = 0,
                          batch_norm: str = "error") -> Callable:
     """``(vector, *args) -> [B]``: ``<g_i, vector>`` for every example, ``vector`` shaped like
-    the ``argnums`` inputs (e.g. a validation-set gradient, for data attribution)."""
+    the ``argnums`` inputs (e.g. a validation-set gradient, for data attribution).
+
+    Example:
+        >>> import torch, ftrans
+        >>> w, v = torch.randn(3, 4), torch.randn(3, 4)
+        >>> loss = lambda w, x: (x @ w.T).square().sum()
+        >>> x = torch.randn(5, 4)
+        >>> dots = ftrans.per_sample_grad_dots(loss)(v, w, x)
+        >>> per = ftrans.vmap(ftrans.grad(loss), in_dims=(None, 0))(w, x)
+        >>> torch.allclose(dots, (per * v).sum((1, 2)), atol=1e-4)
+        True
+    """
     _check_func(func, "per_sample_grad_dots")
     form = _form("per_sample_grad_dots", func, argnums)
 
@@ -225,7 +236,19 @@ def per_sample_grad_cross(func: Callable, argnums: Any = 0, *, in_dims: Any = 0,
                           batch_norm: str = "error") -> Callable:
     """``(args, other_args) -> [B1, B2]``: ``<g_i, h_j>`` between the per-example gradients of
     two batches (``args`` and ``other_args`` are the argument tuples of two calls of ``func``
-    with the same ``argnums`` inputs), e.g. train-vs-test gradient similarity (TracIn)."""
+    with the same ``argnums`` inputs), e.g. train-vs-test gradient similarity (TracIn).
+
+    Example:
+        >>> import torch, ftrans
+        >>> w = torch.randn(3, 4)
+        >>> loss = lambda w, x: (x @ w.T).square().sum()
+        >>> xa, xb = torch.randn(5, 4), torch.randn(2, 4)
+        >>> sim = ftrans.per_sample_grad_cross(loss)((w, xa), (w, xb))
+        >>> pg = ftrans.vmap(ftrans.grad(loss), in_dims=(None, 0))
+        >>> ref = pg(w, xa).flatten(1) @ pg(w, xb).flatten(1).T
+        >>> sim.shape, torch.allclose(sim, ref, rtol=1e-4, atol=1e-3)
+        (torch.Size([5, 2]), True)
+    """
     _check_func(func, "per_sample_grad_cross")
     form = _form("per_sample_grad_cross", func, argnums)
 
