@@ -97,7 +97,7 @@ def _opacus(model, x, y):
         return {}
     import copy
     out = {}
-    hooks = GradSampleModule(copy.deepcopy(model))
+    hooks = GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
 
     def run_hooks():
         for p in hooks.parameters():

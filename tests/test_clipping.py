@@ -409,3 +409,27 @@ def test_unused_output():
     for k, v in clipped_reference(per, 0.3).items():
         close(got[k], v)
     assert torch.equal(got["w3"], torch.zeros_like(got["w3"]))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus's full-backward-hook notice
+def test_against_opacus_per_sample_gradients():
+    opacus = pytest.importorskip("opacus")
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 5 * 5, 6), nn.LayerNorm(6),
+                          nn.Linear(6, 3))
+    x, y = torch.randn(7, 2, 5, 5), torch.randint(0, 3, (7,))
+    import copy
+    gsm = opacus.GradSampleModule(copy.deepcopy(model), loss_reduction="sum")  # hooks off `model`
+    F.cross_entropy(gsm(x), y, reduction="sum").backward()
+    per = {n.removeprefix("_module."): p.grad_sample for n, p in gsm.named_parameters()}
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x, y):
+        out = torch.func.functional_call(model, p, (x.unsqueeze(0),))
+        return F.cross_entropy(out, y.unsqueeze(0))
+
+    close(ftrans.per_sample_grad_norms(loss)(params, x, y), flat_norms(per))
+    got = ftrans.clipped_grad(loss, 0.2)(params, x, y)
+    for k, v in clipped_reference(per, 0.2).items():
+        close(got[k], v)

@@ -205,7 +205,7 @@ def _opacus_time(model, x, y) -> str:
         from opacus import GradSampleModule
     except ImportError:
         return ""
-    gsm = GradSampleModule(copy.deepcopy(model))
+    gsm = GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
 
     def step():
         for p in gsm.parameters():
