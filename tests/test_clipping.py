@@ -185,7 +185,7 @@ def test_matmul_bmm_addmm_parameters():
         h = x @ p["a"]                           # x [T, 4] @ [4, 3]
         h = torch.addmm(p["d"], h, p["m"])    # bias + h @ W
         h = torch.bmm(h.expand(2, -1, -1), p["c"]).sum(0)
-        h = h * p["e"] + p["d"]
+        h = h * p["e"] + p["d"] + 0.5 * p["e"] - (p["d"] * 2.0) + 1.0 + p["e"]
         return (p["b"] @ x.T).square().sum() + h.tanh().sum()
 
     x = torch.randn(6, 7, 4)

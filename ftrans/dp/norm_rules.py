@@ -445,8 +445,6 @@ def _binary(op, scale):
             return None
         name = next(iter(call.targets))
         p, other = (x, y) if name == "input" else (y, x)
-        if p.dim() > (other.dim() if isinstance(other, torch.Tensor) else 0) and scale:
-            return None
         out = op(x, y)
         if not isinstance(out, torch.Tensor) or out.shape != torch.broadcast_shapes(
                 out.shape, p.shape):
@@ -466,9 +464,11 @@ def _binary(op, scale):
 
 
 _ADD_ARGS = dict(args=("input", "other", "alpha"), params=("input", "other"))
-register_norm_rule(torch.add, torch.Tensor.add, torch.Tensor.__add__, **_ADD_ARGS)(
+register_norm_rule(torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__,
+                   **_ADD_ARGS)(
     _binary(torch.add, False))
 register_norm_rule(torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, **_ADD_ARGS)(
     _binary(torch.sub, False))
-register_norm_rule(torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, **_ADD_ARGS)(
+register_norm_rule(torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+                   **_ADD_ARGS)(
     _binary(torch.mul, True))
