@@ -1,0 +1,452 @@
+"""What a trace of ``ftrans.compile`` read, and one generated check that it still holds.
+
+A replay is only right while everything the traced function read still has the value it had
+during tracing.  Tensor *inputs* are covered by the cache key (shape, strides, dtype, ...) and
+the global torch state by :func:`global_state`.  Everything else the function can reach is found
+by walking, once per trace, from the function object: its closure cells, defaults, the globals
+its code (and nested code) names, bound ``self``, ``functools.partial`` arguments, the functions
+that ftrans's own transforms wrap (closure cells holding callables), and from there every
+``nn.Module`` (its whole ``__dict__``: ``training``, scalar settings such as ``p`` or
+``momentum``, the parameter/buffer/submodule/hook dicts), plain objects, lists and dicts.
+Each place becomes a *source* (``R[3].cell_contents``, ``v7['lr']``) with one check, as
+Dynamo's guards do:
+
+- Python scalars (``int``, ``float``, ``str``, ``None``, dtypes, ...): type and value;
+- tensors: identity and ``requires_grad`` (their values are read at replay time: graph
+  constants are the tensors themselves); ``.item()`` of one during tracing adds its value;
+- functions, modules and other objects: identity, then their contents;
+- containers: length, then their elements.
+
+All checks of a trace become the lines of one generated Python function (``guard``), which
+returns the index of the first failing check (or -1), so a failure can be named.  The walk also
+keeps shallow copies of every container it passed, so that Python state a trace changed (a loss
+appended to a list, an attribute set) is detected (the guard fails right after tracing) and put
+back before the signature runs eagerly.
+
+What this cannot see: state reached only through code the walk does not enter (library
+functions' globals, objects read through ``getattr`` with computed names, C extension
+objects' internals), the contents of numpy arrays, and I/O.  See docs/compile.md.
+"""
+from __future__ import annotations
+
+import enum
+import functools
+import sys
+import types
+
+import torch
+
+__all__ = ["Reads", "global_state"]
+
+_SCALARS = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device,
+            torch.layout, torch.memory_format)
+_MAX_CHECKS = 20000
+_MAX_ELEMS = 256
+_LIB_ROOTS = {"torch", "ftrans", "functools", "numpy", "optree", "typing", "abc", "builtins",
+              "contextlib", "collections", "copy", "warnings"}
+_stdlib = getattr(sys, "stdlib_module_names", frozenset())
+
+
+def _is_lib(module_name) -> bool:
+    if not module_name:
+        return True
+    top = module_name.split(".")[0]
+    return top in _LIB_ROOTS or top in _stdlib
+
+
+def _autocast_state():
+    state = []
+    for dev in ("cpu", "cuda"):
+        try:
+            on = torch.is_autocast_enabled(dev)
+            state.append((on, torch.get_autocast_dtype(dev) if on else None))
+        except (TypeError, AttributeError, RuntimeError):  # torch < 2.4 spellings
+            if dev == "cpu":
+                on = torch.is_autocast_cpu_enabled()
+                state.append((on, torch.get_autocast_cpu_dtype() if on else None))
+            else:
+                on = torch.is_autocast_enabled()
+                state.append((on, torch.get_autocast_gpu_dtype() if on else None))
+    return tuple(state)
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def global_state():
+    """The torch state a trace depends on beyond its inputs (part of every cache key)."""
+    autocast = _autocast_state() if (_any_autocast is None or _any_autocast()) else None
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            torch.get_default_dtype(), autocast,
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+class Reads:
+    """The walk's result: sources, checks, reachable tensors, and Python state to restore."""
+
+    def __init__(self):
+        self.roots: list = []      # R[i]: objects the guard starts from (cells, dicts, ...)
+        self.consts: list = []     # C[i]: expected values and identities
+        self.lines: list = []      # guard body
+        self.names: list = []      # per check: what it reads, for messages
+        self.tensors: dict = {}    # id -> (tensor, source variable, name)
+        self.saved: list = []      # (restore function) for Python state the trace may change
+        self.unguardable = None    # why the reachable state is too large, or None
+        self._seen: set = set()
+        self._vars = 0
+        self._guard = None
+
+    # -- building ---------------------------------------------------------------------------
+    def _root(self, obj) -> str:
+        self.roots.append(obj)
+        return f"R[{len(self.roots) - 1}]"
+
+    def _const(self, obj) -> str:
+        self.consts.append(obj)
+        return f"C[{len(self.consts) - 1}]"
+
+    def _bind(self, expr: str) -> str:
+        self._vars += 1
+        var = f"v{self._vars}"
+        self.lines.append(f"{var} = {expr}")
+        return var
+
+    def _check(self, cond_fails: str, name: str):
+        if len(self.names) >= _MAX_CHECKS:
+            self.unguardable = self.unguardable or (
+                f"the state it can reach is too large to guard (over {_MAX_CHECKS} checks, "
+                f"at {name})")
+            return
+        self.lines.append(f"if {cond_fails}: return {len(self.names)}")
+        self.names.append(name)
+
+    def function(self, fn, name: str):
+        """Walk from the compiled function (held, so not itself checked)."""
+        self._visit_function(fn, self._root(fn), name, is_root=True)
+
+    def leaf(self, index: int, obj, name: str):
+        """Walk a non-tensor argument leaf: ``L[index]`` at call time."""
+        if type(obj) in _SCALARS or isinstance(obj, torch.Tensor):
+            return  # in the cache key already
+        self._visit(obj, f"L[{index}]", name)
+
+    def leaf_value(self, index: int, value, name: str):
+        """A Python number argument the trace specialized on."""
+        self._check(f"L[{index}] != {self._const(value)}", name)
+
+    def leaf_offset(self, index: int, offset: int, name: str):
+        self._check(f"L[{index}].storage_offset() != {offset}", f"the storage offset of {name}")
+
+    def value_read(self, tensor, value) -> bool:
+        """``.item()`` of a reachable tensor during tracing: check the value. False: unknown."""
+        hit = self.tensors.get(id(tensor))
+        if hit is None or hit[0] is not tensor:
+            return False
+        _, var, name = hit
+        self._check(f"{var}.item() != {self._const(value)}", f"the value of {name}")
+        return True
+
+    # -- the walk ---------------------------------------------------------------------------
+    def _visit(self, obj, expr: str, name: str):
+        t = type(obj)
+        if t in _SCALARS or isinstance(obj, enum.Enum):
+            if obj is None or t is bool:
+                self._check(f"{expr} is not {self._const(obj)}", name)
+            else:
+                c = self._const(obj)
+                self._check(f"type({expr}) is not {self._const(t)} or {expr} != {c}", name)
+            return
+        if isinstance(obj, (types.ModuleType, type, types.BuiltinFunctionType,
+                            types.BuiltinMethodType, types.MethodDescriptorType,
+                            types.WrapperDescriptorType, types.GetSetDescriptorType,
+                            torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            return  # code, not state
+        var = self._bind(expr)
+        if isinstance(obj, torch.Tensor):
+            self._check(f"{var} is not {self._const(obj)}", name)
+            self._check(f"{var}.requires_grad is not {obj.requires_grad}", f"{name}.requires_grad")
+            self.tensors.setdefault(id(obj), (obj, var, name))
+            return
+        if t in (tuple, list, dict, set, frozenset) or isinstance(obj, (list, dict)):
+            self._visit_container(obj, var, name)
+            return
+        self._check(f"{var} is not {self._const(obj)}", name)
+        if id(obj) in self._seen:
+            return
+        self._seen.add(id(obj))
+        if isinstance(obj, types.FunctionType):
+            self._visit_function(obj, var, name)
+        elif isinstance(obj, types.MethodType):
+            self._visit(obj.__self__, f"{var}.__self__", name.rsplit(".", 1)[0])
+            self._visit(obj.__func__, f"{var}.__func__", name)
+        elif isinstance(obj, functools.partial):
+            self._visit(obj.func, f"{var}.func", name)
+            self._visit(obj.args, f"{var}.args", f"{name}.args")
+            self._visit(obj.keywords, f"{var}.keywords", f"{name}.keywords")
+        elif isinstance(obj, torch.nn.Module):
+            self._visit_object(obj, var, name, _MODULE_DICTS)
+            self._visit_method(type(obj), "forward", name)
+        elif hasattr(obj, "__dict__") and isinstance(getattr(obj, "__dict__", None), dict):
+            self._visit_object(obj, var, name, ())
+            self._visit_method(type(obj), "__call__", name)
+
+    def _visit_method(self, cls, attr, name):
+        fn = getattr(cls, attr, None)
+        if isinstance(fn, types.FunctionType) and not _is_lib(fn.__module__) \
+                and id(fn) not in self._seen:
+            self._seen.add(id(fn))
+            self._visit_function(fn, self._root(fn), f"{name}.{attr}", is_root=True)
+
+    def _visit_object(self, obj, var, name, flat):
+        d = obj.__dict__
+        dvar = self._bind(f"{var}.__dict__")
+        self._save_dict(d)
+        self._check(f"len({dvar}) != {len(d)}", f"the attributes of {name}")
+        for key, value in list(d.items()):
+            kvar_expr = f"{dvar}[{key!r}]"
+            if key in flat and type(value) in (dict, collections_OrderedDict):
+                # _parameters / _buffers / _modules: their entries read as attributes
+                sub = self._bind(kvar_expr)
+                self._save_dict(value)
+                self._check(f"len({sub}) != {len(value)}", f"{name}.{key}")
+                for k2, v2 in list(value.items()):
+                    if isinstance(k2, str):
+                        self._visit(v2, f"{sub}[{k2!r}]", f"{name}.{k2}" if name else k2)
+            else:
+                self._visit(value, kvar_expr, f"{name}.{key}")
+
+    def _visit_container(self, obj, var, name):
+        t = type(obj)
+        self._check(f"type({var}) is not {self._const(t)}", name)
+        if isinstance(obj, (set, frozenset)):
+            if isinstance(obj, set):
+                self.saved.append(functools.partial(_restore_set, obj, set(obj)))
+            self._check(f"{var} != {self._const(set(obj))}", name)
+            return
+        if isinstance(obj, list):
+            self.saved.append(functools.partial(_restore_list, obj, list(obj)))
+        elif isinstance(obj, dict):
+            self._save_dict(obj)
+        self._check(f"len({var}) != {len(obj)}", f"the length of {name}")
+        if len(obj) > _MAX_ELEMS:
+            self.unguardable = self.unguardable or (
+                f"it can reach a container too large to guard ({name}, {len(obj)} items)")
+            return
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for key, value in list(items):
+            if isinstance(key, (str, int)) and not isinstance(key, bool):
+                self._visit(value, f"{var}[{key!r}]", f"{name}[{key!r}]")
+
+    def _visit_function(self, fn, var, name, is_root=False):
+        lib = _is_lib(getattr(fn, "__module__", None))
+        code = fn.__code__
+        for i, cell in enumerate(fn.__closure__ or ()):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # not yet bound
+                continue
+            if lib and not (callable(value) or isinstance(value, torch.nn.Module)):
+                continue  # a library wrapper's own settings and caches
+            self.saved.append(functools.partial(_restore_cell, cell, value))
+            self._visit(value, f"{self._root(cell)}.cell_contents", code.co_freevars[i])
+        wrapped = getattr(fn, "__wrapped__", None)
+        if wrapped is not None:
+            self._visit(wrapped, f"{var}.__wrapped__", name)
+        if lib:
+            return
+        if fn.__defaults__:
+            self._visit(fn.__defaults__, f"{var}.__defaults__", f"the defaults of {name}")
+        if fn.__kwdefaults__:
+            self._visit(fn.__kwdefaults__, f"{var}.__kwdefaults__", f"the defaults of {name}")
+        g = fn.__globals__
+        gvar = None
+        for gname in _code_names(code):
+            if gname not in g:
+                continue
+            value = g[gname]
+            if isinstance(value, types.ModuleType):
+                self._visit_user_module(value, code, gname)
+                continue
+            if gvar is None:
+                gvar = self._root(g)
+            self.saved.append(functools.partial(_restore_item, g, gname, value))
+            self._visit(value, f"{gvar}[{gname!r}]", gname)
+
+    def _visit_user_module(self, mod, code, mname):
+        """``config.LR`` where ``config`` is the user's own module: its named attributes."""
+        if _is_lib(mod.__name__) or "-packages" in (getattr(mod, "__file__", "") or ""):
+            return
+        if id(mod) in self._seen:
+            return
+        self._seen.add(id(mod))
+        d = mod.__dict__
+        dvar = self._root(d)
+        for attr in _code_names(code):
+            if attr in d and not isinstance(d[attr], types.ModuleType):
+                self.saved.append(functools.partial(_restore_item, d, attr, d[attr]))
+                self._visit(d[attr], f"{dvar}[{attr!r}]", f"{mname}.{attr}")
+
+    def _save_dict(self, d):
+        self.saved.append(functools.partial(_restore_dict, d, dict(d)))
+
+    # -- checking ---------------------------------------------------------------------------
+    def compile(self):
+        """Generate ``guard(L) -> index of the first failing check, or -1``."""
+        body = "\n".join("        " + line for line in self.lines) or "        pass"
+        src = (f"def make(R, C):\n    def guard(L):\n{body}\n        return -1\n    return guard\n")
+        ns: dict = {}
+        exec(compile(src, "<ftrans.compile guard>", "exec"), ns)  # noqa: S102
+        raw = ns["make"](self.roots, self.consts)
+
+        def guard(leaves):
+            try:
+                return raw(leaves)
+            except Exception:  # a source vanished (a key deleted, a cell emptied): stale
+                return len(self.names)
+
+        self._guard = raw
+        return guard
+
+    def describe(self, index: int) -> str:
+        if 0 <= index < len(self.names):
+            return self.names[index]
+        return "a place it read (it no longer exists)"
+
+    def restore(self):
+        """Put back the Python state (lists, dicts, attributes, cells) as the walk found it."""
+        for undo in reversed(self.saved):
+            undo()
+
+
+collections_OrderedDict = __import__("collections").OrderedDict
+_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _code_names(code, _cache={}):  # noqa: B006 (a cache by design)
+    names = _cache.get(code)
+    if names is None:
+        acc = list(code.co_names)
+        for c in code.co_consts:
+            if isinstance(c, types.CodeType):
+                acc.extend(_code_names(c))
+        names = _cache[code] = tuple(dict.fromkeys(acc))
+    return names
+
+
+def _restore_list(lst, saved):
+    if len(lst) != len(saved) or any(a is not b for a, b in zip(lst, saved)):
+        lst[:] = saved
+
+
+def _restore_dict(d, saved):
+    if len(d) != len(saved) or any(d.get(k, d) is not v for k, v in saved.items()):
+        d.clear()
+        d.update(saved)
+
+
+def _restore_set(s, saved):
+    if s != saved:
+        s.clear()
+        s.update(saved)
+
+
+def _restore_cell(cell, value):
+    try:
+        if cell.cell_contents is value:
+            return
+    except ValueError:
+        pass
+    cell.cell_contents = value
+
+
+def _restore_item(d, key, value):
+    if d.get(key, d) is not value:
+        d[key] = value
+
+
+class StateWatch:
+    """A dispatch mode for the trace (or a checked eager call): copy-on-write backups.
+
+    While a function is traced with fake inputs, ops whose inputs are all real tensors (a
+    counter buffer's ``add_(1)``, an EMA's ``mul_``) run for real.  Before the first in-place
+    write to a real tensor, this keeps a copy, so that :meth:`undo` puts every such tensor back
+    and tracing leaves no trace in the user's state.  It also records the values the function
+    read from real tensors (``.item()``, ``float()``, ``bool()``): those are value reads that the
+    trace froze.
+    """
+
+    def __init__(self, only=None):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        watch = self
+        self.only = only  # ids of the tensors to back up (None: every real tensor)
+        self.backups: dict = {}
+        self.reads: list = []
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                for pos in _written(func):
+                    t = args[pos] if isinstance(pos, int) and pos < len(args) else kwargs.get(pos)
+                    watch._backup(t)
+                out = func(*args, **kwargs)
+                if func is _LOCAL_SCALAR and _is_real(args[0]):
+                    watch.reads.append((args[0], out))
+                return out
+
+        self.mode = _Mode()
+
+    def _backup(self, t):
+        if not _is_real(t) or id(t) in self.backups:
+            return
+        if self.only is not None and id(t) not in self.only:
+            return
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes(), torch.no_grad():
+            self.backups[id(t)] = (t, t.clone())
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+    def mutated(self):
+        return [t for t, _ in self.backups.values()]
+
+    def undo(self):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes(), torch.no_grad():
+            for t, copy in self.backups.values():
+                t.copy_(copy)
+
+
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+_WRITTEN: dict = {}
+
+
+def _written(func):
+    """Positions (or keyword names) of the arguments ``func`` writes into."""
+    pos = _WRITTEN.get(func)
+    if pos is None:
+        pos = []
+        schema = getattr(func, "_schema", None)
+        for i, a in enumerate(schema.arguments if schema is not None else ()):
+            if a.alias_info is not None and a.alias_info.is_write:
+                pos.append(a.name if a.kwarg_only else i)
+        pos = _WRITTEN[func] = tuple(pos)
+    return pos
+
+
+def _is_real(t) -> bool:
+    if not isinstance(t, torch.Tensor):
+        return False
+    # a plain tensor (or Parameter): not fake, no wrapper subclass such as BatchedTensor
+    return type(t).__torch_dispatch__ is _PLAIN_DISPATCH
+
+
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
