@@ -164,8 +164,8 @@ class Reads:
             return  # code, not state
         var = self._bind(expr)
         if isinstance(obj, torch.Tensor):
-            self._check(f"{var} is not {self._const(obj)}", name)
-            self._check(f"{var}.requires_grad is not {obj.requires_grad}", f"{name}.requires_grad")
+            self._check(f"{var} is not {self._const(obj)} or {var}.requires_grad is not "
+                        f"{obj.requires_grad}", name)
             self.tensors.setdefault(id(obj), (obj, var, name))
             return
         if t in (tuple, list, dict, set, frozenset) or isinstance(obj, (list, dict)):
@@ -193,7 +193,7 @@ class Reads:
 
     def _visit_method(self, cls, attr, name):
         fn = getattr(cls, attr, None)
-        if isinstance(fn, types.FunctionType) and not _is_lib(fn.__module__) \
+        if isinstance(fn, types.FunctionType) and not _is_lib(fn.__globals__.get("__name__")) \
                 and id(fn) not in self._seen:
             self._seen.add(id(fn))
             self._visit_function(fn, self._root(fn), f"{name}.{attr}", is_root=True)
@@ -203,32 +203,68 @@ class Reads:
         dvar = self._bind(f"{var}.__dict__")
         self._save_dict(d)
         self._check(f"len({dvar}) != {len(d)}", f"the attributes of {name}")
+        # Few lines, not one per attribute: a module's __dict__ is mostly settings (one tuple
+        # comparison), empty hook dicts (one truth test) and its three tensor/submodule dicts.
+        settings, empty = [], []
         for key, value in list(d.items()):
-            kvar_expr = f"{dvar}[{key!r}]"
-            if key in flat and type(value) in (dict, collections_OrderedDict):
-                # _parameters / _buffers / _modules: their entries read as attributes
-                sub = self._bind(kvar_expr)
-                self._save_dict(value)
-                self._check(f"len({sub}) != {len(value)}", f"{name}.{key}")
-                for k2, v2 in list(value.items()):
-                    if isinstance(k2, str):
-                        self._visit(v2, f"{sub}[{k2!r}]", f"{name}.{k2}" if name else k2)
+            if key in _NOT_READ:
+                continue
+            t = type(value)
+            if t in _SCALARS or isinstance(value, enum.Enum):
+                settings.append(key)
+            elif t in (dict, list, set, collections_OrderedDict) and not value:
+                empty.append(key)
+            elif key in flat and t in (dict, collections_OrderedDict):
+                self._visit_members(value, f"{dvar}[{key!r}]", name, key)
             else:
-                self._visit(value, kvar_expr, f"{name}.{key}")
+                self._visit(value, f"{dvar}[{key!r}]", f"{name}.{key}")
+        if settings:
+            tup = "(" + "".join(f"{dvar}[{k!r}], " for k in settings) + ")"
+            vals = tuple(d[k] for k in settings)
+            what = (f"{name}.{settings[0]}" if len(settings) == 1 else
+                    f"{name}.{settings[0]} (or another setting of {name or 'it'}: "
+                    f"{', '.join(settings[1:])})")
+            tv = self._bind(tup)
+            self._check(f"{tv} != {self._const(vals)} or tuple(map(type, {tv})) != "
+                        f"{self._const(tuple(map(type, vals)))}", what)
+        if empty:
+            self._check(" or ".join(f"{dvar}[{k!r}]" for k in empty),
+                        f"{name}'s {', '.join(empty)} (empty when traced)")
+
+    def _visit_members(self, members, expr, name, key):
+        """``_parameters`` / ``_buffers`` / ``_modules``: names and identities in two checks."""
+        sub = self._bind(expr)
+        self._save_dict(members)
+        self._check(f"[*{sub}] != {self._const(list(members))} or [*map(id, {sub}.values())] "
+                    f"!= {self._const([id(v) for v in members.values()])}",
+                    f"{name}.{key} (an entry replaced, added or removed)")
+        self.consts.append(list(members.values()))  # keeps the ids above alive
+        tensors = [k for k, v in members.items() if isinstance(v, torch.Tensor)]
+        if tensors:
+            flags = tuple(members[k].requires_grad for k in tensors)
+            self._check(f"(" + "".join(f"{sub}[{k!r}].requires_grad, " for k in tensors)
+                        + f") != {self._const(flags)}", f"requires_grad of {name}.{key}")
+        for k, v in list(members.items()):
+            full = f"{name}.{k}" if name else k
+            if isinstance(v, torch.Tensor):
+                self.tensors.setdefault(id(v), (v, f"{sub}[{k!r}]", full))
+            elif v is not None and isinstance(k, str):
+                self._visit(v, f"{sub}[{k!r}]", full)
 
     def _visit_container(self, obj, var, name):
         t = type(obj)
-        self._check(f"type({var}) is not {self._const(t)}", name)
         if isinstance(obj, (set, frozenset)):
             if isinstance(obj, set):
                 self.saved.append(functools.partial(_restore_set, obj, set(obj)))
-            self._check(f"{var} != {self._const(set(obj))}", name)
+            self._check(f"type({var}) is not {self._const(t)} or {var} != "
+                        f"{self._const(set(obj))}", name)
             return
         if isinstance(obj, list):
             self.saved.append(functools.partial(_restore_list, obj, list(obj)))
         elif isinstance(obj, dict):
             self._save_dict(obj)
-        self._check(f"len({var}) != {len(obj)}", f"the length of {name}")
+        self._check(f"type({var}) is not {self._const(t)} or len({var}) != {len(obj)}",
+                    f"the length of {name}")
         if len(obj) > _MAX_ELEMS:
             self.unguardable = self.unguardable or (
                 f"it can reach a container too large to guard ({name}, {len(obj)} items)")
@@ -239,7 +275,8 @@ class Reads:
                 self._visit(value, f"{var}[{key!r}]", f"{name}[{key!r}]")
 
     def _visit_function(self, fn, var, name, is_root=False):
-        lib = _is_lib(getattr(fn, "__module__", None))
+        # (where the code lives: functools.wraps copies the wrapped function's __module__)
+        lib = _is_lib(fn.__globals__.get("__name__"))
         code = fn.__code__
         for i, cell in enumerate(fn.__closure__ or ()):
             try:
@@ -321,6 +358,9 @@ class Reads:
 
 collections_OrderedDict = __import__("collections").OrderedDict
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+# nn.Module attributes a call never reads (state_dict / load_state_dict machinery)
+_NOT_READ = frozenset({"_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                       "_load_state_dict_post_hooks", "_non_persistent_buffers_set"})
 
 
 def _code_names(code, _cache={}):  # noqa: B006 (a cache by design)
