@@ -123,7 +123,10 @@ class Reads:
 
     def function(self, fn, name: str):
         """Walk from the compiled function (held, so not itself checked)."""
-        self._visit_function(fn, self._root(fn), name, is_root=True)
+        if isinstance(fn, types.FunctionType):
+            self._visit_function(fn, self._root(fn), name, is_root=True)
+        else:  # a bound method, a partial, a module, a callable object
+            self._visit(fn, self._root(fn), name)
 
     def leaf(self, index: int, obj, name: str):
         """Walk a non-tensor argument leaf: ``L[index]`` at call time."""

@@ -406,3 +406,44 @@ def test_check_true_compares_the_first_replay_with_eager():
     bad = ftrans.compile(lambda x: x * random.random(), check=True)
     with pytest.raises(ftrans.CompileCheckError, match=r"output"):
         bad(torch.ones(3))
+
+
+def test_bound_methods_partials_and_modules_are_walked():
+    import functools
+
+    class Scaler(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = 2.0
+
+        def forward(self, x):
+            return x * self.k
+
+        def half(self, x):
+            return x * self.k / 2
+
+    m = Scaler()
+    x = torch.ones(3)
+    fns = [m, m.half, functools.partial(lambda mod, t: mod(t) + 1, m)]
+    compiled = [ftrans.compile(f) for f in fns]
+    for f, cf in zip(fns, compiled):
+        torch.testing.assert_close(cf(x), f(x))
+    m.k = 5.0
+    for f, cf in zip(fns, compiled):
+        torch.testing.assert_close(cf(x), f(x))
+
+
+def test_tracing_changes_no_state_and_replays_apply_one_calls_updates():
+    counter = torch.zeros((), dtype=torch.int64)
+    ema = torch.zeros(3)
+
+    def step(x):
+        counter.add_(1)
+        ema.mul_(0.5).add_(x)
+        return x * 2
+
+    cf = ftrans.compile(step)
+    for i in range(3):
+        cf(torch.ones(3))
+        assert int(counter) == i + 1
+    torch.testing.assert_close(ema, torch.full((3,), 1.75))
