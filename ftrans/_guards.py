@@ -94,6 +94,8 @@ class Reads:
         self.saved: list = []      # (restore function) for Python state the trace may change
         self.unguardable = None    # why the reachable state is too large, or None
         self._seen: set = set()
+        self._names: set = set()   # attribute names the walked code uses
+        self._deferred: list = []  # plain objects, walked by those names in finish()
         self._vars = 0
         self._guard = None
 
@@ -191,15 +193,44 @@ class Reads:
             self._visit_object(obj, var, name, _MODULE_DICTS)
             self._visit_method(type(obj), "forward", name)
         elif hasattr(obj, "__dict__") and isinstance(getattr(obj, "__dict__", None), dict):
-            self._visit_object(obj, var, name, ())
+            # A plain object: only the attributes the walked code names (``cfg.lr``), once
+            # all the code is known (see finish).
+            self._deferred.append((obj, var, name))
             self._visit_method(type(obj), "__call__", name)
 
+    def finish(self):
+        """Walk the plain objects found, by the attribute names of all the code walked."""
+        while self._deferred:
+            obj, var, name = self._deferred.pop(0)
+            d = obj.__dict__
+            cls = type(obj)
+            dvar = self._bind(f"{var}.__dict__")
+            self._save_dict(d)
+            self._check(f"len({dvar}) != {len(d)}", f"the attributes of {name}")
+            done: set = set()
+            while self._names - done:  # a property's code may name more attributes
+                for attr in sorted(self._names - done):
+                    done.add(attr)
+                    if attr in d:
+                        self._check(f"{attr!r} not in {dvar}", f"{name}.{attr}")
+                        self._visit(d[attr], f"{dvar}[{attr!r}]", f"{name}.{attr}")
+                        continue
+                    found = getattr(cls, attr, _MISSING)
+                    if isinstance(found, property) and isinstance(found.fget, types.FunctionType):
+                        self._visit_code(found.fget, f"{name}.{attr}")
+                    elif type(found) in _SCALARS:  # a class attribute (unless shadowed)
+                        self._check(f"{attr!r} in {dvar}", f"{name}.{attr}")
+                        self._visit(found, f"{self._const(cls)}.{attr}", f"{name}.{attr}")
+
     def _visit_method(self, cls, attr, name):
-        fn = getattr(cls, attr, None)
+        self._visit_code(getattr(cls, attr, None), f"{name}.{attr}")
+
+    def _visit_code(self, fn, name):
+        """A user function reached through a class (a method, a property): its reads."""
         if isinstance(fn, types.FunctionType) and not _is_lib(fn.__globals__.get("__name__")) \
                 and id(fn) not in self._seen:
             self._seen.add(id(fn))
-            self._visit_function(fn, self._root(fn), f"{name}.{attr}", is_root=True)
+            self._visit_function(fn, self._root(fn), name, is_root=True)
 
     def _visit_object(self, obj, var, name, flat):
         d = obj.__dict__
@@ -295,6 +326,7 @@ class Reads:
             self._visit(wrapped, f"{var}.__wrapped__", name)
         if lib:
             return
+        self._names.update(_code_names(code))
         if fn.__defaults__:
             self._visit(fn.__defaults__, f"{var}.__defaults__", f"the defaults of {name}")
         if fn.__kwdefaults__:
@@ -361,6 +393,7 @@ class Reads:
 
 collections_OrderedDict = __import__("collections").OrderedDict
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+_MISSING = object()
 # nn.Module attributes a call never reads (state_dict / load_state_dict machinery)
 _NOT_READ = frozenset({"_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                        "_load_state_dict_post_hooks", "_non_persistent_buffers_set"})

@@ -139,6 +139,7 @@ class _Signature:
         self.entries: list = []
         self.eager = None
         self.dynamic_tried = False
+        self.dynamic = ()  # Python number arguments that are replay inputs
 
     @property
     def runner(self):  # the newest trace's runner (introspection, tests)
@@ -164,7 +165,7 @@ class _Signature:
             if failed is not None and not self.dynamic_tried:
                 entry = self._try_dynamic(failed[0], leaves)
             if entry is None:
-                entry = _trace(self.fn, leaves, self.spec, self.opts)
+                entry = _trace(self.fn, leaves, self.spec, self.opts, dynamic=self.dynamic)
         except _TraceFailed as e:
             return self._eager(str(e), leaves)
         self.entries.append(entry)
@@ -186,6 +187,7 @@ class _Signature:
             return None
         if entry.out_meta != last.out_meta or entry.consts != last.consts:
             return None  # the number reached an output, or changed a dtype: not equivalent
+        self.dynamic = tuple(changed)
         return entry
 
 
@@ -210,6 +212,7 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
             reads.leaf_value(i, x, f"the Python number argument {_leaf_name(spec, i)}")
         elif not isinstance(x, torch.Tensor):
             reads.leaf(i, x, _leaf_name(spec, i))
+    reads.finish()
     if reads.unguardable:
         raise _TraceFailed(f"{reads.unguardable}; running it eagerly.")
 

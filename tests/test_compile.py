@@ -447,3 +447,30 @@ def test_tracing_changes_no_state_and_replays_apply_one_calls_updates():
         cf(torch.ones(3))
         assert int(counter) == i + 1
     torch.testing.assert_close(ema, torch.full((3,), 1.75))
+
+
+def test_plain_objects_are_guarded_on_the_attributes_the_code_reads():
+    class Cfg:
+        clip = 1.0  # a class attribute
+
+        def __init__(self):
+            self.history = []  # not read by the step: changing it does not retrace
+
+        @property
+        def double(self):
+            return self.clip * 2
+
+    cfg = Cfg()
+
+    def step(x):
+        return x.clamp(max=cfg.double)
+
+    cf = ftrans.compile(step)
+    x = torch.linspace(0, 5, 6)
+    torch.testing.assert_close(cf(x), step(x))
+    cfg.history.extend(range(1000))
+    torch.testing.assert_close(cf(x), step(x))
+    Cfg.clip = 2.0
+    torch.testing.assert_close(cf(x), step(x))
+    (sig,) = cf.cache.values()
+    assert len(sig.entries) == 2
