@@ -33,6 +33,7 @@ import enum
 import functools
 import sys
 import types
+import weakref
 
 import torch
 
@@ -143,13 +144,14 @@ class Reads:
     def leaf_offset(self, index: int, offset: int, name: str):
         self._check(f"L[{index}].storage_offset() != {offset}", f"the storage offset of {name}")
 
-    def value_read(self, tensor, value) -> bool:
-        """``.item()`` of a reachable tensor during tracing: check the value. False: unknown."""
+    def value_read(self, tensor, how, value) -> bool:
+        """``.item()`` / ``.tolist()`` of a reachable tensor during tracing: check the value.
+        False: not a tensor the guard can reach."""
         hit = self.tensors.get(id(tensor))
         if hit is None or hit[0] is not tensor:
             return False
         _, var, name = hit
-        self._check(f"{var}.item() != {self._const(value)}", f"the value of {name}")
+        self._check(f"{var}.{how}() != {self._const(value)}", f"the value of {name}")
         return True
 
     # -- the walk ---------------------------------------------------------------------------
@@ -167,6 +169,8 @@ class Reads:
                             types.WrapperDescriptorType, types.GetSetDescriptorType,
                             torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             return  # code, not state
+        if isinstance(obj, weakref.ref):
+            return  # a cache of something reachable otherwise (an RNN's _flat_weight_refs)
         var = self._bind(expr)
         if isinstance(obj, torch.Tensor):
             self._check(f"{var} is not {self._const(obj)} or {var}.requires_grad is not "
@@ -394,9 +398,11 @@ class Reads:
 collections_OrderedDict = __import__("collections").OrderedDict
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules")
 _MISSING = object()
-# nn.Module attributes a call never reads (state_dict / load_state_dict machinery)
+# nn.Module attributes a call never reads (state_dict / load_state_dict machinery), or that
+# are caches of its parameters rebuilt by each forward (RNNs; functional_call swaps them)
 _NOT_READ = frozenset({"_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                       "_load_state_dict_post_hooks", "_non_persistent_buffers_set"})
+                       "_load_state_dict_post_hooks", "_non_persistent_buffers_set",
+                       "_flat_weights", "_flat_weight_refs"})
 
 
 def _code_names(code, _cache={}):  # noqa: B006 (a cache by design)
@@ -453,6 +459,7 @@ class StateWatch:
     """
 
     def __init__(self, only=None):
+        from torch.overrides import TorchFunctionMode
         from torch.utils._python_dispatch import TorchDispatchMode
 
         watch = self
@@ -467,11 +474,23 @@ class StateWatch:
                     t = args[pos] if isinstance(pos, int) and pos < len(args) else kwargs.get(pos)
                     watch._backup(t)
                 out = func(*args, **kwargs)
-                if func is _LOCAL_SCALAR and _is_real(args[0]):
-                    watch.reads.append((args[0], out))
+                if func is _LOCAL_SCALAR and (_is_real(args[0])
+                                              or getattr(args[0], "constant", None) is not None):
+                    # a real tensor, or a fake one computed from real tensors (its value known)
+                    watch.reads.append((args[0], "item", out))
+                return out
+
+        class _Lists(TorchFunctionMode):
+            # ``tolist()`` reads values without an aten op: seen at the torch-function level
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func is _TOLIST and (_is_real(args[0])
+                                        or getattr(args[0], "constant", None) is not None):
+                    watch.reads.append((args[0], "tolist", out))
                 return out
 
         self.mode = _Mode()
+        self.lists = _Lists()
 
     def _backup(self, t):
         if not _is_real(t) or id(t) in self.backups:
@@ -484,11 +503,19 @@ class StateWatch:
             self.backups[id(t)] = (t, t.clone())
 
     def __enter__(self):
-        self.mode.__enter__()
+        self.lists.__enter__()
+        try:
+            self.mode.__enter__()
+        except BaseException:
+            self.lists.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
+        try:
+            self.mode.__exit__(*exc)
+        finally:
+            self.lists.__exit__(*exc)
 
     def mutated(self):
         return [t for t, _ in self.backups.values()]
@@ -502,6 +529,7 @@ class StateWatch:
 
 
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+_TOLIST = torch.Tensor.tolist
 _WRITTEN: dict = {}
 
 

@@ -254,10 +254,10 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
         raise _TraceFailed(
             f"it changed {reads.describe(changed)} while traced (a side effect a replay would "
             "not repeat, or a traced value stored outside the function); running it eagerly.")
-    for t, value in watch.reads:
+    for t, how, value in watch.reads:
         if id(t) in watch.backups:
             raise _TraceFailed(_value_read(reads, t, "a tensor it also updates in place"))
-        if not reads.value_read(t, value):
+        if not reads.value_read(t, how, value):
             raise _TraceFailed(_value_read(reads, t, "a tensor computed during the call"))
     if any(n.op == "call_function" and n.target in _OFFSET_OPS for n in gm.graph.nodes):
         for i in tensor_pos:  # the trace addresses memory: the storage offset matters too
@@ -298,7 +298,7 @@ _OFFSET_OPS = (torch.ops.aten.as_strided.default, torch.ops.aten.as_strided_.def
 def _value_read(reads, t, what):
     hit = reads.tensors.get(id(t))
     name = hit[2] if hit is not None and hit[0] is t else what
-    return (f"it reads the value of {name} during tracing (`.item()`, `float()`, `bool()`), "
+    return (f"it reads the value of {name} while traced (`.item()`, `float()`, `tolist()`), "
             "which cannot be guarded; running it eagerly.")
 
 

@@ -314,6 +314,17 @@ def test_item_of_a_captured_tensor_is_a_guarded_value_read():
     torch.testing.assert_close(cf(x), x.clamp(max=1.0))
     lim.fill_(2.0)
     torch.testing.assert_close(cf(x), x.clamp(max=2.0))
+    table = torch.tensor([1.0, 2.0])
+    h = ftrans.compile(lambda x: x * table.tolist()[1])  # no aten op: seen all the same
+    torch.testing.assert_close(h(x), x * 2)
+    table.fill_(5.0)
+    torch.testing.assert_close(h(x), x * 5)
+    total = torch.tensor(1.0)
+    g = ftrans.compile(lambda x: x * (total * 2).item())  # an intermediate: not guardable
+    with pytest.warns(CompileWarning, match="reads the value"):
+        torch.testing.assert_close(g(x), x * 2)
+    total.fill_(3.0)
+    torch.testing.assert_close(g(x), x * 6)
 
 
 def test_batchnorm_state_matches_eager_after_every_call():
