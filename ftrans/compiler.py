@@ -240,6 +240,7 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
         gm = make_fx(flat_fn, tracing_mode="fake", _allow_non_fake_inputs=True)(
             *example, *dyn_example)
     except Exception as e:  # data-dependent control flow, or an op fake tensors cannot run
+        reads.restore()  # what the partial trace stored (a fake loss in a log) is put back
         raise _TraceFailed(
             f"could not trace this input signature ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200] if str(e) else ''}); running it eagerly. Python "

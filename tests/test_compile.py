@@ -485,3 +485,17 @@ def test_plain_objects_are_guarded_on_the_attributes_the_code_reads():
     torch.testing.assert_close(cf(x), step(x))
     (sig,) = cf.cache.values()
     assert len(sig.entries) == 2
+
+
+def test_a_failed_trace_leaves_no_fake_value_behind():
+    log = []
+
+    def step(x):
+        loss = x.sum()
+        log.append(loss)
+        return loss * 2 if loss > 0 else loss  # control flow on a traced value: eager
+
+    cf = ftrans.compile(step)
+    with pytest.warns(CompileWarning, match="control flow"):
+        cf(torch.ones(3))
+    assert len(log) == 1 and type(log[0]) is torch.Tensor and float(log[0]) == 3.0
