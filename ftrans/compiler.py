@@ -196,8 +196,13 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
 
     cuda_graph, backend, clone_outputs, reuse_outputs, check = opts
     tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-    dyn = [(i, torch.float64 if type(leaves[i]) is float else torch.int64) for i in dynamic]
     example = [leaves[i] for i in tensor_pos]
+    # On the inputs' device when they share one CUDA device: a CPU scalar would be read on the
+    # host, and frozen into a CUDA graph at capture.
+    devs = {t.device for t in example}
+    dyn_dev = devs.pop() if len(devs) == 1 and example[0].device.type == "cuda" else None
+    dyn = [(i, torch.float64 if type(leaves[i]) is float else torch.int64, dyn_dev)
+           for i in dynamic]
     grad_on = torch.is_grad_enabled()
     if grad_on and any(t.requires_grad for t in example):  # known before tracing
         raise _TraceFailed(_NEEDS_GRAD)
@@ -217,7 +222,7 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
         raise _TraceFailed(f"{reads.unguardable}; running it eagerly.")
 
     template = list(leaves)
-    positions = tensor_pos + [i for i, _ in dyn]
+    positions = tensor_pos + [i for i, _, _ in dyn]
     out_box = []
     watch = StateWatch()
 
@@ -235,7 +240,7 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
                          if isinstance(o, torch.Tensor)]))
         return [o for o in out_leaves if isinstance(o, torch.Tensor)]
 
-    dyn_example = [torch.scalar_tensor(leaves[i], dtype=d) for i, d in dyn]
+    dyn_example = [torch.scalar_tensor(leaves[i], dtype=d, device=dev) for i, d, dev in dyn]
     try:
         gm = make_fx(flat_fn, tracing_mode="fake", _allow_non_fake_inputs=True)(
             *example, *dyn_example)
@@ -369,8 +374,8 @@ class _Replay:
 
     def replay(self, leaves):
         inputs = [leaves[i] for i in self.tensor_pos]
-        for i, dtype in self.dyn:
-            inputs.append(torch.scalar_tensor(leaves[i], dtype=dtype))
+        for i, dtype, device in self.dyn:
+            inputs.append(torch.scalar_tensor(leaves[i], dtype=dtype, device=device))
         outs = iter(self.runner(*inputs))
         flat = [next(outs) if t else c for t, c in zip(self.is_tensor, self.consts)]
         return _pytree.tree_unflatten(self.out_spec, flat)

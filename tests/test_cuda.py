@@ -160,3 +160,16 @@ def test_cuda_graph_replay_with_check_and_guards():
     cf(x)
     model.eval()  # guarded: a new trace without dropout
     torch.testing.assert_close(cf(x), model(x))
+
+
+def test_cuda_graph_replay_takes_python_number_arguments_as_inputs():
+    # A learning rate passed as a Python number becomes a 0-dim CUDA input of the graph: a new
+    # value each call must be seen (a CPU scalar would be frozen into the graph at capture).
+    w = torch.randn(4, device="cuda")
+    cf = ftrans.compile(lambda x, lr: x - lr * w, cuda_graph=True)
+    x = torch.randn(4, device="cuda")
+    for i in range(5):
+        lr = 0.5 / (i + 1)
+        torch.testing.assert_close(cf(x, lr), x - lr * w)
+    (sig,) = cf.cache.values()
+    assert len(sig.entries) == 2
