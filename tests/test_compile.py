@@ -499,3 +499,19 @@ def test_a_failed_trace_leaves_no_fake_value_behind():
     with pytest.warns(CompileWarning, match="control flow"):
         cf(torch.ones(3))
     assert len(log) == 1 and type(log[0]) is torch.Tensor and float(log[0]) == 3.0
+
+
+def test_inference_mode_and_deterministic_flags_are_part_of_the_signature():
+    cf = ftrans.compile(lambda x: x * 2)
+    x = torch.ones(2)
+    cf(x)
+    with torch.inference_mode():
+        out = cf(x)
+    assert out.is_inference()
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        cf(x)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert len(cf.cache) == 3
