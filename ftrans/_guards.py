@@ -126,10 +126,13 @@ class Reads:
 
     def function(self, fn, name: str):
         """Walk from the compiled function (held, so not itself checked)."""
-        if isinstance(fn, types.FunctionType):
-            self._visit_function(fn, self._root(fn), name, is_root=True)
-        else:  # a bound method, a partial, a module, a callable object
-            self._visit(fn, self._root(fn), name)
+        try:
+            if isinstance(fn, types.FunctionType):
+                self._visit_function(fn, self._root(fn), name, is_root=True)
+            else:  # a bound method, a partial, a module, a callable object
+                self._visit(fn, self._root(fn), name)
+        except RecursionError:
+            self.unguardable = "the state it can reach is nested too deeply to guard"
 
     def leaf(self, index: int, obj, name: str):
         """Walk a non-tensor argument leaf: ``L[index]`` at call time."""
@@ -178,6 +181,10 @@ class Reads:
             self.tensors.setdefault(id(obj), (obj, var, name))
             return
         if t in (tuple, list, dict, set, frozenset) or isinstance(obj, (list, dict)):
+            if id(obj) in self._seen:  # reached before (or a cycle): the same object
+                self._check(f"{var} is not {self._const(obj)}", name)
+                return
+            self._seen.add(id(obj))
             self._visit_container(obj, var, name)
             return
         self._check(f"{var} is not {self._const(obj)}", name)
@@ -204,6 +211,12 @@ class Reads:
 
     def finish(self):
         """Walk the plain objects found, by the attribute names of all the code walked."""
+        try:
+            self._finish()
+        except RecursionError:
+            self.unguardable = "the state it can reach is nested too deeply to guard"
+
+    def _finish(self):
         while self._deferred:
             obj, var, name = self._deferred.pop(0)
             d = obj.__dict__

@@ -515,3 +515,15 @@ def test_inference_mode_and_deterministic_flags_are_part_of_the_signature():
     finally:
         torch.use_deterministic_algorithms(was)
     assert len(cf.cache) == 3
+
+
+def test_cyclic_state_is_walked_once():
+    box = {"k": 2.0}
+    box["self"] = box
+    items = [1.0]
+    items.append(items)
+    cf = ftrans.compile(lambda x: x * box["k"] * items[0])
+    x = torch.ones(2)
+    torch.testing.assert_close(cf(x), x * 2)
+    box["k"] = 3.0
+    torch.testing.assert_close(cf(x), x * 3)
