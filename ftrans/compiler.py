@@ -41,7 +41,8 @@ from typing import Callable, Optional
 import torch
 
 from . import _pytree
-from ._guards import Reads, StateWatch, global_state
+from ._guards import Reads, global_state
+from ._statewatch import StateWatch
 
 __all__ = ["compile", "CompileCheckError"]
 
@@ -507,14 +508,14 @@ class _CudaGraphReplay:
 
 def _written_by(gm):
     """(indices of inputs, tensors closed over) that the graph updates in place."""
-    from ._guards import _written
+    from ._statewatch import written
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs, consts = set(), {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        for pos in _written(node.target):
+        for pos in written(node.target):
             arg = node.args[pos] if isinstance(pos, int) and pos < len(node.args) \
                 else node.kwargs.get(pos)
             while isinstance(arg, torch.fx.Node) and arg.op == "call_function" \
