@@ -15,9 +15,8 @@ import torch
 from . import _pytree
 
 from ._C import levels as _levels
-from ._C.autograd import AddBatchDim, RemoveBatchDim
+from ._C.autograd import AddBatchDim, RemoveBatchDim, saved_tensor_hooks_around_vmap
 from ._C.batched import BatchedTensor, add_batch_dim, remove_batch_dim
-from ._C.autograd import saved_tensor_hooks_around_vmap
 from ._C.guards import mark_input
 from ._C.random import vmap_mode
 
