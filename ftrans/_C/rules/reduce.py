@@ -192,14 +192,6 @@ if hasattr(aten, "_segment_reduce_backward"):
     register_batch_rule(aten._segment_reduce_backward.default)(_segment_rule([0, 1, 2]))
 
 
-@register_batch_rule(aten._is_any_true.default, aten._is_all_true.default)
-def _whole_batch_truth_rule(level, func, args, bdims, kwargs):
-    # What the autograd engine's anomaly check runs (``isnan(g)._is_any_true().item()``) on a
-    # per-example gradient: as in torch.func, the answer is for the whole batch, unbatched, so
-    # that its ``.item()`` works and one bad example raises.
-    return func(args[0]), None
-
-
 @register_batch_rule(aten.histc.default)
 def histc_rule(level, func, args, bdims, kwargs):
     """Per-example histograms in one scatter_add over ``[B, bins]``.
@@ -243,3 +235,11 @@ def histc_rule(level, func, args, bdims, kwargs):
     out = out.scatter_add(1, pos, keep.to(x.dtype))
     return torch.where(finite, out, torch.full((), float("nan"), dtype=x.dtype,
                                                device=x.device)), 0
+
+
+@register_batch_rule(aten._is_any_true.default, aten._is_all_true.default)
+def _whole_batch_truth_rule(level, func, args, bdims, kwargs):
+    # What the autograd engine's anomaly check runs (``isnan(g)._is_any_true().item()``) on a
+    # per-example gradient: as in torch.func, the answer is for the whole batch, unbatched, so
+    # that its ``.item()`` works and one bad example raises.
+    return func(args[0]), None
