@@ -25,7 +25,9 @@ from . import aliasing as _aliasing, fastpath as _fastpath
 from .custom_vmap import registered_vmap_rule, vmap_fn_for
 from .random import _VmapMode, random_dispatch
 from .registry import RULES, on_change
+from . import shapecheck as _shapecheck
 from .levels import SUMMING_EXITED as _SUMMING_EXITED
+from .shapecheck import check as _check_shapes, explain as _explain_shapes
 
 __all__ = ["dispatch", "FallbackWarning", "fallback_stats", "reset_fallback_stats", "op_status",
            "VmapError"]
@@ -38,6 +40,9 @@ _DK = torch._C.DispatchKey
 
 class VmapError(RuntimeError):
     """An operation that vmap cannot batch (data-dependent control flow, unsafe in-place)."""
+
+
+_shapecheck._VmapError = VmapError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +94,8 @@ _DATA_DEPENDENT_HINTS = {
 
 class _Op:
     __slots__ = ("func", "name", "tensor_pos", "list_pos", "kw_tensor", "mutable_pos",
-                 "returns_self", "inplace_view", "random", "handler", "kind", "general")
+                 "returns_self", "inplace_view", "random", "handler", "kind", "general",
+                 "ok_shapes", "explains")
 
 
 def _prepare(func) -> _Op:
@@ -125,6 +131,13 @@ def _prepare(func) -> _Op:
     op.random = (torch.Tag.nondeterministic_seeded in tags
                  and not getattr(RULES.get(func), "handles_randomness", False))
     op.handler, op.kind = _choose_handler(func, tags, tag_rule)
+    # Per-example shape validity (shapecheck.py): the signatures found valid, for rules that
+    # do not raise exactly where the op does (and random ops); every rule's errors are
+    # explained by eager on one example.
+    rule = getattr(op.handler, "rule", None) if op.kind == "rule" else None
+    faithful = getattr(rule, "checks_shapes", False)
+    op.ok_shapes = {} if (rule is not None and not faithful) or op.random else None
+    op.explains = rule is not None
     if op.kind == "rule" and _SetExclude is not None and not op.inplace_view and any(
             r.alias_info is not None and not r.alias_info.is_write for r in rets):
         op.handler = _tracking_views(op.handler)
@@ -249,6 +262,8 @@ def dispatch(func, args, kwargs, from_mode=False):
                 level = a.level
     if level is not None and not level.alive and _graph_task_id() < 0:
         _escaped(op, level)
+    if op.ok_shapes is not None and level is not None:
+        _check_shapes(op, level, args, kwargs or {})
     if op.random:
         return random_dispatch(op, level, args, kwargs or {}, from_mode)
     if level is None:
@@ -258,7 +273,12 @@ def dispatch(func, args, kwargs, from_mode=False):
             with _SetExclude(_DK.Conjugate, False), _SetExclude(_DK.Negative, False):
                 return func(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
-    return op.handler(op, level, args, kwargs or {})
+    try:
+        return op.handler(op, level, args, kwargs or {})
+    except Exception as e:
+        if op.explains:
+            _explain_shapes(op, level, args, kwargs or {}, e)
+        raise
 
 
 def _torch_dispatch(cls, func, types, args=(), kwargs=None):

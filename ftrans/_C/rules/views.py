@@ -371,9 +371,9 @@ def _check_as_strided_slice(level, x, b, size, stride, off):
             msg = (head + f"`result` can access some memory in range [{off}, {span + off}], but "
                    f"`tensor` can only access some memory in range [{base}, {own + base}]. " + tail)
     if msg is not None:
-        from ..dispatch import describe
+        from ..dispatch import VmapError, describe
 
-        raise RuntimeError(f"{describe(level)}: {msg}")
+        raise VmapError(f"{describe(level)}: {msg}")
 
 
 @register_batch_rule(aten.as_strided.default)
@@ -386,6 +386,10 @@ def as_strided__rule(level, func, args, bdims, kwargs):
     x, size, stride, off = _as_strided_args(level, args, bdims)
     func(x, size, stride, off)
     return x, 0
+
+
+# The per-example checks (with torch.func's messages) are the rules' own: see shapecheck.py.
+as_strided_rule.checks_shapes = as_strided__rule.checks_shapes = True
 
 
 @register_batch_rule(aten.roll.default)
