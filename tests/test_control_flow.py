@@ -317,3 +317,34 @@ def test_torch_cond_while_scan_inside_ftrans_vmap():
     s = lambda v: torch_scan(lambda c, xi: (c + xi, (c + xi).clone()),  # noqa: E731
                              torch.zeros(4, dtype=D), v)
     torch.testing.assert_close(ftrans.vmap(s)(xs)[1], xs.cumsum(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Python control flow on batched values
+
+
+def test_python_if_and_item_proceed_when_the_batch_agrees():
+    x = torch.randn(5, 3, dtype=D)
+
+    def f(v):
+        if v.isnan().any():  # a check every example passes
+            raise ValueError("nan")
+        n = int(v.new_tensor(2.0) + 0 * v.sum())  # the same value in every example
+        return v * n if (v.abs().sum() >= 0) else v
+
+    torch.testing.assert_close(ftrans.vmap(f)(x), x * 2)
+    torch.testing.assert_close(ftrans.vmap(ftrans.vmap(f))(x.expand(2, 5, 3)), 2 * x.expand(2, 5, 3))
+    g = ftrans.vmap(ftrans.grad(lambda v: (v * v).sum() if (v * 0).sum() == 0 else v.sum()))(x)
+    torch.testing.assert_close(g, 2 * x)
+
+
+def test_python_if_divergent_points_to_cond():
+    x = torch.tensor([[1.0, 2.0], [-1.0, -3.0]])
+    with pytest.raises(ftrans.VmapError, match=r"(?s)disagree.*ftrans\.cond.*control_flow") as e:
+        ftrans.vmap(lambda v: v if v.sum() > 0 else -v)(x)
+    assert isinstance(e.value, RuntimeError)
+    with pytest.raises(ftrans.VmapError, match="disagree"):
+        ftrans.vmap(lambda v: v * v.sum().item())(x)
+    # the same value per outer example is not enough: a Python `if` takes one path for all
+    with pytest.raises(ftrans.VmapError, match="disagree"):
+        ftrans.vmap(lambda a: ftrans.vmap(lambda b: b if a.sum() > 0 else -b)(x))(x)

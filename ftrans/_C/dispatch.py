@@ -134,6 +134,9 @@ def _choose_handler(func, tags, tag_rule):
         return _rule_handler(rule), "rule"
     if vmap_fn_for(func) is not None:  # a custom op's own torch.library vmap rule
         return _rule_handler(registered_vmap_rule), "rule"
+    if name in ("aten::is_nonzero", "aten::_local_scalar_dense"):
+        from .agree import agreeing_scalar  # one value when the whole batch agrees on it
+        return agreeing_scalar, "error"
     if name in _DATA_DEPENDENT_HINTS:
         return _data_dependent, "error"
     rule = tag_rule(func, tags)
