@@ -8,6 +8,7 @@ from ._C import (FallbackWarning, VmapError, fallback_stats, op_status, register
 from .vmap import vmap
 from .compiler import CompileWarning, compile
 from .control_flow import cond, scan, switch, while_loop
+from .static_shape import argwhere, bincount, masked_select, nonzero, unique
 from .autodiff import (functional_call, grad, grad_and_value, hessian, jacfwd, jacrev, jvp, linearize, stack_module_state, vjp)  # noqa: E501
 
 __version__ = "0.1.0"
@@ -15,4 +16,5 @@ __version__ = "0.1.0"
 __all__ = ["vmap", "compile", "CompileWarning", "FallbackWarning", "VmapError", "fallback_stats", "reset_fallback_stats",
            "op_status", "register_batch_rule", "grad", "grad_and_value", "vjp", "jacrev", "jvp",
            "jacfwd", "hessian", "linearize", "functional_call", "stack_module_state",
-           "cond", "switch", "while_loop", "scan"]
+           "cond", "switch", "while_loop", "scan", "nonzero", "argwhere", "unique",
+           "masked_select", "bincount"]
