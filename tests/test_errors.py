@@ -187,11 +187,13 @@ def test_data_dependent_python_values(case, make, hint):
 # In-place writes of batched values into unbatched tensors (the result cannot fit)
 
 _INPLACE = [
-    ("add_", lambda L: L.vmap(lambda x: torch.zeros(3).add_(x))(X), "add_"),
-    ("copy_", lambda L: L.vmap(lambda x: torch.zeros(3).copy_(x))(X), "copy_"),
-    ("setitem", lambda L: L.vmap(lambda x: _setitem(torch.zeros(3), x[0]))(X), "copy_"),
-    ("index_put_", lambda L: L.vmap(lambda x: torch.zeros(3).index_put_(
+    # (tensors made before the call: one the vmapped function creates becomes batched instead)
+    ("add_", lambda L, z=torch.zeros(3): L.vmap(lambda x: z.add_(x))(X), "add_"),
+    ("copy_", lambda L, z=torch.zeros(3): L.vmap(lambda x: z.copy_(x))(X), "copy_"),
+    ("setitem", lambda L, z=torch.zeros(3): L.vmap(lambda x: _setitem(z, x[0]))(X), "copy_"),
+    ("index_put_", lambda L, z=torch.zeros(3): L.vmap(lambda x: z.index_put_(
         (torch.tensor([0]),), x[:1]))(X), "index_put_"),
+    ("view_of_fresh", lambda L: L.vmap(lambda x: torch.zeros(2, 3)[0].add_(x))(X), "add_"),
     ("captured_outer_batched",  # level-1 batched x cannot take level-2 values
      lambda L: L.vmap(lambda x: L.vmap(lambda y: x.add_(y))(torch.ones(4, 3)))(torch.ones(2, 3)),
      "add_"),

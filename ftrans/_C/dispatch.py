@@ -299,12 +299,17 @@ def _check_mutation(op, level, args, bdims):
         if i < len(bdims) and bdims[i] is None and args[i] is not None and any(
             b is not None for b in bdims
         ):
-            raise VmapError(
+            err = VmapError(
                 f"{describe(level)}: {op.name} writes in place into an argument that is not "
                 "batched (it has no per-example dimension) from a batched value; the result "
                 "cannot fit. Write into a batched tensor instead, e.g. replace "
                 "`y.add_(x)` by `y = y + x`, or pass `y` to vmap as a mapped input."
             )
+            from .fresh import fresh_base  # made inside the function: it can become batched
+            base = fresh_base(args[i], level)
+            if base is not None:  # caught above autograd, which batches it (fresh.py)
+                err._ftrans_fresh = (base, level)
+            raise err
 
 
 def _needs_view_bits(args) -> bool:
