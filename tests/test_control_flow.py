@@ -348,3 +348,33 @@ def test_python_if_divergent_points_to_cond():
     # the same value per outer example is not enough: a Python `if` takes one path for all
     with pytest.raises(ftrans.VmapError, match="disagree"):
         ftrans.vmap(lambda a: ftrans.vmap(lambda b: b if a.sum() > 0 else -b)(x))(x)
+
+
+def _two_ifs(v):
+    out = v * 2 if v.sum() > 0 else -v
+    if v[0] > 0.5:
+        return out.exp(), v.sum()
+    return out, v.prod()
+
+
+def test_control_flow_split_equals_loop():
+    x = torch.randn(12, 3, dtype=D)
+    out = ftrans.vmap(_two_ifs, control_flow="split")(x)
+    ref = _loop(_two_ifs, x)
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(out[1], ref[1])
+    with pytest.raises(ftrans.VmapError, match="disagree"):  # the default policy refuses
+        ftrans.vmap(_two_ifs)(x)
+    with pytest.raises(ValueError, match="control_flow"):
+        ftrans.vmap(_two_ifs, control_flow="maybe")
+
+
+def test_control_flow_split_gradients_and_out_dims():
+    x = torch.randn(9, 3, dtype=D)
+    loss = lambda v: _two_ifs(v)[0].sum()  # noqa: E731
+    ref = torch.stack([torch.func.grad(loss)(r) for r in x])
+    torch.testing.assert_close(ftrans.vmap(ftrans.grad(loss), control_flow="split")(x), ref)
+    g = ftrans.grad(lambda a: ftrans.vmap(loss, control_flow="split")(a).sum())(x)
+    torch.testing.assert_close(g, ref)
+    out = ftrans.vmap(_two_ifs, in_dims=1, out_dims=(1, 0), control_flow="split")(x.T)
+    torch.testing.assert_close(out[0], _loop(_two_ifs, x)[0].T)
