@@ -157,7 +157,7 @@ class AutoChunk:
                 self.last = (batch_size, None)
                 return outs
             (n1, p1, o1), (n2, p2, o2) = peaks
-            b = max((p2 - p1) / (n2 - n1), p2 / n2 / 4, 1.0)
+            b = max((p2 - p1) / (n2 - n1), p2 / n2 / 256, 1.0)  # bytes per example
             a = max(p1 - b * n1, 0.0)
             result = 2 * (o1 + o2) / (n1 + n2) * batch_size
             room = self._budget(device) - a - (result if self.memory_budget is not None else 0)
