@@ -288,7 +288,7 @@ def while_loop(cond_fn: Callable, body_fn: Callable, carried_inputs: Sequence) -
                 if bool(values.any()):
                     return _while_partitioned(cond_fn, body_fn, carry, pred, spec, form)
                 return carry
-            batch = math_prod(l.batch_size for l in _lanes.vmap_levels(pred))
+            batch = _lanes.lane_count(_lanes.vmap_levels(pred))
         elif not bool(pred):
             return carry
         else:
@@ -296,13 +296,6 @@ def while_loop(cond_fn: Callable, body_fn: Callable, carried_inputs: Sequence) -
         _STATS["while_iterations"] += 1
         _STATS["while_body_lanes"] += batch
         carry = _check_body(form, body_fn(*carry), spec)
-
-
-def math_prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def _check_loop_pred(form, pred):
