@@ -101,3 +101,12 @@ def test_write_through_a_live_view_of_a_fresh_tensor_explains():
 
     with pytest.raises(ftrans.VmapError, match="view of it is alive"):
         ftrans.vmap(f)(torch.randn(4, 3))
+
+
+def test_factory_requires_grad_is_kept():
+    def f(v):
+        w = torch.ones(3, requires_grad=True)
+        assert w.requires_grad and w.is_leaf
+        return v * 2
+
+    assert torch.equal(ftrans.vmap(f)(torch.ones(2, 3)), 2 * torch.ones(2, 3))

@@ -57,7 +57,8 @@ def make_fresh(out):
             break
     if level is None:
         return out
-    fresh = torch.Tensor._make_subclass(FreshTensor, out)  # not a view: views of it see it
+    # not a view (views of it then see it as their base); a factory result is a leaf
+    fresh = torch.Tensor._make_subclass(FreshTensor, out, out.requires_grad)
     fresh.__dict__["_ftrans_fresh"] = level
     return fresh
 
