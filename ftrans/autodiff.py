@@ -29,6 +29,7 @@ from . import _pytree
 from ._C import levels as _levels
 from ._C.autograd import sum_exited_levels
 from .vmap import vmap
+from ._C.guards import mark_input
 
 __all__ = ["grad", "grad_and_value", "vjp", "jacrev"]
 
@@ -147,7 +148,7 @@ def enter(x, form: str):
     if x.is_inference():  # cannot carry autograd history: start from a normal copy
         x = x.clone()
     if x.requires_grad:
-        return x.view_as(x)
+        return mark_input(x.view_as(x))
     if _has_forward_tangent(x):
         x = x.clone().requires_grad_()
     else:
@@ -155,13 +156,17 @@ def enter(x, form: str):
     # A fresh leaf is differentiated only by this level, while every vmap around it is alive:
     # its uses need no per-use lift (ftrans/_C/autograd.py), which saves work on every op.
     x._ftrans_born = _levels.current_stack()[-1].id
-    return x
+    return mark_input(x)
 
 
 def outer_needs_graph(grad_enabled: bool, tensors) -> bool:
-    """Can anything outside this call still differentiate its results?"""
+    """Can anything outside this call still differentiate its results?
+
+    Under ``torch.no_grad()`` only a forward-mode level can: as in torch.func, ``no_grad``
+    around a transform call stops the reverse-mode levels *outside* it (the call still
+    differentiates its own function), and forward mode ignores it."""
     for level in _levels.current_stack():
-        if level.kind != _levels.VMAP:
+        if level.kind == _levels.JVP or (grad_enabled and level.kind != _levels.VMAP):
             return True
     if grad_enabled:
         for t in tensors:
@@ -172,7 +177,8 @@ def outer_needs_graph(grad_enabled: bool, tensors) -> bool:
 
 def zeros_for(x):
     # Unbatched zeros: the logical value is the same for every example, and vmap broadcasts it.
-    return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    # (In x's layout: a sparse input gets a sparse zero gradient, as in torch.func.)
+    return torch.zeros(x.shape, dtype=x.dtype, device=x.device, layout=x.layout)
 
 
 def autograd_grad(outputs, inputs, grad_outputs, create_graph: bool, retain_graph=None):
@@ -332,6 +338,13 @@ class _VjpFn:
         self._form = form
 
     def __call__(self, cotangents, retain_graph: bool = True, create_graph: bool | None = None):
+        if _is_compiling():
+            # dynamo's pytree polyfill builds specs that never equal the ones recorded here
+            # (and autograd.grad breaks the graph anyway): the pullback runs eagerly.
+            return _vjp_call_eager(self, cotangents, retain_graph, create_graph)
+        return self._call(cotangents, retain_graph, create_graph)
+
+    def _call(self, cotangents, retain_graph, create_graph):
         flat_ct, ct_spec = _tree_flatten(cotangents)
         if ct_spec != self._out_spec:
             raise RuntimeError(
@@ -357,6 +370,10 @@ class _VjpFn:
             grads = autograd_grad(self._outputs, self._entered, flat_ct,
                                   create_graph=create_graph, retain_graph=retain_graph)
         return _tree_unflatten(self._primal_spec, grads)
+
+
+_vjp_call_eager = torch.compiler.disable(_VjpFn._call)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def vjp_impl(func, primals, argnums, has_aux, form, kwargs=None):

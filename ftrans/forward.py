@@ -32,6 +32,28 @@ from .vmap import vmap
 __all__ = ["jvp", "jacfwd", "hessian", "linearize"]
 
 
+class _Writable(torch.autograd.Function):
+    """The primal ``func`` sees: ``x``'s memory and version counter, but not a leaf, so ``func``
+    may write into it in place, as torch.func's jvp allows (its dual tensors are not leaves).
+    Gradients are taken with respect to ``x`` itself, which keeps the values before the write."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _writable(x):
+    out = _Writable.apply(x)
+    born = x.__dict__.get("_ftrans_born")
+    if born is not None:
+        out._ftrans_born = born
+    return out
+
+
 class _Linearized:
     """``f`` linearized at fixed primals: ``self(tangents) = J @ tangents`` (flat lists)."""
 
@@ -43,7 +65,8 @@ class _Linearized:
             with _differentiating():
                 self.primals = flat_primals
                 entered = [enter(x, form) for x in flat_primals]
-                out, aux = split_aux(func(*_tree_unflatten(spec, entered)), has_aux, form)
+                writable = [_writable(e) for e in entered]
+                out, aux = split_aux(func(*_tree_unflatten(spec, writable)), has_aux, form)
                 flat_out, self.out_spec = _tree_flatten(out)
                 check_tensor_outputs(flat_out, form)
                 self.flat_out = flat_out

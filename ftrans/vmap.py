@@ -6,7 +6,9 @@ touches pytrees once per call.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from typing import Any, Callable
 
 import torch
@@ -14,17 +16,25 @@ import torch
 from . import _pytree
 
 from ._C import levels as _levels
-from ._C.autograd import AddBatchDim, RemoveBatchDim
+from ._C import aliasing as _aliasing
+from ._C.autograd import AddBatchDim, RemoveBatchDim, saved_tensor_hooks_around_vmap
 from ._C.batched import BatchedTensor, add_batch_dim, remove_batch_dim
+from ._C.guards import mark_input
 from ._C.random import vmap_mode
 
 __all__ = ["vmap"]
 
 _RANDOMNESS = ("error", "different", "same")
+_NO_HOOKS = contextlib.nullcontext()
 
 
 def _func_name(func) -> str:
-    return getattr(func, "__name__", None) or repr(func)
+    name = getattr(func, "__name__", None)
+    if name:
+        return name
+    if isinstance(func, functools.partial):
+        return f"functools.partial({_func_name(func.func)}, ...)"
+    return repr(func)
 
 
 def _call_form(func, in_dims, out_dims) -> str:
@@ -80,8 +90,8 @@ def vmap(
         raise TypeError(f"vmap(func): expected `func` to be a callable, got {type(func).__name__}")
     if randomness not in _RANDOMNESS:
         raise RuntimeError(
-            f"vmap({_func_name(func)}, randomness={randomness!r}): randomness must be one of "
-            f"{_RANDOMNESS}, got {randomness!r}"
+            f"vmap({_func_name(func)}, randomness={randomness!r}): Only allowed values for "
+            f"randomness are 'error', 'different', or 'same'. Got {randomness}"
         )
     if chunk_size == "auto" or memory_budget is not None:
         from ._chunking import check_chunk_args  # an AutoChunk: vmap picks the chunk size
@@ -94,8 +104,8 @@ def vmap(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
     ):
         raise ValueError(
-            f"vmap({_func_name(func)}, chunk_size={chunk_size!r}): chunk_size must be a positive "
-            "int or None"
+            f"vmap({_func_name(func)}, chunk_size={chunk_size!r}): vmap: chunk_size should be "
+            f"None or greater than 0. (got {chunk_size}): chunk_size must be a positive int or None"
         )
 
     if control_flow == "split":
@@ -118,20 +128,21 @@ def _is_auto(chunk_size) -> bool:
 
 def _flatten_in_dims(func, in_dims, out_dims, args):
     """Leaves of ``args`` and the in_dim of each, with torch.func's error messages."""
-    leaves, treespec = _pytree.tree_flatten(args)
-    if isinstance(in_dims, int) or in_dims is None:
-        if isinstance(in_dims, bool):
-            raise ValueError(
-                f"{_call_form(func, in_dims, out_dims)}: expected `in_dims` to be int or a "
-                f"(potentially nested) tuple matching the structure of inputs, got: {in_dims!r}."
-            )
-        return leaves, treespec, [in_dims] * len(leaves)
-    if not isinstance(in_dims, tuple):
+    if isinstance(in_dims, bool) or not isinstance(in_dims, (int, tuple, type(None))):
         raise ValueError(
             f"{_call_form(func, in_dims, out_dims)}: expected `in_dims` to be int or a "
             f"(potentially nested) tuple matching the structure of inputs, got: "
-            f"{type(in_dims).__name__}."
+            f"{type(in_dims)}."
         )
+    if not args:
+        raise ValueError(
+            f"{_call_form(func, in_dims, out_dims)}: got no inputs. Maybe you forgot to add "
+            "inputs, or you are trying to vmap over a function with no inputs. The latter is "
+            "unsupported."
+        )
+    leaves, treespec = _pytree.tree_flatten(args)
+    if not isinstance(in_dims, tuple):
+        return leaves, treespec, [in_dims] * len(leaves)
     if len(in_dims) != len(args):
         raise ValueError(
             f"{_call_form(func, in_dims, out_dims)}: in_dims is not compatible with the structure "
@@ -163,8 +174,8 @@ def _batch_size(func, in_dims, out_dims, leaves, flat_dims):
         if not isinstance(x, torch.Tensor):
             raise ValueError(
                 f"{_call_form(func, in_dims, out_dims)}: Got in_dim={d} for an input but the input "
-                f"is of type {type(x).__name__}. We cannot vmap over non-Tensor arguments, please "
-                "use None as the respective in_dim."
+                f"is of type {type(x)}. We cannot vmap over non-Tensor arguments, please use None "
+                "as the respective in_dim"
             )
         nd = x.dim()
         if d < -nd or d >= nd or nd == 0:
@@ -173,12 +184,20 @@ def _batch_size(func, in_dims, out_dims, leaves, flat_dims):
                 f"input is a Tensor of dimensionality {nd} so expected in_dim to satisfy "
                 f"-{nd} <= in_dim < {nd}."
             )
+        if x.is_nested:
+            if d % nd != 0:
+                raise RuntimeError(
+                    f"{_call_form(func, in_dims, out_dims)}: Nested tensors can only be vmapped "
+                    f"over dim=0, but got dim={d}"
+                )
+            sizes.append(x.size(0))
+            continue
         sizes.append(x.shape[d])
     if not sizes:
         raise ValueError(
-            f"{_call_form(func, in_dims, out_dims)}: at least one input must be a Tensor mapped "
-            "over a dimension (in_dims are all None or inputs hold no Tensors). Pass a tensor "
-            "with an int in_dim."
+            f"{_call_form(func, in_dims, out_dims)}: vmap: Expected at least one Tensor to vmap "
+            "over (in_dims are all None or inputs hold no Tensors): at least one input must be a "
+            "Tensor mapped over a dimension. Pass a tensor with an int in_dim."
         )
     if any(s != sizes[0] for s in sizes):
         raise ValueError(
@@ -195,8 +214,14 @@ def _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs):
 
 
 def _vmap_call_impl(func, in_dims, out_dims, randomness, chunk_size, args, kwargs):
+    _check_out_dims(func, in_dims, out_dims)
     leaves, treespec, flat_dims = _flatten_in_dims(func, in_dims, out_dims, args)
     batch_size = _batch_size(func, in_dims, out_dims, leaves, flat_dims)
+    if getattr(_nested_tls, "markers", None):
+        _check_one_nested_level(func, in_dims, out_dims, leaves)
+    if any(d is not None and x.is_nested for x, d in zip(leaves, flat_dims)):
+        return _vmap_nested(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
+                            batch_size, kwargs)
     if _is_auto(chunk_size):
         return _auto_chunked(func, in_dims, out_dims, randomness, chunk_size, leaves, treespec,
                              flat_dims, batch_size, kwargs)
@@ -225,23 +250,45 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
     level.origin = getattr(func, "_ftrans_origin", None) or functools.partial(
         _call_form, func, in_dims, out_dims)
     grad_on = torch.is_grad_enabled()
-    with vmap_mode(randomness):
+    with vmap_mode(randomness), saved_tensor_hooks_around_vmap() or _NO_HOOKS:
         _levels.push(level)
         try:
             wrapped = []
+            inputs = []  # (x, wrapper, in_dim, version, grad_fn): see _C/aliasing.py
             for x, d in zip(leaves, flat_dims):
                 if d is None:
                     wrapped.append(x)
                 else:
                     d = d % x.dim()
                     if grad_on and x.requires_grad:
-                        wrapped.append(AddBatchDim.apply(x, d, level))
+                        w = mark_input(AddBatchDim.apply(x, d, level))
+                        if x.is_leaf:
+                            _aliasing.LEAVES.setdefault(level.id, set()).add(id(w))
                     else:
-                        wrapped.append(add_batch_dim(x, d, level))
+                        w = mark_input(add_batch_dim(x, d, level))
+                    wrapped.append(w)
+                    inputs.append((x, w, d, *_aliasing.entry_state(w)))
             out = func(*_pytree.tree_unflatten(treespec, wrapped), **kwargs)
-            return _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size)
+            _aliasing.mutated_inputs_epilogue(inputs, level, batch_size, _remove)
+            return _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs)
         finally:
+            _aliasing.LEAVES.pop(level.id, None)
             _levels.pop(level)
+
+
+def _check_out_dims(func, in_dims, out_dims):
+    """``out_dims`` is an int, None or a pytree (tuple, list, dict, ...) of those, checked before
+    ``func`` runs, as torch.func does."""
+    if out_dims is None or (isinstance(out_dims, int) and not isinstance(out_dims, bool)):
+        return
+    bad = [d for d in _pytree.tree_leaves(out_dims)
+           if d is not None and (isinstance(d, bool) or not isinstance(d, int))]
+    if bad or isinstance(out_dims, bool):
+        raise ValueError(
+            f"{_call_form(func, in_dims, out_dims)}: `out_dims` must be an int, None or a "
+            "python collection of ints representing where in the outputs the vmapped dimension "
+            f"should appear (got {bad[0] if bad else out_dims!r})."
+        )
 
 
 def _flat_out_dims(func, in_dims, out_dims, out, n_leaves, out_spec) -> list:
@@ -249,33 +296,41 @@ def _flat_out_dims(func, in_dims, out_dims, out, n_leaves, out_spec) -> list:
     outputs (a 1-tuple around a single tensor output is accepted, as torch.func does)."""
     if out_dims is None or (isinstance(out_dims, int) and not isinstance(out_dims, bool)):
         return [out_dims] * n_leaves
-    if not isinstance(out_dims, (tuple, list)):
-        raise ValueError(
-            f"{_call_form(func, in_dims, out_dims)}: expected `out_dims` to be int or a "
-            f"(potentially nested) tuple matching the structure of outputs, got "
-            f"{type(out_dims).__name__}."
-        )
-    tree = out_dims[0] if isinstance(out, torch.Tensor) and len(out_dims) == 1 else out_dims
+    tree = out_dims
+    if isinstance(out, torch.Tensor) and isinstance(out_dims, tuple) and len(out_dims) == 1:
+        tree = out_dims[0]
     try:
+        if isinstance(out, torch.Tensor) and tree is out_dims:
+            raise ValueError  # a container of out_dims for one tensor output (torch.func too)
         return _pytree.tree_leaves(_pytree.tree_broadcast_prefix(tree, out))
     except ValueError:
-        n_out = len(out) if isinstance(out, (tuple, list)) else 1
+        n_dims = len(out_dims) if isinstance(out_dims, (tuple, list, dict)) else 1
+        n_out = len(out) if isinstance(out, (tuple, list, dict)) else 1
         raise ValueError(
             f"{_call_form(func, in_dims, out_dims)}: out_dims is not compatible with the "
-            f"structure of `outputs`. out_dims has {len(out_dims)} entries but the function "
-            f"returned {n_out} outputs (structure {out_spec})."
+            f"structure of `outputs`. out_dims has structure {_pytree.tree_structure(out_dims)} "
+            f"but outputs has structure {out_spec}: out_dims has {n_dims} entries but the "
+            f"function returned {n_out} outputs."
         ) from None
 
 
-def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size):
+def _remove(o, level, batch_size, d):
+    if o.requires_grad and torch.is_grad_enabled() and _batched_at(o, level):
+        return RemoveBatchDim.apply(o, level, batch_size, d)
+    return remove_batch_dim(o, level, batch_size, d)
+
+
+def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs=()):
     out_leaves, out_spec = _pytree.tree_flatten(out)
     flat_out_dims = _flat_out_dims(func, in_dims, out_dims, out, len(out_leaves), out_spec)
+    by_wrapper = {id(w): (x, w, d) for x, w, d, *_ in inputs}
     results = []
     for o, d in zip(out_leaves, flat_out_dims):
         if d is None:
             if isinstance(o, BatchedTensor) and _batched_at(o, level):
                 raise ValueError(
-                    f"{_call_form(func, in_dims, out_dims)}: out_dim=None for an output that is "
+                    f"{_call_form(func, in_dims, out_dims)}: `{_func_name(func)}` can not return "
+                    "a BatchedTensor when out_dim is None: out_dim=None for an output that is "
                     "batched (it depends on the mapped inputs); give it an int out_dim."
                 )
             results.append(o)
@@ -283,26 +338,23 @@ def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size):
         if not isinstance(o, torch.Tensor):
             raise ValueError(
                 f"{_call_form(func, in_dims, out_dims)}: `{_func_name(func)}` must only return "
-                f"Tensors, got type {type(o).__name__}. Did you mean to set out_dims= to None for "
-                "that output?"
-            )
-        if not isinstance(d, int) or isinstance(d, bool):
-            raise ValueError(
-                f"{_call_form(func, in_dims, out_dims)}: out_dims entries must be int or None, "
-                f"got {d!r}."
+                f"Tensors, got type {type(o)}. Did you mean to set out_dims= to None for output?"
             )
         nd = o.dim() + 1
         if d < -nd or d >= nd:
-            raise ValueError(
-                f"{_call_form(func, in_dims, out_dims)}: Got out_dim={d} for an output of "
+            raise IndexError(
+                f"{_call_form(func, in_dims, out_dims)}: Dimension out of range (expected to be "
+                f"in range of [{-nd}, {nd - 1}], but got {d}): Got out_dim={d} for an output of "
                 f"dimensionality {o.dim()} (with the batch dim: {nd}); expected "
                 f"-{nd} <= out_dim < {nd}."
             )
         d = d % nd
-        if o.requires_grad and torch.is_grad_enabled() and _batched_at(o, level):
-            results.append(RemoveBatchDim.apply(o, level, batch_size, d))
-        else:
-            results.append(remove_batch_dim(o, level, batch_size, d))
+        view = _aliasing.as_input_view(o, d, level, by_wrapper)
+        if view is None:
+            view = _remove(o, level, batch_size, d)
+            if type(o) is BatchedTensor and o.level is level:
+                by_wrapper.setdefault(id(o), (view, o, d))  # later outputs may be views of it
+        results.append(view)
     return _pytree.tree_unflatten(out_spec, results)
 
 
@@ -347,6 +399,85 @@ def _chunked(func, in_dims, out_dims, randomness, chunk_size, leaves, treespec, 
         else:
             merged.append(torch.cat([f[j] for f in flat_all], dim=d))
     return _pytree.tree_unflatten(spec, merged)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nested tensors
+# ----------------------------------------------------------------------------------------------
+
+_nested_tls = threading.local()
+
+
+def _vmap_nested(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims, batch_size,
+                 kwargs):
+    """vmap over the batch dim of nested tensors, as torch.func supports it: each example is the
+    dense component, ``func`` runs once per example (under a vmap level of size 1, so randomness
+    and the refusals are vmap's), and tensor outputs are nested again.  torch.func's limits and
+    messages: dim 0 only, dense arguments batched at dim 0 only, one vmap level."""
+    form = _call_form(func, in_dims, out_dims)
+    if any(d not in (0, None) for d in _pytree.tree_leaves(out_dims)):
+        raise RuntimeError(
+            f"{form}: Nested tensors can only be vmapped over dim=0 (out_dims={out_dims!r})")
+    per_example = []
+    layout = None
+    for x, d in zip(leaves, flat_dims):
+        if d is None:
+            per_example.append(None)
+        elif x.is_nested:
+            layout = layout or x.layout
+            per_example.append(x.unbind())
+        elif d % x.dim() != 0:
+            raise RuntimeError(
+                f"{form}: Fallback not supported for mixed nested / non-nested arguments without "
+                "bdim=0"
+            )
+        else:
+            per_example.append(x.unbind(0))
+    ex_dims = [None if d is None else 0 for d in flat_dims]
+    rng = torch.get_rng_state() if randomness == "same" else None
+    outs = []
+    for i in range(batch_size):
+        if rng is not None:  # 'same': every example draws from the same generator state
+            torch.set_rng_state(rng)
+        ex = [x if p is None else p[i].unsqueeze(0) for x, p in zip(leaves, per_example)]
+        outs.append(_vmap_once_marked(func, in_dims, out_dims, randomness, ex, treespec,
+                                      ex_dims, kwargs))
+    flat0, spec = _pytree.tree_flatten(outs[0])
+    flat_all = [_pytree.tree_leaves(o) for o in outs]
+    dims = _flat_out_dims(func, in_dims, out_dims, outs[0], len(flat0), spec)
+    merged = []
+    for j, d in enumerate(dims):
+        if d is None:
+            merged.append(flat0[j])
+        else:
+            merged.append(torch.nested.as_nested_tensor([f[j].select(0, 0) for f in flat_all],
+                                                        layout=layout))
+    return _pytree.tree_unflatten(spec, merged)
+
+
+def _vmap_once_marked(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims, kwargs):
+    """One example of a nested-tensor vmap: a level of size 1, remembered (by its depth on the
+    level stack) so that a vmap nested inside over its values is refused (torch.func supports
+    one level)."""
+    markers = getattr(_nested_tls, "markers", None)
+    if markers is None:
+        markers = _nested_tls.markers = []
+    markers.append(len(_levels.current_stack()))
+    try:
+        return _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims, 1,
+                          kwargs)
+    finally:
+        markers.pop()
+
+
+def _check_one_nested_level(func, in_dims, out_dims, leaves):
+    stack = _levels.current_stack()
+    nested = [stack[d] for d in _nested_tls.markers if d < len(stack)]
+    if any(type(x) is BatchedTensor and any(_batched_at(x, l) for l in nested) for x in leaves):
+        raise RuntimeError(
+            f"{_call_form(func, in_dims, out_dims)}: Only one level of vmap is supported when "
+            "vmapping over nested tensors"
+        )
 
 
 def _auto_chunked(func, in_dims, out_dims, randomness, auto, leaves, treespec, flat_dims,

@@ -130,3 +130,37 @@ def test_vmap_rule_registered_after_first_batched_call():
 
     torch.testing.assert_close(ftrans.vmap(thrice)(x), x * 3)
     assert seen
+
+
+@torch.library.custom_op("ftrans_test_cv::np_split_n", mutates_args=())
+def np_split_n(x: torch.Tensor, splits: list[int], dim: int) -> tuple[list[torch.Tensor], int]:
+    return [torch.from_numpy(a.copy()) for a in np.split(x.numpy(), splits, axis=dim)], len(splits)
+
+
+@np_split_n.register_fake
+def _(x, splits, dim):
+    return [t.clone() for t in torch.tensor_split(x, splits, dim)], len(splits)
+
+
+@np_split_n.register_vmap
+def _np_split_n_vmap(info, in_dims, x, splits, dim):
+    x = x.movedim(in_dims[0], 0)
+    parts, n = np_split_n(x, splits, dim + 1)
+    return (parts, n), ([0 for _ in parts], None)
+
+
+@pytest.mark.parametrize("in_dim", [0, 2])
+def test_rule_with_nested_outputs(in_dim):
+    # `-> (Tensor[], int)` with out_dims `([0, 0, ...], None)`: each listed tensor is batched
+    # once (it used to come back with the physical batch dim as an extra logical dim).
+    x = torch.randn(2, 9, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ftrans.FallbackWarning)
+        parts, n = ftrans.vmap(np_split_n, in_dims=(in_dim, None, None), out_dims=(0, None))(
+            x, [1, 3, 6], 1)
+    xs = x.movedim(in_dim, 0)
+    expected = [torch.stack([np_split_n(xs[i], [1, 3, 6], 1)[0][j] for i in range(len(xs))])
+                for j in range(4)]
+    assert n == 3 and len(parts) == 4
+    for p, e in zip(parts, expected):
+        torch.testing.assert_close(p, e)

@@ -41,6 +41,9 @@ OPS = {
     "multinomial": (lambda x: torch.multinomial(x, 3), False),
     "multinomial_repl": (lambda x: torch.multinomial(x[0], 6, replacement=True), False),
     "poisson": (lambda x: torch.poisson(x * 10), False),
+    "binomial": (lambda x: torch.binomial(x * 20, x), False),
+    "standard_gamma": (lambda x: torch._standard_gamma(x * 3), False),
+    "sample_dirichlet": (lambda x: torch._sample_dirichlet(x * 3), False),
     "bernoulli_": (lambda x: x.clone().bernoulli_(0.5), True),
     "bernoulli_tensor_": (lambda x: x.clone().bernoulli_(x), True),
     "uniform_": (lambda x: x.clone().uniform_(-1, 1), True),
@@ -86,7 +89,8 @@ def _touch(out, d):
 def test_error_mode_raises_naming_op(name):
     fn, _ = OPS[name]
     for batched in (True, False):
-        with pytest.raises(RuntimeError, match="random operation aten::"):
+        with pytest.raises(RuntimeError, match="called random operation while in randomness "
+                           "error mode.*aten::"):
             call(fn, "error", batched)
 
 
@@ -294,3 +298,51 @@ def test_mode_does_not_leak_after_exception():
     # an error-mode vmap after a 'different' one is strict again
     with pytest.raises(RuntimeError, match="random operation"):
         ftrans.vmap(lambda t: torch.rand(2) + t)(torch.zeros(B))
+
+
+def test_torch_func_messages():
+    # Code written against torch.func matches these phrases (assertRaisesRegex).
+    with pytest.raises(RuntimeError, match="called random operation while in randomness error "
+                       "mode"):
+        ftrans.vmap(torch.bernoulli)(torch.rand(B, 3))
+    buf = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="there exists a Tensor `other` in extra_args that has "
+                       "more elements than `self`"):
+        ftrans.vmap(lambda p: buf.bernoulli_(p), randomness="different")(torch.rand(B, 3))
+    with pytest.raises(RuntimeError, match="calling out variants"):
+        ftrans.vmap(lambda d: torch.randn(3, out=buf) + d, randomness="same")(torch.zeros(B))
+    with pytest.raises(RuntimeError, match="calling out variants"):
+        ftrans.vmap(lambda d: torch.normal(buf, 1.0, out=buf) + d, randomness="different")(
+            torch.zeros(B))
+    assert torch.equal(buf, torch.zeros(3))
+
+
+@pytest.mark.parametrize("mode", ["same", "different"])
+def test_different_with_an_unbatched_argument_matches_the_expanded_call(mode):
+    # 'different': the physical call sees every tensor expanded to the batch, so a kernel that
+    # takes its output's shape from one argument (binomial's count) draws exactly what the eager
+    # call on the expanded inputs draws.
+    count, prob = torch.full((3, 5), 10.0), torch.rand(3, 5, B)
+    torch.manual_seed(0)
+    out = ftrans.vmap(lambda c, p: torch.binomial(c, p), in_dims=(None, -1),
+                      randomness="different")(count, prob)
+    torch.manual_seed(0)
+    expected = torch.binomial(count.expand(B, 3, 5), prob.movedim(-1, 0))
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("mode", ["same", "different"])
+def test_rrelu(mode):
+    # torch.func refuses rrelu under vmap ("we do not yet support aten::rrelu"); ftrans batches it.
+    x = torch.randn(B, 200)
+    torch.testing.assert_close(ftrans.vmap(torch.rrelu, randomness=mode)(x), torch.rrelu(x))
+    out = ftrans.vmap(lambda t: torch.rrelu(t, training=True), randomness=mode)(x)
+    neg = x < 0
+    assert torch.equal(out[~neg], x[~neg])
+    slope = out[neg] / x[neg]
+    assert slope.min() >= 1 / 8 - 1e-6 and slope.max() <= 1 / 3 + 1e-6
+    same_x = x[:1].expand(B, 200).clone()
+    out = ftrans.vmap(lambda t: torch.rrelu(t, training=True), randomness=mode)(same_x)
+    assert rows_equal(out) == (mode == "same")
+    with pytest.raises(RuntimeError, match="called random operation while in randomness error"):
+        ftrans.vmap(lambda t: torch.rrelu(t, training=True))(x)

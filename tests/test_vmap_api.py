@@ -189,14 +189,14 @@ def test_error_no_mapped_tensor():
 
 
 def test_error_non_tensor_output():
-    with pytest.raises(ValueError, match="must only return Tensors, got type float"):
+    with pytest.raises(ValueError, match="must only return Tensors, got type <class 'float'>"):
         ftrans.vmap(lambda x: 1.0)(torch.randn(2))
 
 
 def test_error_out_dims_mismatch():
     with pytest.raises(ValueError, match="out_dims"):
         ftrans.vmap(lambda x: (x, x), out_dims=(0, 0, 0))(torch.randn(2))
-    with pytest.raises(ValueError, match="out_dim=3"):
+    with pytest.raises(IndexError, match=r"Dimension out of range .*out_dim=3"):
         ftrans.vmap(lambda x: x, out_dims=3)(torch.randn(2, 3))
 
 
@@ -276,3 +276,43 @@ def test_user_registered_rule():
     torch.testing.assert_close(out, (x * 2).T)
     assert calls == [3]
     assert ftrans.op_status(op) == "rule"
+
+
+def test_vmap_inside_non_reentrant_checkpoint():
+    # The checkpoint's saved-tensor hooks are set aside for the vmap's body: its recomputation
+    # used to hand the vmap's backward values batched at the recomputation's level, and a
+    # BatchedTensor leaked into .grad.
+    from torch.utils.checkpoint import checkpoint
+
+    a = torch.randn(3, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def loss(m):
+        q, _ = ftrans.vmap(torch.linalg.qr)(m)
+        return (q * m).sum()
+
+    expected = torch.autograd.grad(loss(a), a)[0]
+    got = torch.autograd.grad(checkpoint(loss, a, use_reentrant=False), a)[0]
+    assert type(got) is torch.Tensor
+    torch.testing.assert_close(got, expected)
+    a.grad = None
+    checkpoint(loss, a, use_reentrant=False).backward()
+    assert type(a.grad) is torch.Tensor
+    torch.testing.assert_close(a.grad, expected)
+
+
+def test_saved_tensors_hooks_restored_after_vmap():
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    x = torch.randn(2, 3, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with pytest.raises(ZeroDivisionError):
+            ftrans.vmap(lambda v: v.sin() / 0 if (1 / 0) else v)(x)
+        y = ftrans.vmap(torch.sin)(x)
+        n = len(packed)
+        (y * y).sum()
+        assert len(packed) > n  # the hooks apply again after the vmap
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None

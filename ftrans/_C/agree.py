@@ -13,9 +13,9 @@ Python ``if`` takes one path for the whole computation.
 from __future__ import annotations
 
 from .batched import BatchedTensor
-from .dispatch import _DATA_DEPENDENT_HINTS, VmapError, describe
+from .dispatch import _DATA_DEPENDENT_HINTS, VmapError, _torch_data_dependent_msg, describe
 
-__all__ = ["agreeing_scalar", "DivergentValueError"]
+__all__ = ["agreeing_scalar", "agreeing_bool", "DivergentValueError"]
 
 _TRUTH = "aten::is_nonzero"
 
@@ -28,8 +28,9 @@ class DivergentValueError(VmapError):
     def __init__(self, level, op_name, value):
         hint = _DATA_DEPENDENT_HINTS.get(op_name) or op_name
         super().__init__(
-            f"{describe(level)}: data-dependent operation {op_name} on a batched value whose "
-            f"examples disagree: {hint}. A Python value is one value for the whole batch: it is "
+            f"{describe(level)}: {_torch_data_dependent_msg(op_name)} {op_name} is a "
+            f"data-dependent operation on a batched value whose examples disagree: {hint}. "
+            "A Python value is one value for the whole batch: it is "
             "allowed when every example agrees, but here they differ. Branch per example with "
             "`ftrans.cond(pred, true_fn, false_fn, operands)` (or `torch.where`), loop per "
             "example with `ftrans.while_loop`, or let vmap run the function once per group of "
@@ -65,3 +66,17 @@ def agreeing_scalar(op, level, args, kwargs):
         if bool(same.all()):
             return op.func(first)
     raise DivergentValueError(level, op.name, x)
+
+
+def agreeing_bool(x):
+    """``bool(x)`` of a live BatchedTensor (``Tensor.__bool__``, caught above autograd in
+    ``tensor_guards.py``): the truth value when every example agrees on it."""
+    raw = x
+    while type(raw) is BatchedTensor:
+        raw = raw.value
+    truth = raw.detach() != 0
+    if bool(truth.all()):
+        return True
+    if not bool(truth.any()):
+        return False
+    raise DivergentValueError(x.level, _TRUTH, x)

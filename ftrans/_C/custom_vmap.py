@@ -46,7 +46,27 @@ def registered_vmap_rule(level, func, args, bdims, kwargs):
     fn = vmap_fn_for(func)
     in_dims = tuple(list(b) if isinstance(b, tuple) else b for b in bdims)
     out, out_dims = fn(VmapInfo(level.batch_size, level.randomness), in_dims, *args, **kwargs)
+    if isinstance(out, tuple) and any(isinstance(o, (list, tuple)) for o in out):
+        # Nested outputs (``-> (Tensor[], int)``): out_dims is a pytree prefix of them; wrap
+        # here, as the dispatcher's wrapping knows flat tuples only.
+        return _wrap_nested(out, out_dims, func, level), None
     return out, _normalize(out, out_dims, func)
+
+
+def _wrap_nested(out, out_dims, func, level):
+    from .. import _pytree
+    from .batched import make_batched
+
+    leaves, spec = _pytree.tree_flatten(out)
+    try:
+        dims = _pytree.tree_leaves(_pytree.tree_broadcast_prefix(out_dims, out))
+    except ValueError:
+        raise ValueError(f"the vmap rule registered for {func} returned outputs with structure "
+                         f"{spec} and out_dims {out_dims!r}, which do not match") from None
+    wrapped = [make_batched(o, d % max(o.dim(), 1), level)
+               if isinstance(o, torch.Tensor) and d is not None else o
+               for o, d in zip(leaves, dims)]
+    return _pytree.tree_unflatten(spec, wrapped)
 
 
 def _normalize(out, out_dims, func):

@@ -61,6 +61,14 @@ def _select(x, bdim, i):
 
 def loop_fallback(level, func, args, bdims, kwargs):
     name = str(func)
+    if level.batch_size == 0:  # no example to run: the output's shape is unknown
+        from .dispatch import VmapError, describe
+
+        raise VmapError(
+            f"{describe(level)}: Batching rule not implemented for {func._schema.name}. The "
+            "fallback path does not support vmap over dims of size 0. The op has no "
+            "batching rule and runs per example; register one with ftrans.register_batch_rule."
+        )
     with _lock:
         _fallback_counts[name] += 1
         first = name not in _warned

@@ -142,9 +142,16 @@ def _random(op, levels, args, kwargs):
 
     if level.randomness == "error":
         raise VmapError(
-            f"{describe(level)}: called random operation {op.name} while in randomness error "
-            "mode. Please either use the 'same' or 'different' randomness flags on vmap or "
-            "perform the randomness operation out of vmap"
+            f"{describe(level)}: vmap: called random operation while in randomness error mode. "
+            "Please either use the 'same' or 'different' randomness flags on vmap or perform the "
+            f"randomness operation out of vmap (the random operation was {op.name})."
+        )
+    if any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
+            for a in op.func._schema.arguments):
+        raise VmapError(
+            f"{describe(level)}: vmap: We do not support calling out variants of random "
+            "operations inside of vmap. Please use non-out variants as a workaround "
+            f"({op.name} with out=: use its result instead)."
         )
     pargs, bdims = unwrap_args(op, level, args)
     kwargs = dict(kwargs)
@@ -154,9 +161,17 @@ def _random(op, levels, args, kwargs):
         return _different_unbatched(op, level, call_rest, list(args), kwargs)
     if op.mutable_pos and bdims[op.mutable_pos[0]] is None:
         raise VmapError(
-            f"{describe(level)}: {op.name} draws random values in place into a tensor that is not "
-            "batched, from batched arguments. Make the tensor batched first (e.g. "
-            "`x = x.expand_as(batched).clone()`)."
+            f"{describe(level)}: vmap: inplace {op.name[6:].rstrip('_')}(self, *extra_args) is "
+            "not possible because there exists a Tensor `other` in extra_args that has more "
+            "elements than `self`. This "
+            "happened due to `other` being vmapped over but `self` not being vmapped over in a "
+            f"vmap. Please try to use out-of-place operators instead of inplace "
+            f"{op.name[6:].rstrip('_')}. "
+            f"({op.name} draws random values in place into a tensor that is not batched, from "
+            "batched arguments. Make the tensor batched first, e.g. "
+            "`x = x.expand_as(batched).clone()`.)" + (
+                " (torch.func refuses it too: Vmap does not currently support same randomness "
+                "with a batched tensor input.)" if level.randomness == "same" else "")
         )
     if level.randomness == "different":
         out, obd = _aligned_call(call_rest, pargs, bdims, kwargs, op)
@@ -186,10 +201,19 @@ def _aligned_call(call, pargs, bdims, kwargs, op):
         return out.reshape(probs.shape[:-1] + out.shape[-1:]), 0
     rank = max((a.dim() - (b is not None) for a, b in zip(pargs, bdims)
                 if isinstance(a, torch.Tensor)), default=0)
+    batch = next(_front(a, b).shape[0] for a, b in zip(pargs, bdims)
+                 if b is not None and not isinstance(b, tuple))
     new = list(pargs)
     for i, b in enumerate(bdims):
-        if b is not None and not isinstance(b, tuple):
+        if isinstance(b, tuple):
+            continue
+        if b is not None:
             new[i] = pad_rank(_front(new[i], b), rank)
+        elif i in op.tensor_pos and isinstance(new[i], torch.Tensor):
+            # Unbatched tensors are expanded to the batch, as torch.func does: kernels that take
+            # their output's shape from one argument (binomial's count) must see the batch.
+            x = new[i]
+            new[i] = pad_rank(x.expand((batch,) + tuple(x.shape)), rank)
     out = call(*new, **kwargs)
     if isinstance(out, tuple):
         return out, (0,) * len(out)
@@ -484,5 +508,27 @@ class _DropoutMode(TorchFunctionMode):
         except TypeError:  # an unhashable callable
             handler = None
         if handler is None:
+            if kwargs and kwargs.get("out") is not None and func in _RANDOM_OUT:
+                _refuse_out(func)
             return func(*args, **(kwargs or {}))
         return handler(*args, **(kwargs or {}))
+
+
+# Random torch functions with an ``out=`` form: their out= kernels are composites that draw in
+# place into ``out`` before any op reaches dispatch, where an unbatched ``out`` would then take
+# one draw for the whole batch (torch.func refuses them; so do we).
+_RANDOM_OUT = frozenset(getattr(torch, n) for n in (
+    "rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
+    "binomial") if hasattr(torch, n))
+
+
+def _refuse_out(func):
+    from .dispatch import describe, VmapError
+
+    stack = [l for l in _levels.current_stack() if l.kind == _levels.VMAP]
+    raise VmapError(
+        f"{describe(stack[-1]) if stack else 'vmap'}: vmap: We do not support calling out "
+        "variants of random operations inside of vmap. Please use non-out variants as a "
+        f"workaround (torch.{getattr(func, '__name__', func)}(..., out=): use its result "
+        "instead)."
+    )

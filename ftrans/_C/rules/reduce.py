@@ -235,3 +235,12 @@ def histc_rule(level, func, args, bdims, kwargs):
     out = out.scatter_add(1, pos, keep.to(x.dtype))
     return torch.where(finite, out, torch.full((), float("nan"), dtype=x.dtype,
                                                device=x.device)), 0
+
+
+# `_is_all_true`/`_is_any_true` back `torch._check_tensor_all` (TORCH_CHECK_TENSOR_ALL) and the
+# autograd engine's anomaly check (``isnan(g)._is_any_true().item()`` on a per-example gradient):
+# as in torch.func, the answer is for the whole batch, unbatched, so that its ``.item()`` works
+# and one bad example raises.
+@register_batch_rule(aten._is_any_true.default, aten._is_all_true.default)
+def _whole_batch_truth_rule(level, func, args, bdims, kwargs):
+    return func(args[0]), None
