@@ -465,8 +465,10 @@ def scan(combine_fn: Callable, init: Any, xs: Any, *, dim: int = 0,
 # untouched.  The functions are replaced where torch exposes them, at ftrans's import.
 
 def _ftrans_active() -> bool:
+    if _compiling():  # first: under dynamo this folds to a constant, no thread-local is read
+        return False
     from ._C import levels as _levels
-    return bool(_levels.current_stack()) and not _compiling()
+    return bool(_levels.current_stack())
 
 
 _compiling = getattr(torch.compiler, "is_compiling", lambda: False)

@@ -378,3 +378,13 @@ def test_control_flow_split_gradients_and_out_dims():
     torch.testing.assert_close(g, ref)
     out = ftrans.vmap(_two_ifs, in_dims=1, out_dims=(1, 0), control_flow="split")(x.T)
     torch.testing.assert_close(out[0], _loop(_two_ifs, x)[0].T)
+
+
+def test_torch_cond_under_torch_compile_is_untouched():
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return torch.cond(x.sum() > 0, lambda v: v.sin(), lambda v: v.cos(), (x,))
+
+    x = torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(f(x), x.sin())
+    torch.testing.assert_close(f(-x), (-x).cos())
