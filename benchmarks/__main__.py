@@ -13,7 +13,7 @@ import platform
 
 import torch
 
-WORKLOADS = ["dispatch", "workloads", "dp"]
+WORKLOADS = ["dispatch", "workloads", "dp", "beyond"]
 
 
 def to_markdown(rows, device) -> str:

@@ -7,6 +7,8 @@ from ._C import (FallbackWarning, VmapError, fallback_stats, op_status, register
                  reset_fallback_stats)
 from .vmap import vmap
 from .compiler import CompileCheckError, CompileWarning, compile
+from .control_flow import cond, scan, switch, while_loop
+from .static_shape import argwhere, bincount, masked_select, nonzero, unique
 from .autodiff import (functional_call, grad, grad_and_value, hessian, jacfwd, jacrev, jvp, linearize, stack_module_state, vjp)  # noqa: E501
 
 from . import dp
@@ -19,4 +21,6 @@ __all__ = ["vmap", "compile", "CompileWarning", "CompileCheckError", "FallbackWa
            "op_status", "register_batch_rule", "grad", "grad_and_value", "vjp", "jacrev", "jvp",
            "jacfwd", "hessian", "linearize", "functional_call", "stack_module_state",
            "per_sample_grad_norms", "clipped_grad", "per_sample_grad_dots", "per_sample_grad_cross",
-           "register_norm_rule", "norm_rule_stats", "reset_norm_rule_stats", "dp"]
+           "register_norm_rule", "norm_rule_stats", "reset_norm_rule_stats", "dp",
+           "cond", "switch", "while_loop", "scan", "nonzero", "argwhere", "unique",
+           "masked_select", "bincount"]

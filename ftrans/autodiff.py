@@ -114,11 +114,18 @@ def check_callable(func, api: str) -> None:
                         f"{type(func).__name__}")
 
 
-def check_jacobian_args(func, api: str, chunk_size) -> None:
+def check_jacobian_args(func, api: str, chunk_size, memory_budget=None):
+    """Validate; returns the chunk size to hand vmap (an ``AutoChunk`` for ``"auto"`` or a
+    ``memory_budget``: one per transform, so its choice is cached across calls)."""
     check_callable(func, api)
+    if chunk_size == "auto" or memory_budget is not None:
+        from ._chunking import check_chunk_args
+
+        return check_chunk_args(f"{api}({_name(func)}, ...)", chunk_size, memory_budget)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise func_error(f"{api}({_name(func)}, chunk_size={chunk_size!r})",
                          f"{api}: `chunk_size` should be greater than 0.", ValueError)
+    return chunk_size
 
 
 def jacobian_form(api: str, func, argnums) -> str:
@@ -578,15 +585,18 @@ def identity_basis(flat, dtype_from=None):
 
 
 def jacrev(func: Callable, argnums: Any = 0, *, has_aux: bool = False,
-           chunk_size: int | None = None, _preallocate_and_copy: bool = False) -> Callable:
+           chunk_size: int | str | None = None, memory_budget: int | float | None = None,
+           _preallocate_and_copy: bool = False) -> Callable:
     """Jacobian by reverse mode: vmap of the vjp function over an identity basis.
 
     For each output leaf ``o`` and differentiated input leaf ``x`` the block has shape
     ``o.shape + x.shape``; the result has the output's pytree structure, each entry the
     input's structure (a tuple over ``argnums`` when it is a tuple).  ``chunk_size`` bounds
-    how many basis rows are pushed back at once.  Complex inputs and outputs are refused, as
-    in torch.func.  (``_preallocate_and_copy`` is accepted for torch.func compatibility: it
-    picks how torch.func assembles chunks, which does not change the result.)
+    how many basis rows are pushed back at once; ``"auto"`` or a ``memory_budget`` (bytes, or a
+    fraction of free device memory) lets ftrans measure and choose it (see ``vmap``).  Complex
+    inputs and outputs are refused, as in torch.func.  (``_preallocate_and_copy`` is accepted
+    for torch.func compatibility: it picks how torch.func assembles chunks, which does not change
+    the result.)
 
     Example:
         >>> import torch, ftrans
@@ -594,7 +604,7 @@ def jacrev(func: Callable, argnums: Any = 0, *, has_aux: bool = False,
         tensor([[1., 0.],
                 [0., 1.]])
     """
-    check_jacobian_args(func, "jacrev", chunk_size)
+    chunk_size = check_jacobian_args(func, "jacrev", chunk_size, memory_budget)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):

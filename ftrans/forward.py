@@ -213,12 +213,14 @@ def linearize(func: Callable, *primals):
 
 
 def jacfwd(func: Callable, argnums: Any = 0, has_aux: bool = False, *,
-           randomness: str = "error", chunk_size: int | None = None) -> Callable:
+           randomness: str = "error", chunk_size: int | str | None = None,
+           memory_budget: int | float | None = None) -> Callable:
     """Jacobian by forward mode: vmap of :func:`jvp` over an identity basis of tangents.
 
     Same output layout as :func:`jacrev` (blocks of shape ``out.shape + in.shape``);
     ``randomness`` is passed to the vmap over tangents; ``chunk_size`` (an ftrans extension,
-    as in :func:`jacrev`) bounds how many tangents are pushed forward at once.
+    as in :func:`jacrev`) bounds how many tangents are pushed forward at once; ``"auto"`` or a
+    ``memory_budget`` lets ftrans choose it.
 
     Example:
         >>> import torch, ftrans
@@ -226,7 +228,7 @@ def jacfwd(func: Callable, argnums: Any = 0, has_aux: bool = False, *,
         tensor([[2., 0.],
                 [0., 4.]])
     """
-    check_jacobian_args(func, "jacfwd", chunk_size)
+    chunk_size = check_jacobian_args(func, "jacfwd", chunk_size, memory_budget)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -274,8 +276,12 @@ def _flat_spec(n):
     return _tree_flatten(tuple(range(n)))[1]
 
 
-def hessian(func: Callable, argnums: Any = 0) -> Callable:
+def hessian(func: Callable, argnums: Any = 0, *, chunk_size: int | str | None = None,
+            memory_budget: int | float | None = None) -> Callable:
     """Hessian as ``jacfwd(jacrev(func, argnums), argnums)`` (forward-over-reverse).
+
+    ``chunk_size`` / ``memory_budget`` (ftrans extensions) chunk the outer forward pass, as in
+    :func:`jacfwd`.
 
     Example:
         >>> import torch, ftrans
@@ -284,7 +290,8 @@ def hessian(func: Callable, argnums: Any = 0) -> Callable:
                 [ 0., 12.]])
     """
     check_callable(func, "hessian")
-    inner = jacfwd(jacrev(func, argnums), argnums)
+    inner = jacfwd(jacrev(func, argnums), argnums, chunk_size=chunk_size,
+                   memory_budget=memory_budget)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):

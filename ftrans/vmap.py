@@ -52,7 +52,9 @@ def vmap(
     out_dims: Any = 0,
     randomness: str = "error",
     *,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = None,
+    memory_budget: int | float | None = None,
+    control_flow: str = "error",
 ) -> Callable:
     """Vectorizing map: ``vmap(func)`` maps ``func`` over one dimension of its inputs.
 
@@ -67,7 +69,14 @@ def vmap(
         out_dims: int or pytree prefix of the outputs (None for an output that is not batched).
         randomness: 'error' (random ops raise), 'same' (one draw shared by all examples) or
             'different' (independent draws per example).
-        chunk_size: map at most this many examples at a time, to bound memory.
+        chunk_size: map at most this many examples at a time, to bound memory; ``"auto"``
+            measures two small chunks and picks the chunk size (see ``memory_budget``).
+        memory_budget: bytes (int), or a fraction of the free device memory (float in
+            (0, 1]), that the chunks' workspace plus the result may use; implies automatic
+            chunking.
+        control_flow: ``"error"`` (a Python ``if`` / ``.item()`` on a value the examples
+            disagree on raises) or ``"split"``: run ``func`` once per group of examples that
+            agree and reassemble (``func`` must be free of side effects).
 
     Example:
         >>> import torch, ftrans
@@ -84,7 +93,14 @@ def vmap(
             f"vmap({_func_name(func)}, randomness={randomness!r}): Only allowed values for "
             f"randomness are 'error', 'different', or 'same'. Got {randomness}"
         )
-    if chunk_size is not None and (
+    if chunk_size == "auto" or memory_budget is not None:
+        from ._chunking import check_chunk_args  # an AutoChunk: vmap picks the chunk size
+        chunk_size = check_chunk_args(f"vmap({_func_name(func)}, ...)", chunk_size,
+                                      memory_budget)
+    if control_flow not in ("error", "split"):
+        raise ValueError(f"vmap({_func_name(func)}, control_flow={control_flow!r}): "
+                         "control_flow must be 'error' or 'split'")
+    if chunk_size is not None and not _is_auto(chunk_size) and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
     ):
         raise ValueError(
@@ -92,11 +108,20 @@ def vmap(
             f"None or greater than 0. (got {chunk_size}): chunk_size must be a positive int or None"
         )
 
+    if control_flow == "split":
+        from ._split import split_call
+        return functools.wraps(func)(functools.partial(
+            split_call, _vmap_call, func, in_dims, out_dims, randomness, chunk_size))
+
     @functools.wraps(func)
     def vmapped(*args, **kwargs):
         return _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs)
 
     return vmapped
+
+
+def _is_auto(chunk_size) -> bool:
+    return type(chunk_size).__name__ == "AutoChunk"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,6 +222,9 @@ def _vmap_call_impl(func, in_dims, out_dims, randomness, chunk_size, args, kwarg
     if any(d is not None and x.is_nested for x, d in zip(leaves, flat_dims)):
         return _vmap_nested(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
                             batch_size, kwargs)
+    if _is_auto(chunk_size):
+        return _auto_chunked(func, in_dims, out_dims, randomness, chunk_size, leaves, treespec,
+                             flat_dims, batch_size, kwargs)
     if chunk_size is not None and chunk_size < batch_size:
         return _chunked(func, in_dims, out_dims, randomness, chunk_size, leaves, treespec,
                         flat_dims, batch_size, kwargs)
@@ -450,3 +478,35 @@ def _check_one_nested_level(func, in_dims, out_dims, leaves):
             f"{_call_form(func, in_dims, out_dims)}: Only one level of vmap is supported when "
             "vmapping over nested tensors"
         )
+
+
+def _auto_chunked(func, in_dims, out_dims, randomness, auto, leaves, treespec, flat_dims,
+                  batch_size, kwargs):
+    """``chunk_size="auto"`` / ``memory_budget``: ``auto`` (``_chunking.AutoChunk``) measures
+    and picks the chunk size; the chunks are merged as in :func:`_chunked`."""
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    key = (treespec, tuple(flat_dims), tuple(
+        (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else None
+        for x in leaves))
+    cuda = randomness == "same" and torch.cuda.is_initialized()
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None) \
+        if randomness == "same" else None
+
+    def run_chunk(s, n):
+        if rng is not None:
+            torch.set_rng_state(rng[0])
+            if cuda:
+                torch.cuda.set_rng_state_all(rng[1])
+        chunk_leaves = [x if d is None else x.narrow(d, s, n) for x, d in zip(leaves, flat_dims)]
+        return _vmap_once(func, in_dims, out_dims, randomness, chunk_leaves, treespec, flat_dims,
+                          n, kwargs)
+
+    chunk_outs = auto.run(run_chunk, key, batch_size, tensors[0].device)
+    if len(chunk_outs) == 1:
+        return chunk_outs[0]
+    flat0, spec = _pytree.tree_flatten(chunk_outs[0])
+    flat_all = [_pytree.tree_leaves(c) for c in chunk_outs]
+    od = _flat_out_dims(func, in_dims, out_dims, chunk_outs[0], len(flat0), spec)
+    merged = [flat0[j] if d is None else torch.cat([f[j] for f in flat_all], dim=d)
+              for j, d in enumerate(od)]
+    return _pytree.tree_unflatten(spec, merged)

@@ -24,6 +24,7 @@ import ftrans
 from ftrans._C import levels
 
 X = torch.randn(2, 3)
+XD = torch.tensor([[1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]])  # examples whose sums disagree in sign
 
 # Mistakes where torch.func's exception is an accident of its implementation and ours is
 # deliberately the documented, more specific one: {case id: (our type, why)}.
@@ -166,16 +167,17 @@ def test_vmap_non_callable():
 
 _DATA_DEPENDENT = [
     ("item", lambda L: L.vmap(lambda x: x.sum().item())(X), r"\.item\(\)"),
-    ("bool", lambda L: L.vmap(lambda x: x if bool(x.sum() > 0) else -x)(X), r"bool|if"),
-    ("if", lambda L: L.vmap(lambda x: x if x.sum() > 0 else -x)(X), r"if"),
+    ("bool", lambda L: L.vmap(lambda x: x if bool(x.sum() > 0) else -x)(XD), r"bool|if"),
+    ("if", lambda L: L.vmap(lambda x: x if x.sum() > 0 else -x)(XD), r"if"),
     ("float", lambda L: L.vmap(lambda x: x * float(x[0]))(X), r"float"),
     ("nonzero", lambda L: L.vmap(torch.nonzero)(X), r"nonzero"),
     ("mask_index", lambda L: L.vmap(lambda x: x[x > 0])(X), r"mask|nonzero"),
-    ("nested_item", lambda L: L.vmap(L.vmap(lambda x: x * x.item()))(torch.ones(2, 3)), r"item"),
+    ("nested_item", lambda L: L.vmap(L.vmap(lambda x: x * x.item()))(torch.arange(6.0).view(2, 3)),
+     r"item"),
     ("vmap_of_grad_item", lambda L: L.vmap(L.grad(lambda x: x.sum() * x.sum().item()))(X),
      r"item"),
     ("grad_of_vmap_bool",
-     lambda L: L.grad(lambda x: L.vmap(lambda y: y if bool(y.sum() > 0) else -y)(x).sum())(X),
+     lambda L: L.grad(lambda x: L.vmap(lambda y: y if bool(y.sum() > 0) else -y)(x).sum())(XD),
      r"bool|if"),
 ]
 
@@ -189,11 +191,13 @@ def test_data_dependent_python_values(case, make, hint):
 # In-place writes of batched values into unbatched tensors (the result cannot fit)
 
 _INPLACE = [
-    ("add_", lambda L: L.vmap(lambda x: torch.zeros(3).add_(x))(X), "add_"),
-    ("copy_", lambda L: L.vmap(lambda x: torch.zeros(3).copy_(x))(X), "copy_"),
-    ("setitem", lambda L: L.vmap(lambda x: _setitem(torch.zeros(3), x[0]))(X), "copy_"),
-    ("index_put_", lambda L: L.vmap(lambda x: torch.zeros(3).index_put_(
+    # (tensors made before the call: one the vmapped function creates becomes batched instead)
+    ("add_", lambda L, z=torch.zeros(3): L.vmap(lambda x: z.add_(x))(X), "add_"),
+    ("copy_", lambda L, z=torch.zeros(3): L.vmap(lambda x: z.copy_(x))(X), "copy_"),
+    ("setitem", lambda L, z=torch.zeros(3): L.vmap(lambda x: _setitem(z, x[0]))(X), "copy_"),
+    ("index_put_", lambda L, z=torch.zeros(3): L.vmap(lambda x: z.index_put_(
         (torch.tensor([0]),), x[:1]))(X), "index_put_"),
+    ("view_of_fresh", lambda L: L.vmap(lambda x: torch.zeros(2, 3)[0].add_(x))(X), "add_"),
     ("captured_outer_batched",  # level-1 batched x cannot take level-2 values
      lambda L: L.vmap(lambda x: L.vmap(lambda y: x.add_(y))(torch.ones(4, 3)))(torch.ones(2, 3)),
      "add_"),

@@ -123,8 +123,12 @@ def test_addr_inplace(in_dims):
 
 
 def test_addr_inplace_into_unbatched_self_raises():
+    z = torch.zeros(4, 5)  # made before the call (one made inside would become batched)
     with pytest.raises(Exception):
-        ftrans.vmap(lambda a: torch.zeros(4, 5).addr_(a, torch.ones(5)))(torch.randn(B, 4))
+        ftrans.vmap(lambda a: z.addr_(a, torch.ones(5)))(torch.randn(B, 4))
+    a = torch.randn(B, 4)
+    out = ftrans.vmap(lambda a: torch.zeros(4, 5).addr_(a, torch.ones(5)))(a)
+    torch.testing.assert_close(out, a[:, :, None].expand(B, 4, 5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64])

@@ -69,6 +69,14 @@ def test_jacobians_hessians_ntk():
     assert out["ntk_min_eig"] > -1e-3
 
 
+def test_control_flow():
+    out = load("07_control_flow").main(fast=True)
+    assert out["err_value"] < 1e-8 and out["err_grad"] < 1e-6 and out["err_mean"] < 1e-6
+    assert out["err_split"] == 0
+    assert out["body_lanes"] == out["sum_trips"]  # finished examples retired
+    assert out["after"] < out["before"]
+
+
 def test_maml():
     out = load("04_maml").main(fast=True)
     assert out["meta_grad_err"] < 1e-4
@@ -111,5 +119,5 @@ def test_every_tutorial_is_tested():
     names = sorted(f[:-3] for f in os.listdir(TUTORIALS)
                    if f[0].isdigit() and f.endswith(".py"))
     tested = {"01_per_sample_grads_dpsgd", "02_ensembles", "03_jacobians_hessians_ntk", "04_maml",
-              "05_distributed_dpsgd", "06_how_ftrans_works"}
+              "05_distributed_dpsgd", "06_how_ftrans_works", "07_control_flow"}
     assert set(names) == tested, f"untested tutorials: {set(names) - tested}"

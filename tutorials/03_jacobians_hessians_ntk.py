@@ -14,7 +14,8 @@ mode one per INPUT element: for f: R^n -> R^m, prefer ``jacrev`` when m < n ("wi
 e.g. a loss against many parameters) and ``jacfwd`` when m > n ("tall" ones).
 
 When the basis is large, the batched pass can need a lot of memory: ``chunk_size`` pushes at most
-that many basis vectors at once, trading speed for memory, with identical results.
+that many basis vectors at once, trading speed for memory, with identical results;
+``chunk_size="auto"`` or ``memory_budget=`` let ftrans measure and choose the chunk.
 
 Finally we compute the empirical NTK of a small network, Theta(x1, x2) = J(x1) J(x2)^T with J the
 Jacobian of the network's output with respect to its parameters: ``vmap(jacrev(...))`` gives the
@@ -77,6 +78,20 @@ def jacobians(fast: bool) -> dict:
     j_chunked_f = ftrans.jacfwd(tall, chunk_size=4)(v_small)
     err_chunk = max(err_chunk, (j_chunked_f - ftrans.jacfwd(tall)(v_small)).abs().max().item())
     print(f"chunk_size=4 matches the unchunked Jacobian: max diff {err_chunk:.1e}")
+
+    # Memory budgets.  The best chunk size is not knowable in advance (too small is slow, too
+    # large can run out of memory and is often slower too), so let ftrans measure it:
+    # chunk_size="auto" runs two tiny probe chunks, models the workspace as a + b * chunk and
+    # picks the largest power of two that fits (32 MiB of workspace on CPU by default);
+    # memory_budget= (bytes, or a fraction of the free device memory) sets the limit.  The
+    # choice is cached per input shape, and a chunk that still runs out of memory is halved.
+    j_auto = ftrans.jacrev(wide, chunk_size="auto")(v_big)
+    j_budget = ftrans.jacfwd(tall, memory_budget=64 * 1024)(v_small)   # 64 KiB: many chunks
+    h_budget = ftrans.hessian(lambda v: wide(v).sum(), memory_budget=0.25)(v_big)
+    err_chunk = max(err_chunk, (j_auto - ftrans.jacrev(wide)(v_big)).abs().max().item(),
+                    (j_budget - ftrans.jacfwd(tall)(v_small)).abs().max().item(),
+                    (h_budget - ftrans.hessian(lambda v: wide(v).sum())(v_big)).abs().max().item())
+    print(f"chunk_size='auto' and memory_budget= match too: max diff {err_chunk:.1e}")
 
     # Hessians.  hessian(f) = jacfwd(jacrev(f)); jacrev(jacrev(f)) is the same matrix.
     def energy(x):

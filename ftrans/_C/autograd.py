@@ -242,8 +242,17 @@ def batched_torch_function(cls, func, types, args=(), kwargs=None):
             return _OVERRIDES[func](*args, **(kwargs or {}))
         except NotImplementedError:
             pass
+        except RuntimeError as e:
+            if not _fresh_batched(e):
+                raise
+            return batched_torch_function(cls, func, types, args, kwargs)
     if not kwargs and _fast_enabled and not _AUTODIFF_DEPTH[0]:
-        out = _fast_call(func, types, args)
+        try:
+            out = _fast_call(func, types, args)
+        except RuntimeError as e:
+            if not _fresh_batched(e):
+                raise
+            return batched_torch_function(cls, func, types, args, kwargs)
         if out is not _MISS:
             return out
     if _grad_enabled() and func not in _NO_LIFT:
@@ -251,7 +260,12 @@ def batched_torch_function(cls, func, types, args=(), kwargs=None):
         if top is not None and _any_lift(args, kwargs, top):
             with _DisableTF():
                 args, kwargs = _lift_args(func, args, kwargs, top)
-    return _disabled_tf(func, types, args, kwargs or {})
+    try:
+        return _disabled_tf(func, types, args, kwargs or {})
+    except RuntimeError as e:
+        if not _fresh_batched(e):
+            raise
+    return batched_torch_function(cls, func, types, args, kwargs)
 
 
 def _lift_top(args, kwargs):
@@ -284,6 +298,23 @@ def _lift_top(args, kwargs):
             if type(a) is BatchedTensor and (top is None or a.level.id > top.id):
                 top = a.level
     return top
+
+
+def _fresh_batched(err) -> bool:
+    """A batched write into a tensor the vmapped function created: batch that tensor (the
+    caller replays the op).  See fresh.py."""
+    fresh = getattr(err, "_ftrans_fresh", None)
+    if fresh is None:
+        return False
+    err.__traceback__ = None  # its frames hold the view written through (swap needs it gone)
+    from .fresh import materialize
+
+    if materialize(*fresh):
+        return True
+    err.args = (err.args[0] + " (The tensor was created inside the vmapped function, but a "
+                "view of it is alive, so it cannot become batched in place: write into the "
+                "tensor itself, e.g. `out[i] = v`, `out.copy_(v)`.)",)
+    return False
 
 
 def _install_overrides():

@@ -166,6 +166,9 @@ def _choose_handler(func, tags, tag_rule):
         return _rule_handler(rule), "rule"
     if vmap_fn_for(func) is not None:  # a custom op's own torch.library vmap rule
         return _rule_handler(registered_vmap_rule), "rule"
+    if name in ("aten::is_nonzero", "aten::_local_scalar_dense"):
+        from .agree import agreeing_scalar  # one value when the whole batch agrees on it
+        return agreeing_scalar, "error"
     if name in _DATA_DEPENDENT_HINTS:
         return _data_dependent, "error"
     if any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
@@ -348,13 +351,18 @@ def _check_mutation(op, level, args, bdims):
         if i < len(bdims) and bdims[i] is None and args[i] is not None and any(
             b is not None for b in bdims
         ):
-            raise VmapError(
+            err = VmapError(
                 f"{describe(level)}: {_INPLACE_UNBATCHED} {op.name} writes in place into an "
                 "argument that is not "
                 "batched (it has no per-example dimension) from a batched value; the result "
                 "cannot fit. Write into a batched tensor instead, e.g. replace "
                 "`y.add_(x)` by `y = y + x`, or pass `y` to vmap as a mapped input."
             )
+            from .fresh import fresh_base  # made inside the function: it can become batched
+            base = fresh_base(args[i], level)
+            if base is not None:  # caught above autograd, which batches it (fresh.py)
+                err._ftrans_fresh = (base, level)
+            raise err
 
 
 def _needs_view_bits(args) -> bool:

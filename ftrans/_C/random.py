@@ -50,12 +50,15 @@ __all__ = ["vmap_mode", "random_dispatch"]
 aten = torch.ops.aten
 _tls = threading.local()
 _dispatch = None
+_FACTORIES, _make_fresh = frozenset(), None
 
 
 def _mode_dispatch(self, func, types, args=(), kwargs=None):
     # As inside a subclass's __torch_dispatch__ (which torch runs with subclass
     # __torch_function__ off), so that rules reading lower levels' wrappers do not re-enter it.
     with _DisableTF():
+        if func in _FACTORIES:  # may become batched on its first batched write (fresh.py)
+            return _make_fresh(_dispatch(func, args, kwargs, True))
         return _dispatch(func, args, kwargs, True)
 
 
@@ -75,9 +78,10 @@ _VmapMode.__torch_dispatch__ = _mode_dispatch
 def vmap_mode(randomness: str = "error"):
     """Push the vmap mode unless this thread already has it (nested vmaps share one); push the
     dropout mode for the first level that may draw random numbers."""
-    global _dispatch
+    global _dispatch, _FACTORIES, _make_fresh
     if _dispatch is None:
         from .dispatch import dispatch as _dispatch
+        from .fresh import FACTORIES as _FACTORIES, make_fresh as _make_fresh
     with contextlib.ExitStack() as stack:
         if not getattr(_tls, "active", False):
             _tls.active = True

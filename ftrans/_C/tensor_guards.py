@@ -28,17 +28,12 @@ def _live(x) -> bool:
 def _bool(x, *args, **kwargs):
     if not _live(x):
         raise NotImplementedError  # not per-example here: the ordinary path decides
-    from .dispatch import VmapError, describe
-
     with _DisableTF():
         if x.numel() != 1:  # eager's own error comes first
             what = "no values" if x.numel() == 0 else "more than one value"
             raise RuntimeError(f"Boolean value of Tensor with {what} is ambiguous")
-    raise VmapError(
-        f"{describe(x.level)}: {CONTROL_FLOW_MSG} It is data-dependent Python control flow "
-        "(`if`/`while`/`bool()`) on a per-example value. Use `torch.where(cond, a, b)` to "
-        "select per example."
-    )
+    from .agree import agreeing_bool  # the truth value when every example agrees on it
+    return agreeing_bool(x)
 
 
 OVERRIDES = {

@@ -18,7 +18,7 @@ import importlib
 from .pointwise import is_pointwise, pointwise_rule
 
 _FAMILIES = ("views", "reduce", "linalg", "conv", "nn", "index", "scatter", "join", "factory",
-             "misc", "fft", "loss", "distance", "embedding_bag", "stragglers")
+             "misc", "fft", "loss", "distance", "embedding_bag", "stragglers", "static_size")
 for _name in _FAMILIES:
     try:
         importlib.import_module(f"{__name__}.{_name}")

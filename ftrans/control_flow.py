@@ -1,0 +1,511 @@
+"""Data-dependent control flow that vmap and grad see through: ``cond``, ``switch``,
+``while_loop``, ``scan``.
+
+Signatures and results are those of ``torch.cond`` and torch's ``while_loop`` / ``scan``
+higher-order ops (a tuple of carried values; ``(final_carry, stacked_outputs)``), plus
+``switch`` (``jax.lax.switch``).  Outside any transform they are plain eager Python control flow.
+
+Under ``vmap`` ftrans runs eagerly, so it can *look* at the predicate, which compiler-first
+systems cannot:
+
+- a predicate whose value agrees across the batch runs that one branch on the whole batch
+  (no select, no wasted work);
+- a divergent one partitions the batch: each branch runs, under an inner ``vmap``, on just the
+  examples that take it, and the results are scattered back (``_C/lanes.py``).  ``torch.cond``
+  under ``torch.vmap`` and ``jax.lax.cond`` under ``jax.vmap`` run both branches on every
+  example and select;
+- ``while_loop`` retires examples as they finish: the body runs on the examples still looping,
+  so the total work is the sum of the per-example trip counts, not ``batch * max``.
+
+Everything is ordinary differentiable torch ops on the examples that actually ran, so ``grad``,
+``vjp``, ``jvp``, ``jacrev``... work through all four, ``while_loop`` included (its trip count
+is known once it has run).  Inside an ``ftrans.compile`` trace predicate values are unknown:
+``cond``/``switch`` then run every branch and select, which keeps the trace static.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import _pytree
+from ._C import lanes as _lanes
+from ._C.batched import BatchedTensor
+
+__all__ = ["cond", "switch", "while_loop", "scan", "stats", "reset_stats"]
+
+_STATS = {"while_body_lanes": 0, "while_iterations": 0, "branch_lanes": 0}
+
+
+def stats() -> dict:
+    """Counters for tests and benchmarks: ``while_body_lanes`` (examples that ran a
+    ``while_loop`` body, summed over iterations), ``while_iterations``, ``branch_lanes``
+    (examples run through a partitioned ``cond``/``switch`` branch)."""
+    return dict(_STATS)
+
+
+def reset_stats() -> None:
+    for k in _STATS:
+        _STATS[k] = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (torch.cond's messages and exception types)
+# ----------------------------------------------------------------------------------------------
+
+def _check_operands(form, operands, what="operands"):
+    if not isinstance(operands, (tuple, list)):
+        raise RuntimeError(
+            f"{form}: Expect {what} to be a tuple of possibly nested dict/list/tuple of "
+            f"tensors, but got {type(operands).__name__}."
+        )
+
+
+def _check_pred(form, pred):
+    if isinstance(pred, torch.Tensor):
+        if pred.numel() != 1:
+            raise RuntimeError(
+                f"{form}: Expected pred to be bool or single-element tensor, but got a tensor "
+                f"of shape {tuple(pred.shape)} (per example)."
+            )
+        return
+    if not isinstance(pred, (bool, int, float)):
+        raise RuntimeError(f"{form}: Expected pred to be bool or tensor, but got {pred!r}.")
+
+
+def _is_traced(t) -> bool:
+    # Under ftrans.compile (make_fx with fake tensors) predicate values are unknown.
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor) or type(t).__name__ == "FunctionalTensor"
+
+
+# ----------------------------------------------------------------------------------------------
+# cond / switch
+# ----------------------------------------------------------------------------------------------
+
+def cond(pred, true_fn: Callable, false_fn: Callable, operands: Sequence = ()) -> Any:
+    """``true_fn(*operands)`` if ``pred`` else ``false_fn(*operands)``, per example under vmap.
+
+    Args:
+        pred: a bool or a one-element tensor (per example under vmap).
+        true_fn, false_fn: callables taking ``*operands`` and returning tensors (or pytrees of
+            tensors) of the same structure, shapes and dtypes.
+        operands: a tuple (or list) of pytrees of tensors.
+
+    Example:
+        >>> import torch, ftrans
+        >>> f = lambda x: ftrans.cond(x.sum() > 0, lambda v: v.sin(), lambda v: v.cos(), (x,))
+        >>> x = torch.tensor([[1.0, 2.0], [-3.0, 0.5]])
+        >>> torch.allclose(ftrans.vmap(f)(x), torch.stack([x[0].sin(), x[1].cos()]))
+        True
+    """
+    form = "ftrans.cond(pred, true_fn, false_fn, operands)"
+    _check_pred(form, pred)
+    if not callable(true_fn) or not callable(false_fn):
+        raise RuntimeError(f"{form}: Expect both branches to be callable.")
+    _check_operands(form, operands)
+    if isinstance(pred, torch.Tensor):
+        index = torch.where(pred.reshape(()).bool(), 0, 1) if type(pred) is BatchedTensor \
+            else pred
+    else:
+        index = pred
+    if not isinstance(index, torch.Tensor):
+        return (true_fn if index else false_fn)(*operands)
+    if type(index) is not BatchedTensor:
+        if _is_traced(index):
+            return _select(index.reshape(()).bool(), [true_fn, false_fn], operands, form, True)
+        return (true_fn if bool(index) else false_fn)(*operands)
+    return _dispatch_branches(index, [true_fn, false_fn], operands, form)
+
+
+def switch(index, branches: Sequence[Callable], operands: Sequence = ()) -> Any:
+    """``branches[index](*operands)``, per example under vmap (``jax.lax.switch``).
+
+    ``index`` is an int or a one-element integer tensor, clamped to ``[0, len(branches) - 1]``.
+
+    Example:
+        >>> import torch, ftrans
+        >>> fs = [lambda v: v + 1, lambda v: v * 10, lambda v: -v]
+        >>> ftrans.vmap(lambda i, v: ftrans.switch(i, fs, (v,)))(torch.tensor([0, 2, 1]),
+        ...                                                       torch.tensor([1., 2., 3.]))
+        tensor([ 2., -2., 30.])
+    """
+    form = "ftrans.switch(index, branches, operands)"
+    branches = list(branches) if isinstance(branches, (list, tuple)) else None
+    if not branches or not all(callable(b) for b in branches):
+        raise RuntimeError(f"{form}: branches must be a non-empty sequence of callables.")
+    _check_operands(form, operands)
+    k = len(branches)
+    if isinstance(index, torch.Tensor):
+        if index.numel() != 1 or index.is_floating_point() or index.is_complex():
+            raise RuntimeError(
+                f"{form}: index must be an int or a one-element integer tensor, got a "
+                f"{index.dtype} tensor of shape {tuple(index.shape)} (per example)."
+            )
+        index = index.reshape(()).long().clamp(0, k - 1)
+        if type(index) is BatchedTensor:
+            return _dispatch_branches(index, branches, operands, form)
+        if _is_traced(index):
+            return _select(index, branches, operands, form, False)
+        index = int(index)
+    elif not isinstance(index, int) or isinstance(index, bool):
+        raise RuntimeError(f"{form}: index must be an int or a tensor, got {index!r}.")
+    return branches[min(max(index, 0), k - 1)](*operands)
+
+
+def _dispatch_branches(index, branches, operands, form):
+    """``index`` is a BatchedTensor of branch numbers (0-dim per example)."""
+    values = _lanes.raw(index)
+    if _is_traced(values):
+        return _select(index, branches, operands, form, False)
+    first = values.reshape(-1)[0]
+    if bool((values == first).all()):
+        return branches[int(first)](*operands)  # the batch agrees: one branch, no partition
+    return _partitioned(index, branches, operands, form)
+
+
+def _partitioned(index, branches, operands, form):
+    from .vmap import vmap
+
+    levels = _lanes.vmap_levels(index)
+    flat_index = _lanes.gather(index, levels).reshape(-1)
+    leaves, spec = _pytree.tree_flatten(tuple(operands))
+    tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    lanes = {i: _lanes.gather(leaves[i], levels) for i in tensor_pos}
+    results, perms = [], []
+    n = flat_index.shape[0]
+    for k, branch in enumerate(branches):
+        idx = (flat_index == k).nonzero().reshape(-1)
+        if idx.numel() == 0:
+            continue
+        _STATS["branch_lanes"] += idx.numel()
+        fn, cells = _with_rebound_closure(branch)
+        cell_vals = [_lanes.gather(v, levels).index_select(0, idx) for _, v in cells]
+        args = list(leaves)
+        for i in tensor_pos:
+            args[i] = lanes[i].index_select(0, idx)
+        in_dims = (0, tuple(0 if i in lanes else None for i in range(len(leaves))),
+                   (0,) * len(cells))
+
+        def run(lane, flat_args, cell_vals, fn=fn, cells=cells):
+            f = fn(dict(zip((i for i, _ in cells), cell_vals)))
+            return f(*_pytree.tree_unflatten(spec, list(flat_args)))
+
+        out = vmap(run, in_dims=in_dims)(idx, tuple(args), tuple(cell_vals))
+        results.append(out)
+        perms.append(idx)
+    out_leaves = _same_structure(results, form)
+    perm = torch.cat(perms) if len(perms) > 1 else perms[0]
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(n, device=perm.device)
+    merged = []
+    for j in range(len(out_leaves[0])):
+        parts = [o[j] for o in out_leaves]
+        _lanes.check_not_batched(parts, levels, form)
+        merged.append(_lanes.scatter(torch.cat(parts).index_select(0, inverse), levels))
+    return _pytree.tree_unflatten(_pytree.tree_structure(results[0]), merged)
+
+
+def _with_rebound_closure(fn):
+    """(factory: {cell index: value} -> function, [(cell index, batched value)])."""
+    cells = _lanes.closure_tensors(fn) if isinstance(fn, type(_with_rebound_closure)) else []
+    if not cells:
+        return (lambda _: fn), []
+    return functools.partial(_lanes.rebind_closure, fn), cells
+
+
+def _same_structure(results, form):
+    flat = [_pytree.tree_flatten(r) for r in results]
+    spec0 = flat[0][1]
+    for leaves, spec in flat[1:]:
+        if spec != spec0:
+            raise RuntimeError(
+                f"{form}: the branches returned different structures: {spec0} and {spec}."
+            )
+    for leaves, _ in flat:
+        for j, (a, b) in enumerate(zip(flat[0][0], leaves)):
+            if not isinstance(b, torch.Tensor):
+                raise RuntimeError(f"{form}: branch outputs must be tensors, got {type(b).__name__}.")
+            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+                raise RuntimeError(
+                    f"{form}: the branches returned output {j} with different metadata: shape "
+                    f"{tuple(a.shape[1:])}, dtype {a.dtype} vs shape {tuple(b.shape[1:])}, dtype "
+                    f"{b.dtype} (per example). Both branches must return the same shapes and dtypes."
+                )
+    return [leaves for leaves, _ in flat]
+
+
+def _select(index, branches, operands, form, is_pred):
+    """Every branch on the whole batch, then a per-example select (static shapes: traces)."""
+    outs = [b(*operands) for b in branches]
+    leaves = [_pytree.tree_flatten(o) for o in outs]
+    spec = leaves[0][1]
+    if any(s != spec for _, s in leaves[1:]):
+        raise RuntimeError(f"{form}: the branches returned different structures.")
+    merged = []
+    for j in range(len(leaves[0][0])):
+        acc = leaves[-1][0][j]
+        for k in range(len(branches) - 2, -1, -1):
+            take = index if is_pred and k == 0 else (index == k)
+            acc = torch.where(take, leaves[k][0][j], acc)
+        merged.append(acc)
+    return _pytree.tree_unflatten(spec, merged)
+
+
+# ----------------------------------------------------------------------------------------------
+# while_loop
+# ----------------------------------------------------------------------------------------------
+
+def while_loop(cond_fn: Callable, body_fn: Callable, carried_inputs: Sequence) -> tuple:
+    """Run ``carry = body_fn(*carry)`` while ``cond_fn(*carry)`` holds; return the carry tuple.
+
+    Under vmap each example loops until its own predicate fails: finished examples retire and
+    the body runs on the rest only.  Differentiable in reverse and forward mode.
+
+    Example:
+        >>> import torch, ftrans
+        >>> halve = lambda v: ftrans.while_loop(lambda v: v > 1, lambda v: (v / 2,), (v,))[0]
+        >>> ftrans.vmap(halve)(torch.tensor([0.5, 3.0, 100.0]))
+        tensor([0.5000, 0.7500, 0.7812])
+    """
+    form = "ftrans.while_loop(cond_fn, body_fn, carried_inputs)"
+    if not callable(cond_fn) or not callable(body_fn):
+        raise RuntimeError(f"{form}: cond_fn and body_fn must be callable.")
+    if not isinstance(carried_inputs, (tuple, list)):
+        raise RuntimeError(
+            f"{form}: carried_inputs must be a tuple or list, got "
+            f"{type(carried_inputs).__name__}."
+        )
+    carry = tuple(carried_inputs)
+    spec = _pytree.tree_structure(carry)
+    while True:
+        pred = cond_fn(*carry)
+        _check_loop_pred(form, pred)
+        if type(pred) is BatchedTensor:
+            values = _lanes.raw(pred)
+            if not bool(values.all()):
+                if bool(values.any()):
+                    return _while_partitioned(cond_fn, body_fn, carry, pred, spec, form)
+                return carry
+            batch = _lanes.lane_count(_lanes.vmap_levels(pred))
+        elif not bool(pred):
+            return carry
+        else:
+            batch = 1
+        _STATS["while_iterations"] += 1
+        _STATS["while_body_lanes"] += batch
+        carry = _check_body(form, body_fn(*carry), spec)
+
+
+def _check_loop_pred(form, pred):
+    if isinstance(pred, torch.Tensor):
+        if pred.numel() != 1 or pred.dtype != torch.bool:
+            raise RuntimeError(
+                f"{form}: cond_fn must return a boolean scalar tensor, got a {pred.dtype} tensor "
+                f"of shape {tuple(pred.shape)} (per example)."
+            )
+    elif not isinstance(pred, bool):
+        raise RuntimeError(f"{form}: cond_fn must return a bool or a boolean scalar tensor, got "
+                           f"{type(pred).__name__}.")
+
+
+def _check_body(form, out, spec):
+    if isinstance(out, list):
+        out = tuple(out)
+    if not isinstance(out, tuple):
+        out = (out,)
+    if _pytree.tree_structure(out) != spec:
+        raise RuntimeError(
+            f"{form}: body_fn must return a tuple with the structure of carried_inputs "
+            f"({spec}), got {_pytree.tree_structure(out)}."
+        )
+    return out
+
+
+def _while_partitioned(cond_fn, body_fn, carry, pred, spec, form):
+    """The loop over lanes: the body runs on the lanes still looping; finished lanes retire."""
+    from .vmap import vmap
+
+    leaves, _ = _pytree.tree_flatten(carry)
+    body, body_cells = _with_rebound_closure(body_fn)
+    test, test_cells = _with_rebound_closure(cond_fn)
+    # Every level the loop's state can vary along: the carry may pick up levels that the
+    # first predicate did not have.
+    seen = {}
+    for t in [pred] + leaves + [v for _, v in body_cells + test_cells]:
+        if isinstance(t, torch.Tensor):
+            for level in _lanes.vmap_levels(t):
+                seen[level.id] = level
+    levels = [seen[i] for i in sorted(seen, reverse=True)]
+    n = _lanes.lane_count(levels)
+    tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    state = [_lanes.gather(leaves[i], levels) for i in tensor_pos]
+    bcells = [_lanes.gather(v, levels) for _, v in body_cells]
+    tcells = [_lanes.gather(v, levels) for _, v in test_cells]
+    live = _lanes.gather(pred, levels).reshape(n)
+    active = live.nonzero().reshape(-1)
+    done_idx = [(~live).nonzero().reshape(-1)]
+    done_state = [[s.index_select(0, done_idx[0]) for s in state]]
+    state = [s.index_select(0, active) for s in state]
+    bcells = [c.index_select(0, active) for c in bcells]
+    tcells = [c.index_select(0, active) for c in tcells]
+
+    def unflat(flat):
+        full = list(leaves)
+        for i, v in zip(tensor_pos, flat):
+            full[i] = v
+        return _pytree.tree_unflatten(spec, full)
+
+    def run_body(lane, flat, cells):
+        f = body(dict(zip((i for i, _ in body_cells), cells)))
+        out = _check_body(form, f(*unflat(flat)), spec)
+        out_leaves = _pytree.tree_leaves(out)
+        return tuple(out_leaves[i] for i in tensor_pos)
+
+    def run_test(lane, flat, cells):
+        f = test(dict(zip((i for i, _ in test_cells), cells)))
+        p = f(*unflat(flat))
+        _check_loop_pred(form, p)
+        return p.reshape(()) if isinstance(p, torch.Tensor) else torch.tensor(p)
+
+    while active.numel():
+        _STATS["while_iterations"] += 1
+        _STATS["while_body_lanes"] += active.numel()
+        state = list(vmap(run_body)(active, tuple(state), tuple(bcells)))
+        live = vmap(run_test)(active, tuple(state), tuple(tcells))
+        if type(live) is BatchedTensor:
+            _lanes.check_not_batched([live], _lanes.vmap_levels(live), form)
+        if bool(live.all()):
+            continue
+        keep = live.nonzero().reshape(-1)
+        gone = (~live).nonzero().reshape(-1)
+        done_idx.append(active.index_select(0, gone))
+        done_state.append([s.index_select(0, gone) for s in state])
+        active = active.index_select(0, keep)
+        state = [s.index_select(0, keep) for s in state]
+        bcells = [c.index_select(0, keep) for c in bcells]
+        tcells = [c.index_select(0, keep) for c in tcells]
+    perm = torch.cat(done_idx)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(n, device=perm.device)
+    final = list(leaves)
+    for j, i in enumerate(tensor_pos):
+        parts = [d[j] for d in done_state]
+        _lanes.check_not_batched(parts, levels, form)
+        final[i] = _lanes.scatter(torch.cat(parts).index_select(0, inverse), levels)
+    return tuple(_pytree.tree_unflatten(spec, final))
+
+
+# ----------------------------------------------------------------------------------------------
+# scan
+# ----------------------------------------------------------------------------------------------
+
+def scan(combine_fn: Callable, init: Any, xs: Any, *, dim: int = 0,
+         reverse: bool = False) -> tuple:
+    """Inclusive scan: ``carry, y = combine_fn(carry, x)`` for each slice ``x`` of ``xs``
+    along ``dim``; returns ``(final_carry, ys)`` with the ``y`` stacked along ``dim``.
+
+    An unbatched ``init`` with batched ``xs`` works under vmap (the carry becomes batched on
+    the first step).
+
+    Example:
+        >>> import torch, ftrans
+        >>> step = lambda c, x: (c + x, (c + x).clone())
+        >>> ftrans.scan(step, torch.zeros(()), torch.tensor([1., 2., 3.]))
+        (tensor(6.), tensor([1., 3., 6.]))
+    """
+    form = "ftrans.scan(combine_fn, init, xs)"
+    if not callable(combine_fn):
+        raise RuntimeError(f"{form}: combine_fn must be callable.")
+    x_leaves, x_spec = _pytree.tree_flatten(xs)
+    if not x_leaves or not all(isinstance(x, torch.Tensor) for x in x_leaves):
+        raise RuntimeError(f"{form}: xs must be a tensor or a non-empty pytree of tensors.")
+    lengths = set()
+    for x in x_leaves:
+        if x.dim() == 0:
+            raise RuntimeError(f"{form}: xs leaves must have at least one dimension to scan.")
+        d = dim % x.dim()
+        lengths.add(x.shape[d])
+    if len(lengths) != 1:
+        raise RuntimeError(f"{form}: all xs leaves must have the same size along dim={dim}, got "
+                           f"{sorted(lengths)}.")
+    length = lengths.pop()
+    if length == 0:
+        raise RuntimeError(f"{form}: xs is empty along dim={dim}; scan needs at least one slice.")
+    init_spec = _pytree.tree_structure(init)
+    carry, ys = init, []
+    order = range(length - 1, -1, -1) if reverse else range(length)
+    for t in order:
+        x_t = _pytree.tree_unflatten(x_spec, [x.select(dim % x.dim(), t) for x in x_leaves])
+        out = combine_fn(carry, x_t)
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise RuntimeError(f"{form}: combine_fn must return a pair (next_carry, y).")
+        carry, y = out
+        if _pytree.tree_structure(carry) != init_spec:
+            raise RuntimeError(
+                f"{form}: combine_fn's next_carry has structure {_pytree.tree_structure(carry)}, "
+                f"expected the structure of init ({init_spec})."
+            )
+        ys.append(y)
+    if reverse:
+        ys.reverse()
+    y_leaves = [_pytree.tree_flatten(y)[0] for y in ys]
+    y_spec = _pytree.tree_structure(ys[0])
+    stacked = [torch.stack([yl[j] for yl in y_leaves], dim=dim) for j in range(len(y_leaves[0]))]
+    return carry, _pytree.tree_unflatten(y_spec, stacked)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch's own cond / while_loop / scan inside ftrans transforms
+# ----------------------------------------------------------------------------------------------
+# Eagerly, torch runs its control-flow operators through dynamo, which cannot trace ftrans's
+# wrappers and levels.  While an ftrans transform is live on this thread (and dynamo is not
+# compiling), the public functions run ftrans's versions instead; otherwise they are torch's,
+# untouched.  The functions are replaced where torch exposes them, at ftrans's import.
+
+def _ftrans_active() -> bool:
+    if _compiling():  # first: under dynamo this folds to a constant, no thread-local is read
+        return False
+    from ._C import levels as _levels
+    return bool(_levels.current_stack())
+
+
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
+def _torch_while_loop(cond_fn, body_fn, carried_inputs):
+    return while_loop(cond_fn, body_fn, carried_inputs)
+
+
+def _route(original, ours):
+    @functools.wraps(original)
+    def routed(*args, **kwargs):
+        if _ftrans_active():
+            return ours(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    routed._ftrans_original = original
+    return routed
+
+
+def _install_torch_routes():
+    import importlib
+
+    targets = [("torch", "cond", cond), ("torch._higher_order_ops.cond", "cond", cond),
+               ("torch._higher_order_ops", "cond", cond),
+               ("torch._higher_order_ops.while_loop", "while_loop", _torch_while_loop),
+               ("torch._higher_order_ops", "while_loop", _torch_while_loop),
+               ("torch._higher_order_ops.scan", "scan", scan),
+               ("torch._higher_order_ops", "scan", scan)]
+    for module_name, name, ours in targets:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # pragma: no cover - a torch without the operator
+            continue
+        original = getattr(module, name, None)
+        if callable(original) and not hasattr(original, "_ftrans_original"):
+            setattr(module, name, _route(original, ours))
+
+
+_install_torch_routes()
