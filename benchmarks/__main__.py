@@ -13,7 +13,7 @@ import platform
 
 import torch
 
-WORKLOADS = ["dispatch", "workloads"]
+WORKLOADS = ["dispatch", "workloads", "dp"]
 
 
 def to_markdown(rows, device) -> str:

@@ -9,8 +9,14 @@ from .vmap import vmap
 from .compiler import CompileWarning, compile
 from .autodiff import (functional_call, grad, grad_and_value, hessian, jacfwd, jacrev, jvp, linearize, stack_module_state, vjp)  # noqa: E501
 
+from . import dp
+from .dp import (clipped_grad, norm_rule_stats, per_sample_grad_cross, per_sample_grad_dots,
+                 per_sample_grad_norms, register_norm_rule, reset_norm_rule_stats)
+
 __version__ = "0.1.0"
 
 __all__ = ["vmap", "compile", "CompileWarning", "FallbackWarning", "VmapError", "fallback_stats", "reset_fallback_stats",
            "op_status", "register_batch_rule", "grad", "grad_and_value", "vjp", "jacrev", "jvp",
-           "jacfwd", "hessian", "linearize", "functional_call", "stack_module_state"]
+           "jacfwd", "hessian", "linearize", "functional_call", "stack_module_state",
+           "per_sample_grad_norms", "clipped_grad", "per_sample_grad_dots", "per_sample_grad_cross",
+           "register_norm_rule", "norm_rule_stats", "reset_norm_rule_stats", "dp"]

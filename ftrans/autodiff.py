@@ -27,8 +27,9 @@ import torch
 from . import _pytree
 
 from ._C import levels as _levels
-from ._C.autograd import sum_exited_levels
+from ._C.autograd import _levels_of, sum_exited_levels, sum_level
 from .vmap import vmap
+from ._C.guards import mark_input
 
 __all__ = ["grad", "grad_and_value", "vjp", "jacrev"]
 
@@ -116,8 +117,8 @@ def check_callable(func, api: str) -> None:
 def check_jacobian_args(func, api: str, chunk_size) -> None:
     check_callable(func, api)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"{api}({_name(func)}, chunk_size={chunk_size!r}): `chunk_size` should "
-                         "be greater than 0.")
+        raise func_error(f"{api}({_name(func)}, chunk_size={chunk_size!r})",
+                         f"{api}: `chunk_size` should be greater than 0.", ValueError)
 
 
 def jacobian_form(api: str, func, argnums) -> str:
@@ -140,7 +141,7 @@ def enter(x, form: str):
     if x.is_inference():  # cannot carry autograd history: start from a normal copy
         x = x.clone()
     if x.requires_grad:
-        return x.view_as(x)
+        return mark_input(x.view_as(x))
     if _has_forward_tangent(x):
         x = x.clone().requires_grad_()
     else:
@@ -148,13 +149,17 @@ def enter(x, form: str):
     # A fresh leaf is differentiated only by this level, while every vmap around it is alive:
     # its uses need no per-use lift (ftrans/_C/autograd.py), which saves work on every op.
     x._ftrans_born = _levels.current_stack()[-1].id
-    return x
+    return mark_input(x)
 
 
 def outer_needs_graph(grad_enabled: bool, tensors) -> bool:
-    """Can anything outside this call still differentiate its results?"""
+    """Can anything outside this call still differentiate its results?
+
+    Under ``torch.no_grad()`` only a forward-mode level can: as in torch.func, ``no_grad``
+    around a transform call stops the reverse-mode levels *outside* it (the call still
+    differentiates its own function), and forward mode ignores it."""
     for level in _levels.current_stack():
-        if level.kind != _levels.VMAP:
+        if level.kind == _levels.JVP or (grad_enabled and level.kind != _levels.VMAP):
             return True
     if grad_enabled:
         for t in tensors:
@@ -163,9 +168,33 @@ def outer_needs_graph(grad_enabled: bool, tensors) -> bool:
     return False
 
 
+def closes_over_grad(outputs, entered) -> bool:
+    """Does the graph of ``outputs`` reach a tensor that requires grad other than the inputs
+    ``entered`` at this level (parameters ``func`` closed over)?  Then, when the caller records
+    gradients, results stay differentiable with respect to it, as under torch.func: a gradient
+    penalty ``vmap(grad(critic))(x)`` backpropagates into the critic's parameters.  One walk of
+    the graph, taken only when nothing else asks for it."""
+    own = {id(t) for t in entered}
+    seen = set()
+    stack = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
+        if leaf is not None:
+            if id(leaf) not in own:
+                return True
+            continue
+        stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
+    return False
+
+
 def zeros_for(x):
     # Unbatched zeros: the logical value is the same for every example, and vmap broadcasts it.
-    return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    # (In x's layout: a sparse input gets a sparse zero gradient, as in torch.func.)
+    return torch.zeros(x.shape, dtype=x.dtype, device=x.device, layout=x.layout)
 
 
 def autograd_grad(outputs, inputs, grad_outputs, create_graph: bool, retain_graph=None):
@@ -185,30 +214,147 @@ def detach_tree(tree):
     return _tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
 
 
+def torch_api(form: str) -> str:
+    """How torch.func's own messages name the transform that ``form`` calls (they name the
+    underlying vjp or jvp, also for jacrev and jacfwd)."""
+    if form.startswith("grad"):
+        return "grad_and_value(f)(*args)"
+    if form.startswith(("vjp", "jacrev")):
+        return "vjp(f, *primals)"
+    return "jvp(f, primals, tangents)"
+
+
+def func_error(form: str, torch_msg: str, exc=RuntimeError):
+    """The user's call, then torch.func's message for the same mistake, verbatim: ``except``
+    clauses and regexes written against torch.func keep matching."""
+    return exc(f"{form}: {torch_msg}")
+
+
 def split_aux(out, has_aux: bool, form: str):
     if not has_aux:
         return out, None
     if not (isinstance(out, tuple) and len(out) == 2):
-        raise RuntimeError(
-            f"{form}: output of function f should be a tuple: (output, aux) if has_aux is True"
-        )
-    return out
+        raise func_error(form, f"{torch_api(form)}: output of function f should be a tuple: "
+                         "(output, aux) if has_aux is True")
+    return out  # aux may hold non-tensors, returned as they are (torch.func refuses them)
 
 
-def check_tensor_outputs(flat_out, form: str):
-    if not flat_out:
-        raise RuntimeError(f"{form}: Expected f to be a function that has non-empty output")
+def check_tensor_outputs(flat_out, form: str, float_only: bool = True):
+    """torch.func's checks of ``f``'s outputs.  ``float_only``: reverse mode refuses integer
+    outputs; forward mode gives them zero tangents."""
+    api = torch_api(form)
+    if not flat_out or (len(flat_out) == 1 and flat_out[0] is None):
+        raise func_error(form, f"{api}: Expected f to be a function that has non-empty output "
+                         f"(got output = {list(flat_out)})")
     for o in flat_out:
         if not isinstance(o, torch.Tensor):
-            raise RuntimeError(
-                f"{form}: expected f(*primals) to return only tensors, got unsupported type "
-                f"{type(o)}"
-            )
-        if not (o.is_floating_point() or o.is_complex()):
-            raise RuntimeError(
-                f"{form}: All outputs of f must be floating-point or complex Tensors, got "
-                f"Tensor with dtype {o.dtype}"
-            )
+            raise func_error(form, f"{api}: expected f(*primals) to return only tensors, got "
+                             f"unsupported type {type(o)}")
+        if float_only and not (o.is_floating_point() or o.is_complex()):
+            raise func_error(form, "vjp(f, ...): All outputs of f must be floating-point or "
+                             f"complex Tensors, got Tensor with dtype {o.dtype}")
+
+
+def refuse_complex(api: str, flat, what: str, form: str):
+    """jacrev and jacfwd refuse complex inputs and outputs, as torch.func does (it defines no
+    Jacobian of a complex function, so code that runs on ftrans must not depend on one)."""
+    for idx, t in enumerate(flat):
+        if isinstance(t, torch.Tensor) and t.is_complex():
+            raise func_error(form, f"{api}: Expected all {what} to be real but received complex "
+                             f"tensor at flattened input idx: {idx}")
+
+
+def sum_exited_per_edge(results, roots, cotangents, marked=False):
+    """After ``results = autograd.grad(roots, ..., cotangents, create_graph=True)``: where the
+    cotangents are batched at levels the graph of ``roots`` does not carry, sum those levels per
+    edge once they exit (:func:`_sum_where_old_graph_is_reached`).  ``marked``: the graph of
+    ``roots`` was recorded while :func:`edge_sums` changed, so it may hold nodes that predate
+    a level, whose new feeders must sum it too."""
+    graph_levels = {lv.id for lv in _levels_of_all(roots)}
+    newer = frozenset(lv for lv in _levels_of_all(cotangents) if lv.id not in graph_levels)
+    if newer or marked:
+        _sum_where_old_graph_is_reached(results, roots, newer)
+
+
+_EDGE_SUMS = [0]  # how many graphs _sum_where_old_graph_is_reached has marked
+
+
+def edge_sums() -> int:
+    return _EDGE_SUMS[0]
+
+
+def _levels_of_all(tensors):
+    out = {}
+    for t in tensors:
+        for lv in _levels_of(t):
+            out[lv.id] = lv
+    return list(out.values())
+
+
+def _sum_where_old_graph_is_reached(results, old_roots, levels):
+    """Per-use sums for a create_graph backward, under a newer vmap, through an older graph.
+
+    A vjp function called under a vmap newer than its graph (``jacrev``'s vmap over basis
+    cotangents; ``J v`` of the double-vjp trick under ``jacfwd``'s vmap over tangents) is
+    computed by the autograd engine from a graph recorded *before* that vmap.  The engine's
+    create_graph ops mix the batched (co)tangents with tensors of that older graph without
+    passing ``__torch_function__``, where captured tensors are normally lifted
+    (``_C/autograd.py``).  So when an outer transform differentiates the result, the gradient that
+    reaches an older tensor through one of these ops is batched at a level its tensor never had
+    and is added to that tensor's other, unbatched, gradient contributions: once the vmap has
+    exited, summing the total over it would count the unbatched part ``B`` times.  Instead, each
+    new node that feeds the older graph sums the exited levels out of what it sends along that
+    edge: the same per-use sum, placed on the graph's edges.
+
+    Each older node also remembers (in its ``metadata``) the levels it predates: when this
+    backward is itself differentiated later (``jacrev(jacrev(f))``), the new nodes that feed it
+    carry these levels too, and their edges into it sum them as well.
+    """
+    if levels:
+        _EDGE_SUMS[0] += 1
+    old = set()
+    stack = [r.grad_fn for r in old_roots if r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in old:
+            continue
+        old.add(node)
+        meta = getattr(node, "metadata", None)
+        if levels and meta is not None:
+            meta[_PREDATES] = meta.get(_PREDATES, frozenset()).union(levels)
+        stack.extend(n for n, _ in node.next_functions if n is not None and n not in old)
+    seen = set()
+    stack = [r.grad_fn for r in results if isinstance(r, torch.Tensor) and r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in old:
+            continue
+        seen.add(node)
+        edges = [(i, n) for i, (n, _) in enumerate(node.next_functions)
+                 if n is not None and n in old and (levels or _PREDATES in _meta(n))]
+        if edges:
+            node.register_hook(functools.partial(_sum_exited_on_edges, tuple(edges), levels))
+        stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
+
+
+_PREDATES = "ftrans_predates"  # node metadata: vmap levels newer than the node
+
+
+def _meta(node):
+    return getattr(node, "metadata", None) or {}
+
+
+def _sum_exited_on_edges(edges, levels, grad_inputs, grad_outputs):
+    out = list(grad_inputs)
+    for i, target in edges:
+        g = out[i]
+        if g is not None:
+            meta = getattr(target, "metadata", None)
+            for lv in levels.union(meta.get(_PREDATES, ())) if meta else levels:
+                if not lv.alive and lv in _levels_of(g):
+                    g = sum_level(g, lv)
+            out[i] = g
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,9 +385,11 @@ def _grad_level(diff, form):
 def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
     form = _grad_form(func, argnums, has_aux, api)
     argnums = check_argnums(argnums, len(args), form)
+    grad_on, marks = torch.is_grad_enabled(), edge_sums()
     with _grad_level(select_argnums(args, argnums), form) as (entered, _, spec, need):
         args = replace_argnums(args, argnums, _tree_unflatten(spec, entered))
         output, aux = split_aux(func(*args, **kwargs), has_aux, form)
+        need = need or (grad_on and closes_over_grad([output], entered))
         if not isinstance(output, torch.Tensor):
             raise RuntimeError(
                 f"{form}: Expected f(*args) to return a Tensor, got {type(output)}"
@@ -252,8 +400,10 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
                 f"{output.dim()} dims. Maybe you wanted to use the vjp or jacrev APIs "
                 "instead?"
             )
-        grads = autograd_grad([output], entered, [torch.ones_like(output)],
-                              create_graph=need)
+        ones = torch.ones_like(output)
+        grads = autograd_grad([output], entered, [ones], create_graph=need)
+        if need and edge_sums() != marks:
+            sum_exited_per_edge(grads, [output], [ones], marked=True)
     grads = _tree_unflatten(spec, grads)
     if not need:
         output, aux = output.detach(), detach_tree(aux)
@@ -316,7 +466,10 @@ def grad(func: Callable, argnums: Any = 0, has_aux: bool = False) -> Callable:
 class _VjpFn:
     """The pullback returned by :func:`vjp`; may be called many times, and under a newer vmap."""
 
-    def __init__(self, outputs, out_spec, entered, primals, primal_spec, form):
+    def __init__(self, outputs, out_spec, entered, primals, primal_spec, form, captured=False,
+                 marked=False):
+        self._captured = captured  # the graph reaches a closed-over tensor that requires grad
+        self._marked = marked  # see sum_exited_per_edge
         self._outputs = outputs
         self._out_spec = out_spec
         self._entered = entered
@@ -325,6 +478,13 @@ class _VjpFn:
         self._form = form
 
     def __call__(self, cotangents, retain_graph: bool = True, create_graph: bool | None = None):
+        if _is_compiling():
+            # dynamo's pytree polyfill builds specs that never equal the ones recorded here
+            # (and autograd.grad breaks the graph anyway): the pullback runs eagerly.
+            return _vjp_call_eager(self, cotangents, retain_graph, create_graph)
+        return self._call(cotangents, retain_graph, create_graph)
+
+    def _call(self, cotangents, retain_graph, create_graph):
         flat_ct, ct_spec = _tree_flatten(cotangents)
         if ct_spec != self._out_spec:
             raise RuntimeError(
@@ -345,11 +505,18 @@ class _VjpFn:
                 )
         if create_graph is None:
             create_graph = outer_needs_graph(torch.is_grad_enabled(),
-                                             list(self._primals) + list(flat_ct))
+                                             list(self._primals) + list(flat_ct)) or (
+                self._captured and torch.is_grad_enabled())
         with _differentiating():
             grads = autograd_grad(self._outputs, self._entered, flat_ct,
                                   create_graph=create_graph, retain_graph=retain_graph)
+        if create_graph:
+            sum_exited_per_edge(grads, self._outputs, flat_ct, self._marked)
         return _tree_unflatten(self._primal_spec, grads)
+
+
+_vjp_call_eager = torch.compiler.disable(_VjpFn._call)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def vjp_impl(func, primals, argnums, has_aux, form, kwargs=None):
@@ -359,13 +526,17 @@ def vjp_impl(func, primals, argnums, has_aux, form, kwargs=None):
     as a tuple).
     """
     diff = tuple(primals) if argnums is None else select_argnums(primals, argnums)
+    grad_on, marks = torch.is_grad_enabled(), edge_sums()
     with _grad_level(diff, form) as (entered, flat_diff, spec, need):
         diff_in = _tree_unflatten(spec, entered)
         args = diff_in if argnums is None else replace_argnums(primals, argnums, diff_in)
         output, aux = split_aux(func(*args, **(kwargs or {})), has_aux, form)
         flat_out, out_spec = _tree_flatten(output)
         check_tensor_outputs(flat_out, form)
-    vjp_fn = _VjpFn(flat_out, out_spec, entered, flat_diff, spec, form)
+        captured = not need and grad_on and closes_over_grad(flat_out, entered)
+    vjp_fn = _VjpFn(flat_out, out_spec, entered, flat_diff, spec, form, captured,
+                    edge_sums() != marks)
+    need = need or captured
     if not need:
         output, aux = detach_tree(output), detach_tree(aux)
     return output, vjp_fn, aux, need
@@ -401,19 +572,21 @@ def identity_basis(flat, dtype_from=None):
     eye = torch.eye(total, dtype=ref.dtype, device=ref.device)
     out, start = [], 0
     for t, n in zip(flat, numels):
-        out.append(eye[:, start:start + n].to(t.dtype).reshape(total, *t.shape))
+        out.append(eye[:, start:start + n].to(t.dtype).reshape((total,) + t.shape))
         start += n
     return out, numels, total
 
 
 def jacrev(func: Callable, argnums: Any = 0, *, has_aux: bool = False,
-           chunk_size: int | None = None) -> Callable:
+           chunk_size: int | None = None, _preallocate_and_copy: bool = False) -> Callable:
     """Jacobian by reverse mode: vmap of the vjp function over an identity basis.
 
     For each output leaf ``o`` and differentiated input leaf ``x`` the block has shape
     ``o.shape + x.shape``; the result has the output's pytree structure, each entry the
     input's structure (a tuple over ``argnums`` when it is a tuple).  ``chunk_size`` bounds
-    how many basis rows are pushed back at once.
+    how many basis rows are pushed back at once.  Complex inputs and outputs are refused, as
+    in torch.func.  (``_preallocate_and_copy`` is accepted for torch.func compatibility: it
+    picks how torch.func assembles chunks, which does not change the result.)
 
     Example:
         >>> import torch, ftrans
@@ -426,20 +599,29 @@ def jacrev(func: Callable, argnums: Any = 0, *, has_aux: bool = False,
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         form = jacobian_form("jacrev", func, argnums)
+        refuse_complex("jacrev", _tree_flatten(args)[0], "inputs", form)
         nums = check_argnums(argnums, len(args), form)
         output, vjp_fn, aux, _ = vjp_impl(func, args, nums, has_aux, form, kwargs)
         flat_out, out_spec = _tree_flatten(output)
+        refuse_complex("jacrev", flat_out, "outputs", form)
         flat_vjp_out = vjp_fn._outputs
-        basis, numels, _ = identity_basis(flat_vjp_out)
+        basis, numels, total = identity_basis(flat_vjp_out)
 
         def push(*cts):
             return vjp_fn(_tree_unflatten(out_spec, list(cts)))
 
-        rows = vmap(push, chunk_size=chunk_size)(*basis)   # structure of the diff args
-        flat_rows, in_spec = _tree_flatten(rows)
+        if chunk_size == 1 and total > 0:
+            # One row at a time, as in torch.func: a plain loop, free of vmap's constraints
+            # (a backward with data-dependent shapes works).
+            flat_each = [_tree_flatten(push(*(b[i] for b in basis))) for i in range(total)]
+            in_spec = flat_each[0][1]
+            flat_rows = [torch.stack(col) for col in zip(*(f for f, _ in flat_each))]
+        else:
+            rows = vmap(push, chunk_size=chunk_size)(*basis)   # structure of the diff args
+            flat_rows, in_spec = _tree_flatten(rows)
         per_output, start = [], 0
         for o, n in zip(flat_vjp_out, numels):
-            blocks = [r[start:start + n].reshape(*o.shape, *r.shape[1:]) for r in flat_rows]
+            blocks = [r[start:start + n].reshape(o.shape + r.shape[1:]) for r in flat_rows]
             per_output.append(_tree_unflatten(in_spec, blocks))
             start += n
         jac = _tree_unflatten(out_spec, per_output)

@@ -22,37 +22,81 @@ from typing import Any, Callable
 import torch
 
 from ._C import levels as _levels
-from ._C.autograd import _levels_of, sum_level
 from .autodiff import (_differentiating, _name, _tree_flatten, _tree_unflatten, autograd_grad,
-                       check_argnums, check_callable, check_jacobian_args, jacobian_form,
-                       check_tensor_outputs, detach_tree, enter, jacrev, outer_needs_graph,
-                       replace_argnums, select_argnums, split_aux, identity_basis)
+                       check_argnums, check_callable, check_jacobian_args, check_tensor_outputs,
+                       closes_over_grad, detach_tree, enter, func_error, identity_basis,
+                       jacobian_form, jacrev, outer_needs_graph, refuse_complex, replace_argnums,
+                       select_argnums, split_aux, sum_exited_per_edge, edge_sums)
 from .vmap import vmap
 
 __all__ = ["jvp", "jacfwd", "hessian", "linearize"]
 
 
+class _Writable(torch.autograd.Function):
+    """The primal ``func`` sees: ``x``'s memory and version counter, but not a leaf, so ``func``
+    may write into it in place, as torch.func's jvp allows (its dual tensors are not leaves).
+    Gradients are taken with respect to ``x`` itself, which keeps the values before the write."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _writable(x, primal):
+    # When an outer level differentiates the primal, it must see f's writes into it: f gets a
+    # copy, and a write is copied back into the primal with autograd recording it (_write_back).
+    out = x.clone() if primal.requires_grad else _Writable.apply(x)
+    born = x.__dict__.get("_ftrans_born")
+    if born is not None:
+        out._ftrans_born = born
+    return out
+
+
+def _write_back(primals, writable, versions):
+    for x, w, v in zip(primals, writable, versions):
+        if x.requires_grad and w._version != v:
+            x.copy_(w)
+
+
 class _Linearized:
-    """``f`` linearized at fixed primals: ``self(tangents) = J @ tangents`` (flat lists)."""
+    """``f`` linearized at fixed primals: ``self(tangents) = J @ tangents`` (flat lists).
+
+    Outputs that are not floating point or complex get zero tangents, as under torch.func.
+    """
 
     def __init__(self, func, flat_primals, spec, form, has_aux=False):
         self.form = form
-        self.need = outer_needs_graph(torch.is_grad_enabled(), flat_primals)
+        grad_on, marks = torch.is_grad_enabled(), edge_sums()
+        self.need = outer_needs_graph(grad_on, flat_primals)
         level = _levels.push(_levels.Level(_levels.JVP))
         try:
             with _differentiating():
                 self.primals = flat_primals
                 entered = [enter(x, form) for x in flat_primals]
-                out, aux = split_aux(func(*_tree_unflatten(spec, entered)), has_aux, form)
+                writable = [_writable(e, x) for e, x in zip(entered, flat_primals)]
+                versions = [w._version for w in writable]
+                out, aux = split_aux(func(*_tree_unflatten(spec, writable)), has_aux, form)
                 flat_out, self.out_spec = _tree_flatten(out)
-                check_tensor_outputs(flat_out, form)
+                check_tensor_outputs(flat_out, form, float_only=False)
                 self.flat_out = flat_out
+                self.diff = [o.is_floating_point() or o.is_complex() for o in flat_out]
+                self.need = self.need or (grad_on and closes_over_grad(flat_out, entered))
                 self.us = [torch.zeros(o.shape, dtype=o.dtype, device=o.device,
-                                       requires_grad=True) for o in flat_out]
+                                       requires_grad=True)
+                           for o, d in zip(flat_out, self.diff) if d]
                 # g = J^T u, kept differentiable in u (and in x, for outer levels).
-                gs = autograd_grad(flat_out, entered, self.us, create_graph=True,
+                diff_out = [o for o, d in zip(flat_out, self.diff) if d]
+                gs = autograd_grad(diff_out, entered, self.us, create_graph=True,
                                    retain_graph=True)
+                self.marked = edge_sums() != marks  # see sum_exited_per_edge
+                if self.marked:
+                    sum_exited_per_edge(gs, diff_out, self.us, marked=True)
                 self.gs = gs
+                _write_back(flat_primals, writable, versions)
         finally:
             _levels.pop(level)
         self.output = out if self.need else detach_tree(out)
@@ -65,93 +109,59 @@ class _Linearized:
             res = autograd_grad(self.gs, self.us, flat_tangents, create_graph=need,
                                 retain_graph=retain_graph)
         if need:
-            graph_levels = {lv.id for lv in _levels_of_all(self.gs)}
-            newer = [lv for lv in _levels_of_all(flat_tangents) if lv.id not in graph_levels]
-            if newer:
-                _sum_where_old_graph_is_reached(res, self.gs, newer)
+            sum_exited_per_edge(res, self.gs, flat_tangents, self.marked)
+        if not all(self.diff):
+            it = iter(res)
+            res = [next(it) if d else torch.zeros_like(o.detach())
+                   for o, d in zip(self.flat_out, self.diff)]
         return _tree_unflatten(self.out_spec, res)
 
 
-def _levels_of_all(tensors):
-    out = {}
-    for t in tensors:
-        for lv in _levels_of(t):
-            out[lv.id] = lv
-    return list(out.values())
-
-
-def _sum_where_old_graph_is_reached(results, old_roots, levels):
-    """Per-use sums for the second backward of the double-vjp trick under a newer vmap.
-
-    ``J v`` for tangents batched at a vmap level newer than the linearization (``jacfwd``'s vmap
-    over basis tangents) is computed by the autograd engine from a graph recorded *before* that
-    vmap.  The engine's create_graph ops mix the batched tangents with tensors of that older
-    graph without passing ``__torch_function__``, where captured tensors are normally lifted
-    (``_C/autograd.py``).  So when an outer transform differentiates ``J v``, the gradient that
-    reaches an older tensor through one of these ops is batched at a level its tensor never had
-    and is added to that tensor's other, unbatched, gradient contributions: once the vmap has
-    exited, summing the total over it would count the unbatched part ``B`` times.  Instead, each
-    new node that feeds the older graph sums the exited levels out of what it sends along that
-    edge: the same per-use sum, placed on the graph's edges.
-    """
-    old = set()
-    stack = [r.grad_fn for r in old_roots if r.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in old:
-            continue
-        old.add(node)
-        stack.extend(n for n, _ in node.next_functions if n is not None and n not in old)
-    seen = set()
-    stack = [r.grad_fn for r in results if isinstance(r, torch.Tensor) and r.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen or node in old:
-            continue
-        seen.add(node)
-        edges = [i for i, (n, _) in enumerate(node.next_functions) if n is not None and n in old]
-        if edges:
-            node.register_hook(functools.partial(_sum_exited_on_edges, frozenset(edges), levels))
-        stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
-
-
-def _sum_exited_on_edges(edges, levels, grad_inputs, grad_outputs):
-    out = list(grad_inputs)
-    for i in edges:
-        g = out[i]
-        if g is not None:
-            for lv in levels:
-                if not lv.alive and lv in _levels_of(g):
-                    g = sum_level(g, lv)
-            out[i] = g
-    return tuple(out)
+_JVP = "jvp(f, primals, tangents)"  # how torch.func's messages name jvp (and jacfwd)
 
 
 def _check_primals_tangents(form, primals, tangents):
     if not isinstance(primals, tuple):
-        raise RuntimeError(
-            f"{form}: Expected primals to be a tuple. E.g. it should be valid to call f(*primals)."
-        )
+        raise func_error(form, f"{_JVP}: Expected primals to be a tuple. E.g. it should be "
+                         "valid to call f(*primals).")
     flat_p, p_spec = _tree_flatten(primals)
-    flat_t, t_spec = _tree_flatten(tangents if isinstance(tangents, tuple) else (tangents,))
+    flat_t, t_spec = _tree_flatten(tangents)
     if not isinstance(tangents, tuple) or p_spec != t_spec:
-        raise RuntimeError(
-            f"{form}: Expected primals and tangents to have the same python structure. For "
-            f"example, if primals is a tuple of 3 tensors, tangents also must be. Got primals "
-            f"with structure {p_spec} and tangents with structure {t_spec}"
-        )
-    for i, (p, t) in enumerate(zip(flat_p, flat_t)):
-        for name, v in (("primals", p), ("tangents", t)):
+        raise func_error(form, f"{_JVP}: Expected primals and tangents to have the same python "
+                         "structure. For example, if primals is a tuple of 3 tensors, tangents "
+                         f"also must be. Got primals with structure {p_spec} and tangents with "
+                         f"structure {t_spec}")
+    for name, flat in (("primals", flat_p), ("tangents", flat_t)):
+        if not flat:
+            raise func_error(form, f"{_JVP}: Expected {name} to contain at least one Tensor.")
+        for v in flat:
             if not isinstance(v, torch.Tensor):
-                raise RuntimeError(
-                    f"{form}: Expected {name} to only contain Tensors, got {type(v)}"
-                )
+                raise func_error(form, f"{_JVP}: Expected {name} to only contain Tensors, got "
+                                 f"{type(v)}")
+    for i, (p, t) in enumerate(zip(flat_p, flat_t)):
         if p.shape != t.shape:
-            raise RuntimeError(
-                f"{form}: tangent:{i} with shape {tuple(t.shape)} in flattened pytree doesn't "
-                f"match the shape {tuple(p.shape)} of the corresponding primal."
-            )
+            raise func_error(form, f"tangent:{i} with shape {tuple(t.shape)} in flattened "
+                             f"pytree doesn't match the shape {tuple(p.shape)} of the "
+                             "corresponding primal.")
     return flat_p, p_spec, flat_t
+
+
+def _check_linearized_tangents(form, p_spec, flat_p, tangents):
+    """torch.func.linearize's checks of the tangents given to ``jvp_fn``."""
+    flat_t, t_spec = _tree_flatten(tangents)
+    if t_spec != p_spec:
+        raise func_error(form, f"Expected the tangents {t_spec} to have the same argspec as the "
+                         f"primals {p_spec}")
+    for i, (p, t) in enumerate(zip(flat_p, flat_t)):
+        if not isinstance(t, torch.Tensor):
+            raise func_error(form, f"{_JVP}: Expected tangents to only contain Tensors, got "
+                             f"{type(t)}")
+        for what in ("shape", "device", "dtype"):
+            if getattr(t, what) != getattr(p, what):
+                raise func_error(form, f"tangent:{i} with {what} {getattr(t, what)} in "
+                                 f"flattened pytree doesn't match the {what} "
+                                 f"{getattr(p, what)} of the corresponding primal.")
+    return flat_t
 
 
 def jvp(func: Callable, primals: tuple, tangents: tuple, *, strict: bool = False,
@@ -197,8 +207,7 @@ def linearize(func: Callable, *primals):
     lin = _Linearized(func, flat_p, spec, form)
 
     def jvp_fn(*tangents):
-        _, _, flat_t = _check_primals_tangents(f"{form} jvp_fn", tuple(primals), tangents)
-        return lin(flat_t)
+        return lin(_check_linearized_tangents(f"{form} jvp_fn", spec, flat_p, tangents))
 
     return lin.output, jvp_fn
 
@@ -222,6 +231,7 @@ def jacfwd(func: Callable, argnums: Any = 0, has_aux: bool = False, *,
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         form = jacobian_form("jacfwd", func, argnums)
+        refuse_complex("jacfwd", _tree_flatten(args)[0], "inputs", form)
         nums = check_argnums(argnums, len(args), form)
         diff = select_argnums(args, nums)
         flat_diff, in_spec = _tree_flatten(diff)
@@ -239,6 +249,7 @@ def jacfwd(func: Callable, argnums: Any = 0, has_aux: bool = False, *,
         def push(*tangents):
             # The forward pass runs once here: primals are not batched, only tangents are.
             lin = _Linearized(f_diff, flat_diff, _flat_spec(len(flat_diff)), form, has_aux)
+            refuse_complex("jacfwd", lin.flat_out, "outputs", form)
             return lin(list(tangents)), lin.aux
 
         push._ftrans_origin = form  # errors inside name the user's jacfwd call
@@ -250,7 +261,7 @@ def jacfwd(func: Callable, argnums: Any = 0, has_aux: bool = False, *,
             c = c.movedim(0, -1)  # (*out.shape, total)
             blocks, start = [], 0
             for x, n in zip(flat_diff, numels):
-                blocks.append(c[..., start:start + n].reshape(*c.shape[:-1], *x.shape))
+                blocks.append(c[..., start:start + n].reshape(c.shape[:-1] + x.shape))
                 start += n
             per_output.append(_tree_unflatten(in_spec, blocks))
         jac = _tree_unflatten(out_spec, per_output)

@@ -16,13 +16,16 @@ import torch
 from . import _pytree
 
 from ._C import levels as _levels
-from ._C.autograd import AddBatchDim, RemoveBatchDim
+from ._C import aliasing as _aliasing
+from ._C.autograd import AddBatchDim, RemoveBatchDim, saved_tensor_hooks_around_vmap
 from ._C.batched import BatchedTensor, add_batch_dim, remove_batch_dim
+from ._C.guards import mark_input
 from ._C.random import vmap_mode
 
 __all__ = ["vmap"]
 
 _RANDOMNESS = ("error", "different", "same")
+_NO_HOOKS = contextlib.nullcontext()
 
 
 def _func_name(func) -> str:
@@ -215,30 +218,33 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
         with torch.inference_mode(False):
             return _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
                               batch_size, kwargs)
-    if _top_hooks is not None and _top_hooks(False) is not None:
-        with _saved_tensors_hooks_off():
-            return _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
-                              batch_size, kwargs)
     level = _levels.Level(_levels.VMAP, batch_size, randomness)
     level.origin = getattr(func, "_ftrans_origin", None) or functools.partial(
         _call_form, func, in_dims, out_dims)
     grad_on = torch.is_grad_enabled()
-    with vmap_mode(randomness):
+    with vmap_mode(randomness), saved_tensor_hooks_around_vmap() or _NO_HOOKS:
         _levels.push(level)
         try:
             wrapped = []
+            inputs = []  # (x, wrapper, in_dim, version, grad_fn): see _C/aliasing.py
             for x, d in zip(leaves, flat_dims):
                 if d is None:
                     wrapped.append(x)
                 else:
                     d = d % x.dim()
                     if grad_on and x.requires_grad:
-                        wrapped.append(AddBatchDim.apply(x, d, level))
+                        w = mark_input(AddBatchDim.apply(x, d, level))
+                        if x.is_leaf:
+                            _aliasing.LEAVES.setdefault(level.id, set()).add(id(w))
                     else:
-                        wrapped.append(add_batch_dim(x, d, level))
+                        w = mark_input(add_batch_dim(x, d, level))
+                    wrapped.append(w)
+                    inputs.append((x, w, d, *_aliasing.entry_state(w)))
             out = func(*_pytree.tree_unflatten(treespec, wrapped), **kwargs)
-            return _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size)
+            _aliasing.mutated_inputs_epilogue(inputs, level, batch_size, _remove)
+            return _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs)
         finally:
+            _aliasing.LEAVES.pop(level.id, None)
             _levels.pop(level)
 
 
@@ -255,31 +261,6 @@ def _check_out_dims(func, in_dims, out_dims):
             "python collection of ints representing where in the outputs the vmapped dimension "
             f"should appear (got {bad[0] if bad else out_dims!r})."
         )
-
-
-# Saved-tensor hooks of an enclosing scope (non-reentrant checkpointing) see only what the vmap
-# returns, not the BatchedTensors its ops save: a checkpoint recomputation would hand the backward
-# of the vmap's ops values batched at the recomputation's level, not at their own.  torch.func's
-# transforms refuse the hooks inside; here they are set aside for the vmap's body and restored.
-_ag = torch._C._autograd
-_top_hooks = getattr(_ag, "_top_saved_tensors_default_hooks", None)
-_pop_hooks = getattr(_ag, "_pop_saved_tensors_default_hooks", None)
-_push_hooks = getattr(_ag, "_push_saved_tensors_default_hooks", None)
-if _pop_hooks is None or _push_hooks is None:  # pragma: no cover - older torch
-    _top_hooks = None
-
-
-@contextlib.contextmanager
-def _saved_tensors_hooks_off():
-    popped = []
-    while _top_hooks(False) is not None:
-        popped.append(_top_hooks(False))
-        _pop_hooks()
-    try:
-        yield
-    finally:
-        for pack, unpack in reversed(popped):
-            _push_hooks(pack, unpack)
 
 
 def _flat_out_dims(func, in_dims, out_dims, out, n_leaves, out_spec) -> list:
@@ -305,9 +286,16 @@ def _flat_out_dims(func, in_dims, out_dims, out, n_leaves, out_spec) -> list:
         ) from None
 
 
-def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size):
+def _remove(o, level, batch_size, d):
+    if o.requires_grad and torch.is_grad_enabled() and _batched_at(o, level):
+        return RemoveBatchDim.apply(o, level, batch_size, d)
+    return remove_batch_dim(o, level, batch_size, d)
+
+
+def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs=()):
     out_leaves, out_spec = _pytree.tree_flatten(out)
     flat_out_dims = _flat_out_dims(func, in_dims, out_dims, out, len(out_leaves), out_spec)
+    by_wrapper = {id(w): (x, w, d) for x, w, d, *_ in inputs}
     results = []
     for o, d in zip(out_leaves, flat_out_dims):
         if d is None:
@@ -333,10 +321,12 @@ def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size):
                 f"-{nd} <= out_dim < {nd}."
             )
         d = d % nd
-        if o.requires_grad and torch.is_grad_enabled() and _batched_at(o, level):
-            results.append(RemoveBatchDim.apply(o, level, batch_size, d))
-        else:
-            results.append(remove_batch_dim(o, level, batch_size, d))
+        view = _aliasing.as_input_view(o, d, level, by_wrapper)
+        if view is None:
+            view = _remove(o, level, batch_size, d)
+            if type(o) is BatchedTensor and o.level is level:
+                by_wrapper.setdefault(id(o), (view, o, d))  # later outputs may be views of it
+        results.append(view)
     return _pytree.tree_unflatten(out_spec, results)
 
 

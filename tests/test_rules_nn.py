@@ -1,5 +1,7 @@
 """Normalization, softmax, loss, embedding, attention, glu and prelu rules (forward and the
 backward kernels, via per-example gradients under vmap)."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,3 +290,27 @@ def test_margin_losses_0d_examples():
     for loss in (F.multilabel_margin_loss, F.multi_margin_loss):
         for reduction in ("none", "mean"):
             check_vmap(_loss_and_grad(lambda x, t: loss(x, t, reduction=reduction)), (x, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dim", [0, 2])
+@pytest.mark.parametrize("in_dims", [(0, None, None, None), (0, 0, 0, 0), (None, 0, 0, 0)])
+def test_weight_norm_backward_kernel(in_dims, dim, dtype):
+    v = torch.randn(B, 3, 4, 5, dtype=dtype)
+    g = torch.randn([B] + [s if i == dim else 1 for i, s in enumerate(v.shape[1:])], dtype=dtype)
+    norms = torch.stack([torch.ops.aten._weight_norm_interface(v[i], g[i], dim)[1] for i in range(B)])
+    gw = torch.randn(B, 3, 4, 5, dtype=dtype)
+    args = [t if d is not None else t[0] for t, d in zip((gw, v, g, norms), in_dims)]
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-7
+    check_vmap(lambda *a: torch.ops.aten._weight_norm_interface_backward(*a, dim), args, in_dims,
+               atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("in_dims", [(None, 0), (None, 1)])
+def test_prelu_unbatched_input_batched_weight_does_not_resize(in_dims):
+    # The kernel's output has the input's shape: torch warned "An output ... was resized".
+    x, w = torch.randn(2, 3, 4), torch.rand(B, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn = _with_grads(lambda x, w: F.prelu(x, w), 1)
+        _match(fn, [x, w.movedim(0, in_dims[1])], in_dims)

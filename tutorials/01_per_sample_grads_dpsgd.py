@@ -1,4 +1,4 @@
-"""Tutorial 1: per-sample gradients of a CNN, and one epoch of DP-SGD.
+"""Tutorial 1: per-sample gradients of a CNN, clipping at the cost of one backward, and DP-SGD.
 
     python tutorials/01_per_sample_grads_dpsgd.py            # full size
     python tutorials/01_per_sample_grads_dpsgd.py --fast     # what the test runs
@@ -11,8 +11,16 @@ taken.  A plain ``loss.backward()`` gives the batch SUM of gradients, too late t
 The obvious fix, a Python loop of one backward per example, is slow.  ftrans computes all of them
 in one vectorized pass: write the loss of ONE example, take its gradient with ``ftrans.grad``,
 and map that function over the batch with ``ftrans.vmap``.  This script does exactly that on a
-small synthetic image task (no downloads), checks the result against the loop, times both, and
-trains one private epoch.
+small synthetic image task (no downloads), checks the result against the loop and times both.
+
+DP-SGD does not need the B gradients themselves, only their norms and the clipped sum.
+``ftrans.clipped_grad(loss_one, C)`` computes exactly ``sum_i g_i * min(1, C / ||g_i||)`` in one
+forward and one backward over the batch, from per-layer norm rules (ghost norms, book-keeping),
+without materialising the per-example gradients.  The script checks it against
+``vmap(grad)`` + clip, times both (and Opacus, if installed), then trains one private epoch with
+``ftrans.dp.DPSGD``: Poisson-sampled batches of random size, padded to a few buckets so that
+``ftrans.compile`` traces at most three times, Gaussian noise, and epsilon from Opacus's RDP
+accountant (``pip install 'ftrans[dp]'``).
 """
 from __future__ import annotations
 
@@ -63,11 +71,15 @@ class SmallCNN(nn.Module):
 # is ONE image [1, 28, 28] and ``y`` a 0-dim label, so we add a batch of one for the module.
 # ---------------------------------------------------------------------------------------------
 
-def make_per_sample_grads(model: nn.Module):
+def loss_one_of(model: nn.Module):
     def loss_one(params, buffers, x, y):
         logits = ftrans.functional_call(model, (params, buffers), (x.unsqueeze(0),))
         return F.cross_entropy(logits, y.unsqueeze(0))
+    return loss_one
 
+
+def make_per_sample_grads(model: nn.Module):
+    loss_one = loss_one_of(model)
     # in_dims: parameters and buffers are shared (None), images and labels are mapped (0).
     return ftrans.vmap(ftrans.grad(loss_one), in_dims=(None, None, 0, 0))
 
@@ -84,27 +96,17 @@ def loop_per_sample_grads(model: nn.Module, x, y) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# DP-SGD's privatized gradient.  The per-sample norm is taken over ALL parameters together (the
-# gradient of one example is one vector), each example is scaled by min(1, C / norm), and noise of
-# standard deviation sigma * C is added to the sum.
+# DP-SGD's clipped sum, written out from materialised per-sample gradients: the per-sample norm
+# is taken over ALL parameters together (the gradient of one example is one vector) and each
+# example is scaled by min(1, C / norm).  ftrans.clipped_grad computes the same without them.
 # ---------------------------------------------------------------------------------------------
 
-def clipped_sum(per_sample: dict, max_norm: float) -> tuple[dict, torch.Tensor]:
+def clipped_sum(per_sample: dict, max_norm: float, eps: float = 1e-6):
     flat = torch.cat([g.flatten(1) for g in per_sample.values()], dim=1)  # [B, n_params]
     norms = flat.norm(dim=1)
-    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    scale = (max_norm / (norms + eps)).clamp(max=1.0)
     summed = {k: torch.einsum("b,b...->...", scale, g) for k, g in per_sample.items()}
     return summed, norms
-
-
-def private_step(params: dict, per_sample: dict, *, lr, max_norm, noise_multiplier, batch_size,
-                 generator):
-    summed, norms = clipped_sum(per_sample, max_norm)
-    with torch.no_grad():
-        for k, p in params.items():
-            noise = noise_multiplier * max_norm * torch.randn(p.shape, generator=generator)
-            p -= lr * (summed[k] + noise) / batch_size
-    return norms
 
 
 def accuracy(model, x, y) -> float:
@@ -138,30 +140,82 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
     print(f"batch {batch}: vmap(grad) {t_vmap * 1e3:.1f} ms, loop {t_loop * 1e3:.1f} ms "
           f"({t_loop / t_vmap:.1f}x)")
 
-    # 3. One private epoch.  With noise_multiplier=1.0 and this many steps the model still learns
-    #    the (easy) task; the privacy accounting itself (epsilon) is out of scope here.
+    # 3. The clipped sum without per-example gradients: one forward, one backward.
+    def loss_params(params, x, y):
+        return loss_one_of(model)(params, buffers, x, y)
+    clipped = ftrans.clipped_grad(loss_params, 1.0)
+    fast_sum = clipped(params, xb, yb)
+    slow_sum, _ = clipped_sum(per_sample_grads(params, buffers, xb, yb), 1.0, eps=0.0)
+    err_clipped = max((fast_sum[k] - slow_sum[k]).abs().max().item() for k in slow_sum)
+    print(f"max |clipped_grad - (vmap(grad) + clip)| = {err_clipped:.2e}")
+    assert err_clipped < 1e-4, err_clipped
+    reps = 1 if fast else 3
+    t_clipped = mean_time(lambda: clipped(params, xb, yb), reps=reps)
+    t_vmap_clip = mean_time(lambda: clipped_sum(per_sample_grads(params, buffers, xb, yb), 1.0),
+                            reps=reps)
+    t_nonprivate = mean_time(lambda: torch.autograd.grad(
+        F.cross_entropy(model(xb), yb, reduction="sum"), list(model.parameters())), reps=reps)
+    print(f"DP step, batch {batch}: non-private backward {t_nonprivate * 1e3:.1f} ms, "
+          f"clipped_grad {t_clipped * 1e3:.1f} ms, vmap(grad) + clip {t_vmap_clip * 1e3:.1f} ms"
+          + _opacus_time(model, xb, yb, reps))
+
+    # 4. One private epoch with Poisson sampling, compiled, with accounting.
     acc_before = accuracy(model, x_test, y_test)
-    order = torch.randperm(n_train, generator=gen)
-    all_norms, losses = [], []
-    for start in range(0, n_train, batch):
-        idx = order[start:start + batch]
+    rate = batch / n_train
+    try:
+        import opacus  # noqa: F401
+        accountant = "rdp"
+    except ImportError:
+        accountant = None
+    dp = ftrans.dp.DPSGD(loss_params, max_norm=1.0, noise_multiplier=1.0, sample_rate=rate,
+                         num_examples=n_train, compile=True, accountant=accountant,
+                         generator=gen)
+    losses = []
+    for idx in ftrans.dp.poisson_batches(n_train, rate, generator=gen):
         xb, yb = x_train[idx], y_train[idx]
         with torch.no_grad():
-            losses.append(F.cross_entropy(model(xb), yb).item())
-        g = per_sample_grads(params, buffers, xb, yb)
-        all_norms.append(private_step(params, g, lr=0.5, max_norm=1.0, noise_multiplier=1.0,
-                                      batch_size=len(idx), generator=gen))
+            losses.append(F.cross_entropy(model(xb), yb).item() if len(idx) else float("nan"))
+        g = dp.step(params, xb, yb)
+        with torch.no_grad():
+            for k, p in params.items():
+                p -= 2.0 * g[k]
     acc_after = accuracy(model, x_test, y_test)
-    norms = torch.cat(all_norms)
-    print(f"test accuracy {acc_before:.3f} -> {acc_after:.3f} after one private epoch; "
-          f"median per-sample grad norm {norms.median():.3f}, clipped fraction "
-          f"{(norms > 1.0).float().mean():.2f}")
+    # The per-sample gradient norms after training, without per-sample gradients either.
+    norms = ftrans.per_sample_grad_norms(loss_params)(params, x_train[:256], y_train[:256])
+    eps = dp.epsilon(1e-5) if accountant else None
+    print(f"test accuracy {acc_before:.3f} -> {acc_after:.3f} after one private epoch "
+          f"({dp.steps} Poisson batches, {dp.traces} traces); median per-sample grad norm now "
+          f"{norms.median():.2g}, clipped fraction {(norms > 1.0).float().mean():.2f}; "
+          + (f"epsilon {eps:.2f} at delta 1e-5" if eps is not None else
+             "install opacus for epsilon"))
     assert acc_after > 0.8, acc_after
 
     if plot_dir is not None:
         _plot(plot_dir, norms, losses)
     return {"max_err": max_err, "acc_before": acc_before, "acc_after": acc_after,
-            "t_vmap": t_vmap, "t_loop": t_loop, "n_steps": len(losses)}
+            "t_vmap": t_vmap, "t_loop": t_loop, "n_steps": len(losses),
+            "err_clipped": err_clipped, "t_clipped": t_clipped, "t_vmap_clip": t_vmap_clip,
+            "traces": dp.traces, "epsilon": eps}
+
+
+def _opacus_time(model, x, y, reps) -> str:
+    """Opacus's per-sample gradients (hooks) + clip, for the speed comparison, if installed."""
+    try:
+        import copy
+        from opacus import GradSampleModule
+    except ImportError:
+        return ""
+    gsm = GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
+
+    def step():
+        for p in gsm.parameters():
+            p.grad_sample = None
+        F.cross_entropy(gsm(x), y, reduction="sum").backward()
+        clipped_sum({n: p.grad_sample for n, p in gsm.named_parameters()}, 1.0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus's full-backward-hook notice
+        return f", Opacus (hooks) + clip {mean_time(step, reps=reps) * 1e3:.1f} ms"
 
 
 def _plot(plot_dir, norms, losses):

@@ -30,10 +30,10 @@ import os
 import torch
 
 from .batched import BatchedTensor, add_batch_dim, remove_batch_dim
-from .levels import AUTODIFF_DEPTH as _AUTODIFF_DEPTH
+from .levels import AUTODIFF_DEPTH as _AUTODIFF_DEPTH, SUMMING_EXITED as _SUMMING_EXITED
 
 __all__ = ["AddBatchDim", "RemoveBatchDim", "sum_level", "sum_exited_levels",
-           "batched_torch_function"]
+           "batched_torch_function", "saved_tensor_hooks_around_vmap"]
 
 
 class AddBatchDim(torch.autograd.Function):
@@ -78,11 +78,58 @@ def sum_exited_levels(g, keep=()):
     """Sum a gradient over every batch level in it whose vmap has returned (except ``keep``)."""
     if type(g) is not BatchedTensor:
         return g
-    for level in [l for l in _levels_of(g) if not l.alive]:
-        if level not in keep:
-            g = sum_level(g, level)
+    exited = [l for l in _levels_of(g) if not l.alive and l not in keep]
+    if exited:
+        _SUMMING_EXITED[0] += 1
+        try:
+            for level in exited:
+                g = sum_level(g, level)
+        finally:
+            _SUMMING_EXITED[0] -= 1
     return g
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved-tensor hooks around a vmap (torch.utils.checkpoint, save_on_cpu)
+# ----------------------------------------------------------------------------------------------
+
+_top_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+class _SavedBatched:
+    __slots__ = ("packed", "bdim", "level")
+
+    def __init__(self, packed, bdim, level):
+        self.packed, self.bdim, self.level = packed, bdim, level
+
+
+def saved_tensor_hooks_around_vmap():
+    """Hooks for the tensors autograd saves inside a vmap when the caller has saved-tensor
+    hooks on (``torch.utils.checkpoint``, ``save_on_cpu``); None otherwise (no cost).
+
+    The caller's hooks see the *physical* tensor, and unpacking re-wraps it at the level it was
+    saved at.  A non-reentrant checkpoint recomputes the forward in the backward pass, where the
+    vmap inside is a new level: without this, the original graph's nodes would get tensors of
+    that other (exited) level and mix two batch levels (wrong gradients, a BatchedTensor left
+    in ``.grad``).
+    """
+    outer = _top_saved_hooks(False) if _top_saved_hooks is not None else None
+    if outer is None:
+        return None
+    outer_pack, outer_unpack = outer
+
+    def pack(t):
+        if type(t) is BatchedTensor:
+            return _SavedBatched(outer_pack(t.value), t.bdim, t.level)
+        return outer_pack(t)
+
+    def unpack(p):
+        if type(p) is _SavedBatched:
+            return BatchedTensor(outer_unpack(p.packed), p.bdim, p.level)
+        return outer_unpack(p)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +287,7 @@ def _lift_top(args, kwargs):
 
 
 def _install_overrides():
-    from . import indexing, rnn, tensor_guards
+    from . import aliasing, indexing, rnn, tensor_guards
     from .fastpath import ENABLED, MISS, fast_call
 
     global _fast_call, _MISS, _fast_enabled
@@ -251,6 +298,7 @@ def _install_overrides():
     _OVERRIDES.update(rnn.OVERRIDES)
     _OVERRIDES.update(indexing.OVERRIDES)
     _OVERRIDES.update(tensor_guards.OVERRIDES)
+    _OVERRIDES.update(aliasing.OVERRIDES)
 
 
 _install_overrides()

@@ -21,10 +21,13 @@ import torch
 from .batched import BatchedTensor, make_batched
 from .fallback import (FallbackWarning, fallback_stats,  # noqa: F401 (re-exported)
                        loop_fallback as _loop_fallback, reset_fallback_stats)
-from . import fastpath as _fastpath
+from . import aliasing as _aliasing, fastpath as _fastpath
 from .custom_vmap import registered_vmap_rule, vmap_fn_for
 from .random import _VmapMode, random_dispatch
 from .registry import RULES, on_change
+from . import shapecheck as _shapecheck
+from .levels import SUMMING_EXITED as _SUMMING_EXITED
+from .shapecheck import check as _check_shapes, explain as _explain_shapes
 
 __all__ = ["dispatch", "FallbackWarning", "fallback_stats", "reset_fallback_stats", "op_status",
            "VmapError"]
@@ -37,6 +40,9 @@ _DK = torch._C.DispatchKey
 
 class VmapError(RuntimeError):
     """An operation that vmap cannot batch (data-dependent control flow, unsafe in-place)."""
+
+
+_shapecheck._VmapError = VmapError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +94,8 @@ _DATA_DEPENDENT_HINTS = {
 
 class _Op:
     __slots__ = ("func", "name", "tensor_pos", "list_pos", "kw_tensor", "mutable_pos",
-                 "returns_self", "inplace_view", "random", "handler", "kind", "general")
+                 "returns_self", "inplace_view", "random", "handler", "kind", "general",
+                 "ok_shapes", "explains")
 
 
 def _prepare(func) -> _Op:
@@ -124,7 +131,32 @@ def _prepare(func) -> _Op:
     op.random = (torch.Tag.nondeterministic_seeded in tags
                  and not getattr(RULES.get(func), "handles_randomness", False))
     op.handler, op.kind = _choose_handler(func, tags, tag_rule)
+    # Per-example shape validity (shapecheck.py): the signatures found valid, for rules that
+    # do not raise exactly where the op does (and random ops); every rule's errors are
+    # explained by eager on one example.
+    rule = getattr(op.handler, "rule", None) if op.kind == "rule" else None
+    faithful = getattr(rule, "checks_shapes", False)
+    op.ok_shapes = {} if (rule is not None and not faithful) or op.random else None
+    op.explains = rule is not None
+    if op.kind == "rule" and _SetExclude is not None and not op.inplace_view and any(
+            r.alias_info is not None and not r.alias_info.is_write for r in rets):
+        op.handler = _tracking_views(op.handler)
     return op
+
+
+def _tracking_views(handle):
+    """A view op's rule runs below autograd, where torch also skips the ADInplaceOrView key:
+    its physical result would share memory with the physical input without being a view of it
+    (no ``_base``, its own version counter).  Turn that key back on for the rule, so the physical
+    views are real ones at every level: a nested vmap's result stays a view of the outer input
+    for the outer level's autograd, and vmap's outputs are views of the caller's tensors (see
+    ``aliasing.py``).  Autograd itself stays off: nothing is recorded below the logical level."""
+    def handle_view(op, level, args, kwargs):
+        with _SetExclude(_DK.ADInplaceOrView, False):
+            return handle(op, level, args, kwargs)
+
+    handle_view.rule = getattr(handle, "rule", None)
+    return handle_view
 
 
 def _choose_handler(func, tags, tag_rule):
@@ -230,6 +262,8 @@ def dispatch(func, args, kwargs, from_mode=False):
                 level = a.level
     if level is not None and not level.alive and _graph_task_id() < 0:
         _escaped(op, level)
+    if op.ok_shapes is not None and level is not None:
+        _check_shapes(op, level, args, kwargs or {})
     if op.random:
         return random_dispatch(op, level, args, kwargs or {}, from_mode)
     if level is None:
@@ -239,7 +273,12 @@ def dispatch(func, args, kwargs, from_mode=False):
             with _SetExclude(_DK.Conjugate, False), _SetExclude(_DK.Negative, False):
                 return func(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
-    return op.handler(op, level, args, kwargs or {})
+    try:
+        return op.handler(op, level, args, kwargs or {})
+    except Exception as e:
+        if op.explains:
+            _explain_shapes(op, level, args, kwargs or {}, e)
+        raise
 
 
 def _torch_dispatch(cls, func, types, args=(), kwargs=None):
@@ -294,13 +333,24 @@ def wrap_result(out, out_bdims, level):
     return wrapped if isinstance(out, list) else tuple(wrapped)
 
 
+# torch.func's message for the same refusal (after ftrans's call form, before its hint).
+_INPLACE_UNBATCHED = (
+    "vmap: inplace arithmetic(self, *extra_args) is not possible because there exists a Tensor "
+    "`other` in extra_args that has more elements than `self`. This happened due to `other` "
+    "being vmapped over but `self` not being vmapped over in a vmap. Please try to use "
+    "out-of-place operators instead of inplace arithmetic. If said operator is being called "
+    "inside the PyTorch framework, please file a bug report instead."
+)
+
+
 def _check_mutation(op, level, args, bdims):
     for i in op.mutable_pos:
         if i < len(bdims) and bdims[i] is None and args[i] is not None and any(
             b is not None for b in bdims
         ):
             raise VmapError(
-                f"{describe(level)}: {op.name} writes in place into an argument that is not "
+                f"{describe(level)}: {_INPLACE_UNBATCHED} {op.name} writes in place into an "
+                "argument that is not "
                 "batched (it has no per-example dimension) from a batched value; the result "
                 "cannot fit. Write into a batched tensor instead, e.g. replace "
                 "`y.add_(x)` by `y = y + x`, or pass `y` to vmap as a mapped input."
@@ -383,6 +433,8 @@ class BDims(list):
 
 
 def _general_rule_call(rule, op, level, args, kwargs):
+    if op.mutable_pos and _aliasing.LEAVES:
+        _aliasing.check_leaf_write(op, level, args)
     pargs, bdims = unwrap_args(op, level, args)
     # A rule marked `checks_mutation` (batch norm writes its stats only when training) decides.
     if op.mutable_pos and not getattr(rule, "checks_mutation", False):
@@ -488,7 +540,7 @@ _ESCAPE_OK = frozenset({"aten::detach", "aten::alias"})
 
 
 def _escaped(op, level):
-    if op.name in _ESCAPE_OK:
+    if op.name in _ESCAPE_OK or _SUMMING_EXITED[0]:
         return
     raise VmapError(
         f"{describe(level)}: {op.name} was called on a per-example value (BatchedTensor) that "

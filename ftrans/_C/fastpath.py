@@ -32,6 +32,7 @@ import torch.autograd.forward_ad as _fwad
 
 from .batched import BatchedTensor, make_batched
 from .registry import on_change
+from .shapecheck import check as _check_shapes, explain as _explain_shapes
 
 __all__ = ["fast_call", "MISS", "stats"]
 
@@ -134,16 +135,25 @@ def _fast_call(func, types, args, entry):
                     break
                 vals[i] = v
         else:
-            with _NoPythonDispatch():
-                return make_batched(op.func._op(*vals), 0, level)
-    if n == 0:
-        return op.handler(op, level, args, {})
-    # Step over vmap's own mode, as torch does while a mode's handler runs.
-    mode = _pop(None)
+            try:
+                with _NoPythonDispatch():
+                    return make_batched(op.func._op(*vals), 0, level)
+            except Exception as e:  # eager's per-example error, not the physical one
+                _explain_shapes(op, level, args, {}, e)
+                raise
+    if op.ok_shapes is not None:  # per-example shape validity, as in dispatch
+        _check_shapes(op, level, args, {})
+    # Step over vmap's own mode (if pushed), as torch does while a mode's handler runs.
+    mode = _pop(None) if n else None
     try:
         return op.handler(op, level, args, {})
+    except Exception as e:
+        if op.explains:
+            _explain_shapes(op, level, args, {}, e)
+        raise
     finally:
-        _push(mode)
+        if n:
+            _push(mode)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -66,6 +66,11 @@ def push(level: Level) -> Level:
 # requires_grad itself, so a count that a thread race left off changes speed, never results.
 AUTODIFF_DEPTH = [0]
 
+# Non-zero while ftrans sums exited levels out of a gradient (autograd.sum_exited_levels): a
+# gradient may carry several (the chunks of one inner jacrev), and while one is summed the
+# others are still inside it, which dispatch would otherwise refuse as an escaped value.
+SUMMING_EXITED = [0]
+
 
 def pop(level: Level) -> None:
     """Pop ``level`` (and, defensively, anything an exception left above it) and mark it exited."""

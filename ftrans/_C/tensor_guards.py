@@ -1,11 +1,10 @@
 """Tensor methods that cannot mean anything per example, refused above autograd.
 
-``if x:`` and ``x.data`` never reach ``__torch_dispatch__`` as themselves: ``Tensor.__bool__``
-arrives as ``aten::_local_scalar_dense`` (the same op as ``.item()``), and ``.data`` is not an
-op at all, so its getter would hand out an alias and its setter would be silently lost on the
-wrapper.  They are caught where they are still recognisable, as ``__torch_function__``
-overrides of BatchedTensor (see ``autograd.batched_torch_function``), with torch.func's
-messages.
+``if x:`` never reaches ``__torch_dispatch__`` as itself: ``Tensor.__bool__`` arrives as
+``aten::_local_scalar_dense`` (the same op as ``.item()``).  It is caught where it is still
+recognisable, as a ``__torch_function__`` override of BatchedTensor (see
+``autograd.batched_torch_function``), with torch.func's message.  (``.data`` is refused the same
+way, in ``aliasing.py``.)
 """
 from __future__ import annotations
 
@@ -42,31 +41,6 @@ def _bool(x, *args, **kwargs):
     )
 
 
-def _data_get(x, *args, **kwargs):
-    if not _live(x):
-        raise NotImplementedError
-    from .dispatch import describe
-
-    raise RuntimeError(
-        f"{describe(x.level)}: accessing `data` under vmap transform is not allowed. Use "
-        "`x.detach()` for a value that autograd does not track."
-    )
-
-
-def _data_set(x, *args, **kwargs):
-    if not _live(x):
-        raise NotImplementedError
-    from .dispatch import describe
-
-    raise RuntimeError(
-        f"{describe(x.level)}: mutating directly with `.data` under vmap transform is not "
-        "allowed. Write into the tensor with an in-place op (`with torch.no_grad(): "
-        "x.copy_(v)`) or return the new value instead."
-    )
-
-
 OVERRIDES = {
     torch.Tensor.__bool__: _bool,
-    torch.Tensor.data.__get__: _data_get,
-    torch.Tensor.data.__set__: _data_set,
 }

@@ -1,4 +1,4 @@
-"""Neural-network kernels: normalization, softmax, embedding, attention, glu, prelu.
+"""Neural-network kernels: normalization, softmax, embedding, attention, glu, prelu, weight norm.
 
 Each kernel already loops over a sample dim N or over channels, so the vmap batch is folded
 into one of them, and only the parts that would mix examples are computed differently:
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_batch_rule
-from ._util import (aten_op, aten_ops, batched_front, pad_rank, register_present, to_channels,
-                    to_front, wrap_dim)
+from ._util import (aten_op, aten_ops, batched_front, logical_rank, pad_rank, register_present,
+                    to_channels, to_front, wrap_dim)
 from .pointwise import pointwise_rule
 
 aten = torch.ops.aten
@@ -35,8 +35,8 @@ def _trailing_param(p, bdim, rank, k):
     return p.view((p.shape[0],) + (1,) * (rank - k) + tuple(p.shape[1:]))
 
 
-def _sum_dims(x, dims):
-    return x.sum(dims) if dims else x  # .sum([]) would reduce everything
+def _sum_dims(x, dims, keepdim=False):
+    return x.sum(dims, keepdim=keepdim) if dims else x  # .sum([]) would reduce everything
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +264,15 @@ register_batch_rule(aten.glu_backward.default)(dim_rule([0, 1], 2))
 # prelu: the kernel is a broadcasting where(x > 0, x, w * x)
 # ----------------------------------------------------------------------------------------------
 
-register_present(aten_op("_prelu_kernel"))(pointwise_rule)
+@register_present(aten_op("_prelu_kernel"))
+def prelu_rule(level, func, args, bdims, kwargs):
+    # The kernel's output takes the input's shape (the weight only broadcasts into it), so an
+    # unbatched input with a batched weight is expanded to the batch first (torch would resize
+    # the output, with a warning).
+    if bdims[0] is None:
+        args = (batched_front(args[0], None, level.batch_size),) + tuple(args[1:])
+        bdims = (0,) + tuple(bdims[1:])
+    return pointwise_rule(level, func, args, bdims, kwargs)
 
 if aten_op("_prelu_kernel_backward") is not None:
     @register_batch_rule(aten._prelu_kernel_backward.default)
@@ -287,6 +295,29 @@ if aten_op("_prelu_kernel_backward") is not None:
         if gi.dim() == rank:
             gi = gi.unsqueeze(0).expand((B,) + tuple(gi.shape))
         return (gi, gw), (0, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# weight norm: w = g * v / ||v|| (the norm over every dim but ``dim``).  The fused kernels take
+# ``dim`` 0 or last only, which a batch dim in front breaks, so the backward is its closed form
+# on the physical tensors (the forward decomposes).
+# ----------------------------------------------------------------------------------------------
+
+@register_present(aten_op("_weight_norm_interface_backward"))
+def weight_norm_backward_rule(level, func, args, bdims, kwargs):
+    grad_w, v, g, norms, dim = args
+    rank = logical_rank(v, bdims[1])
+    gw, v1, g1, n1 = (to_front(a, b) if b is not None else a.unsqueeze(0)
+                      for a, b in zip(args[:4], bdims[:4]))
+    red = [i + 1 for i in range(rank) if i != wrap_dim(dim, rank)]
+    acc = n1.dtype  # float for half inputs, as in the kernel
+    gw, v1, g1 = gw.to(acc), v1.to(acc), g1.to(acc)
+    s = _sum_dims(gw * v1, red, keepdim=True)
+    grad_g = s / n1
+    grad_v = (g1 / n1) * (gw - v1 * (s / (n1 * n1)))
+    B = level.batch_size
+    return tuple(o.to(a.dtype).expand((B,) + tuple(o.shape[1:]))
+                 for o, a in ((grad_v, v), (grad_g, g))), (0, 0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,6 +58,11 @@ def pointwise_rule(level, func, args, bdims, kwargs):
     return out, 0
 
 
+# The physical call is the op itself over a leading batch dim with every example's dims aligned:
+# torch's broadcasting raises exactly where it raises for one example (shapecheck.py).
+pointwise_rule.checks_shapes = True
+
+
 def _fix_promotion(func, args, bdims, kwargs, new_args):
     key = (func,) + tuple(
         (a.dtype, a.dim() - (b is not None), b is not None) if isinstance(a, torch.Tensor)

@@ -237,14 +237,10 @@ def histc_rule(level, func, args, bdims, kwargs):
                                                device=x.device)), 0
 
 
-# `_is_all_true`/`_is_any_true` back `torch._check_tensor_all` (TORCH_CHECK_TENSOR_ALL): the
-# check holds when it holds for every example, so they reduce the whole batch to one unbatched
-# bool, which the check's `.item()` can read (torch.func's rule does the same).
-@register_batch_rule(aten._is_all_true.default)
-def _is_all_true_rule(level, func, args, bdims, kwargs):
-    return func(args[0]), None
-
-
-@register_batch_rule(aten._is_any_true.default)
-def _is_any_true_rule(level, func, args, bdims, kwargs):
+# `_is_all_true`/`_is_any_true` back `torch._check_tensor_all` (TORCH_CHECK_TENSOR_ALL) and the
+# autograd engine's anomaly check (``isnan(g)._is_any_true().item()`` on a per-example gradient):
+# as in torch.func, the answer is for the whole batch, unbatched, so that its ``.item()`` works
+# and one bad example raises.
+@register_batch_rule(aten._is_any_true.default, aten._is_all_true.default)
+def _whole_batch_truth_rule(level, func, args, bdims, kwargs):
     return func(args[0]), None

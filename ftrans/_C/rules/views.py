@@ -125,9 +125,21 @@ def dim_rule(*names, rank_offset=0, scalar_ok=False):
     return rule
 
 
+def _transpose_rule(*names):
+    rule = dim_rule(*names, scalar_ok=True)
+
+    def transpose_rule(level, func, args, bdims, kwargs):
+        out, obd = rule(level, func, args, bdims, kwargs)  # checks the dims
+        if args[0].dim() == 1:  # a logical scalar: the input itself, as torch.func returns it
+            return args[0], bdims[0]
+        return out, obd
+
+    return transpose_rule
+
+
 for _ops, _rule in [
-    (overloads("transpose.int", "swapdims.default"), dim_rule("dim0", "dim1", scalar_ok=True)),
-    (overloads("swapaxes.default"), dim_rule("axis0", "axis1", scalar_ok=True)),
+    (overloads("transpose.int", "swapdims.default"), _transpose_rule("dim0", "dim1")),
+    (overloads("swapaxes.default"), _transpose_rule("axis0", "axis1")),
     (overloads("select.int", "slice.Tensor", "narrow.default", "narrow_copy.default",
                "unbind.int", "split.Tensor", "split_with_sizes.default", "unsafe_split.Tensor",
                "unsafe_split_with_sizes.default", "chunk.default"), dim_rule("dim")),
@@ -322,25 +334,62 @@ def transpose__rule(level, func, args, bdims, kwargs):
     return x, b
 
 
-def _as_strided_args(args, bdims):
+def _as_strided_args(level, args, bdims):
     # Each example starts ``stride(bdim)`` elements after the previous one in storage, and the
     # default storage offset is the example's own, so per-example semantics match the loop.
     x, b = args[0], bdims[0]
     size, stride = list(args[1]), list(args[2])
     off = args[3] if len(args) > 3 and args[3] is not None else x.storage_offset()
+    _check_as_strided_slice(level, x, b, size, stride, off)
     return x, [x.shape[b]] + size, [x.stride(b)] + stride, off
+
+
+def _storage_span(sizes, strides):
+    return 0 if 0 in sizes else 1 + sum((n - 1) * s for n, s in zip(sizes, strides))
+
+
+def _check_as_strided_slice(level, x, b, size, stride, off):
+    """The as_strided view of one example must stay inside that example's memory: beyond it
+    lies the next example's (a silently wrong answer).  torch.func's checks and messages."""
+    msg = None
+    if len(size) != len(stride):
+        msg = (f"Tensor.as_strided(size, stride, ...): size and stride must have the same "
+               f"length! Got size {size} and stride {stride}")
+    else:
+        span = _storage_span(size, stride)
+        shape, strides = list(x.shape), list(x.stride())
+        del shape[b], strides[b]
+        base, own = x.storage_offset(), _storage_span(shape, strides)
+        head = (f"result = tensor.as_strided({size}, {stride}, {off}) can access memory outside "
+                "of `tensor`. ")
+        tail = ("This is not supported inside of vmap, please try to rewrite the `as_strided` "
+                "call as a sequence of PyTorch view operations")
+        if span and not own:
+            msg = (head + "`tensor` has no storage but the passed-in (size, stride, "
+                   "storage_offset) imply a result with some storage. " + tail)
+        elif span and (span + off > own + base or off < base):
+            msg = (head + f"`result` can access some memory in range [{off}, {span + off}], but "
+                   f"`tensor` can only access some memory in range [{base}, {own + base}]. " + tail)
+    if msg is not None:
+        from ..dispatch import VmapError, describe
+
+        raise VmapError(f"{describe(level)}: {msg}")
 
 
 @register_batch_rule(aten.as_strided.default)
 def as_strided_rule(level, func, args, bdims, kwargs):
-    return func(*_as_strided_args(args, bdims)), 0
+    return func(*_as_strided_args(level, args, bdims)), 0
 
 
 @register_batch_rule(aten.as_strided_.default)
 def as_strided__rule(level, func, args, bdims, kwargs):
-    x, size, stride, off = _as_strided_args(args, bdims)
+    x, size, stride, off = _as_strided_args(level, args, bdims)
     func(x, size, stride, off)
     return x, 0
+
+
+# The per-example checks (with torch.func's messages) are the rules' own: see shapecheck.py.
+as_strided_rule.checks_shapes = as_strided__rule.checks_shapes = True
 
 
 @register_batch_rule(aten.roll.default)

@@ -1,0 +1,219 @@
+"""DP-SGD step rows: ftrans.clipped_grad against the non-private step, vmap(grad) + clip and
+Opacus (hooks and ghost clipping, when installed).
+
+Columns of the shared table: ``ftrans`` = ``ftrans.clipped_grad`` (eager; the compiled time is
+in the note), ``torch.func`` = ``torch.func.vmap(grad)`` + per-example clip + sum, ``loop`` = a
+per-example loop + clip (the oracle every contender is checked against).  The note holds the
+non-private step (one ``loss.backward()`` of the summed loss) and the ratios the issue targets,
+Opacus's times, and with ``--mem`` the peak RSS growth of each method measured in a fresh
+process (``python -m benchmarks.dp --mem``).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import ftrans
+
+from . import models
+from .common import median_ms, run_row
+
+C = 1.0
+SIZES = {"mlp-a3": 256, "cnn": 64, "transformer": 16}
+
+
+def _model(name, device):
+    if name == "mlp-a3":  # BEYOND.md A.3: 784-512-512-10
+        torch.manual_seed(0)
+        return models.MLP((784, 512, 512, 10)).to(device), (784,), 10
+    if name == "transformer":  # the benchmarks' block at T=128
+        torch.manual_seed(0)
+        return models.TransformerBlock().to(device), (128, 64), 10
+    return models.make(name, device)
+
+
+def _clip_sum(per):
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in per.values()], 1)
+    c = (C / flat.norm(dim=1)).clamp(max=1)
+    return {k: torch.einsum("b,b...->...", c, g) for k, g in per.items()}
+
+
+def setup(name, B, device="cpu"):
+    model, shape, classes = _model(name, device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(B, *shape, device=device)
+    y = torch.randint(0, classes, (B,), device=device)
+
+    def loss(p, xb, yb):
+        out = ftrans.functional_call(model, p, (xb.unsqueeze(0),))
+        return F.cross_entropy(out, yb.unsqueeze(0))
+
+    def tf_loss(p, xb, yb):
+        out = torch.func.functional_call(model, p, (xb.unsqueeze(0),))
+        return F.cross_entropy(out, yb.unsqueeze(0))
+
+    live = dict(model.named_parameters())
+
+    def nonprivate():
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"),
+                                    list(live.values()))
+        return dict(zip(live, grads))
+
+    def loop():
+        per = {k: [] for k in live}
+        for i in range(B):
+            g = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]),
+                                    list(live.values()))
+            for k, gi in zip(live, g):
+                per[k].append(gi)
+        return _clip_sum({k: torch.stack(v) for k, v in per.items()})
+
+    clipped = ftrans.clipped_grad(loss, C)
+    compiled = ftrans.compile(clipped)
+    impls = {
+        "loop": loop,
+        "ftrans": lambda: clipped(params, x, y),
+        "torch.func": lambda: _clip_sum(torch.func.vmap(torch.func.grad(tf_loss),
+                                                        in_dims=(None, 0, 0))(params, x, y)),
+        "compiled": lambda: compiled(params, x, y),
+        "nonprivate": nonprivate,
+    }
+    impls.update(_opacus(model, x, y))
+    return impls
+
+
+def _opacus(model, x, y):
+    """Opacus's two modes, each producing the clipped sum in ``p.grad``."""
+    try:
+        import opacus  # noqa: F401
+        from opacus import GradSampleModule
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+    except ImportError:
+        return {}
+    import copy
+    out = {}
+    hooks = GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
+
+    def run_hooks():
+        for p in hooks.parameters():
+            p.grad_sample = None
+            p.grad = None
+        F.cross_entropy(hooks(x), y, reduction="sum").backward()
+        names = [n for n, _ in hooks.named_parameters()]
+        return _clip_sum({n.removeprefix("_module."): p.grad_sample
+                          for n, p in zip(names, hooks.parameters())})
+    out["opacus hooks"] = run_hooks
+    try:
+        ghost = GradSampleModuleFastGradientClipping(copy.deepcopy(model), max_grad_norm=C,
+                                                     use_ghost_clipping=True,
+                                                     loss_reduction="sum")
+        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(ghost.parameters(), lr=0.0),
+                                              noise_multiplier=0.0, max_grad_norm=C,
+                                              expected_batch_size=x.shape[0],
+                                              loss_reduction="sum")
+        crit = DPLossFastGradientClipping(ghost, opt, torch.nn.CrossEntropyLoss(reduction="sum"),
+                                          loss_reduction="sum")
+
+        def run_ghost():
+            opt.zero_grad(True)
+            crit(ghost(x), y).backward()
+            return {n.removeprefix("_module."): p.grad for n, p in ghost.named_parameters()}
+        out["opacus ghost"] = run_ghost
+    except Exception:  # an Opacus version without this API: the row says so
+        pass
+    return out
+
+
+def rows(device, quick, only):
+    out = []
+    for name, B in SIZES.items():
+        wl = f"dp step {name}"
+        if only and not any(o in wl for o in only):
+            continue
+        impls = setup(name, B, device)
+        extra = {k: impls.pop(k) for k in list(impls) if k not in ("loop", "ftrans",
+                                                                   "torch.func")}
+        reps = 3 if quick else 11
+        row = run_row(wl, f"B={B}", impls, device, reps=reps)
+        nonpriv = extra.pop("nonprivate")
+        checked = {}
+        ref = impls["loop"]()
+        from .common import same
+        for k, fn in extra.items():
+            try:
+                res = fn()
+            except Exception as e:
+                row.note += f"{k} failed: {type(e).__name__}; "
+                continue
+            if not same(res, ref):
+                row.note += f"{k} WRONG RESULT; "
+                continue
+            checked[k] = fn
+        ms = median_ms({"nonprivate": nonpriv, "ftrans": impls["ftrans"], **checked}, device,
+                       reps=reps)
+        base = ms["nonprivate"]
+        row.note += (f"non-private {base:.2f} ms; ftrans {ms['ftrans'] / base:.2f}x non-private")
+        if "compiled" in ms:
+            row.note += f"; compiled {ms['compiled']:.2f} ms ({ms['compiled'] / base:.2f}x)"
+        if row.torch_func_ms and row.ftrans_ms:
+            row.note += f"; vmap(grad)+clip / ftrans {row.torch_func_ms / row.ftrans_ms:.1f}x"
+        for k in ("opacus hooks", "opacus ghost"):
+            if k in ms:
+                row.note += f"; {k} {ms[k]:.2f} ms"
+        out.append(row)
+    return out
+
+
+_MEM_CHILD = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from benchmarks import dp
+torch.set_num_threads({threads})
+impls = dp.setup({name!r}, {B})
+fn = impls[{method!r}]
+import gc; gc.collect()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(3):
+    fn()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0)
+"""
+
+
+def peak_rss_mb(name, B, method, threads=1) -> float:
+    """Peak RSS growth (MiB) of three calls of ``method`` after setup, in a fresh process."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = _MEM_CHILD.format(root=root, threads=threads, name=name, B=B, method=method)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--mem", action="store_true", help="also measure peak RSS per method")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    for r in rows("cpu", args.quick, None):
+        print(f"| {r.workload} | {r.size} | {r.ftrans_ms:.2f} | {r.torch_func_ms or 0:.2f} | "
+              f"{r.loop_ms:.2f} | {r.note} |", flush=True)
+    if args.mem:
+        for name, B in SIZES.items():
+            cells = []
+            for m in ("nonprivate", "ftrans", "compiled", "torch.func", "opacus hooks",
+                      "opacus ghost"):
+                try:
+                    cells.append(f"{m} {peak_rss_mb(name, B, m):.1f} MiB")
+                except Exception:
+                    cells.append(f"{m} -")
+            print(f"peak RSS growth {name} B={B}: " + "; ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

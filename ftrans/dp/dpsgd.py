@@ -1,0 +1,203 @@
+"""DP-SGD on top of :func:`ftrans.clipped_grad`: Poisson subsampling, padding to a few batch-size
+buckets, Gaussian noise, and privacy accounting by a maintained accountant library.
+
+Poisson subsampling (each example joins a step's batch independently with probability ``q``)
+is what the privacy analysis assumes, and it makes every batch a different size.  A traced
+function (``ftrans.compile``) would retrace for every size; instead each batch is padded up to a
+*bucket* (multiples of the expected batch size ``q * N``: by default ``1x``, ``1.5x``, ``2x``,
+then doubling), and the padded slots get a sample weight of 0, so that their clipped
+gradient is multiplied by exactly 0 and the sum is that of the real batch.  Padding repeats
+real examples (finite values: ``0 * nan`` would not be 0).  Over an epoch of Poisson batches
+this is 2-3 traces in all.
+
+The noise is ``N(0, (noise_multiplier * max_norm)^2)`` per coordinate of the clipped sum; the
+result is divided by the *expected* batch size (the unbiased scale under Poisson sampling, as
+Opacus does).  Accounting uses Opacus's RDP accountant (``pip install 'ftrans[dp]'``); nothing
+here implements an accountant.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .. import _pytree
+from .capture import normalize_in_dims
+from .transforms import clipped_grad
+
+__all__ = ["DPSGD", "poisson_batches", "bucket_size", "pad_batch", "make_accountant"]
+
+
+def poisson_batches(num_examples: int, sample_rate: float, steps: Optional[int] = None, *,
+                    generator: Optional[torch.Generator] = None):
+    """Yield index tensors of Poisson-subsampled batches: each example is in each batch
+    independently with probability ``sample_rate``; ``steps`` batches (default: one epoch,
+    ``round(1 / sample_rate)``).  Batches may be empty."""
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"poisson_batches: sample_rate must be in (0, 1], got {sample_rate}")
+    steps = round(1 / sample_rate) if steps is None else steps
+    for _ in range(steps):
+        mask = torch.rand(num_examples, generator=generator) < sample_rate
+        yield mask.nonzero().squeeze(1)
+
+
+def bucket_size(size: int, expected: float, ladder: Sequence[float] = (1.0, 1.5, 2.0)) -> int:
+    """The padded batch size for a batch of ``size`` examples: the first ``ceil(m * expected)``
+    of the ladder that holds it, doubling past the ladder's end."""
+    expected = max(1.0, expected)
+    for m in ladder:
+        cap = math.ceil(m * expected)
+        if size <= cap:
+            return cap
+    cap = math.ceil(ladder[-1] * expected)
+    while cap < size:
+        cap *= 2
+    return cap
+
+
+def pad_batch(args, in_dims, size: int):
+    """Pad every mapped argument of ``args`` to ``size`` examples along its ``in_dims`` entry by
+    repeating real examples; returns ``(padded args, weights)`` with weight 1 for real
+    examples and 0 for padding."""
+    leaves, spec = _pytree.tree_flatten(args)
+    dims = _pytree.tree_leaves(_pytree.tree_broadcast_prefix(tuple(in_dims), tuple(args)))
+    n = None
+    for x, d in zip(leaves, dims):
+        if d is not None:
+            n = x.shape[d]
+            break
+    if n is None or n == 0:
+        raise ValueError("pad_batch: need at least one real example to pad with")
+    if size < n:
+        raise ValueError(f"pad_batch: batch of {n} does not fit in {size}")
+    idx = torch.arange(size) % n
+    out = []
+    for x, d in zip(leaves, dims):
+        out.append(x if d is None or size == n else x.index_select(d, idx.to(x.device)))
+    weights = (torch.arange(size) < n).to(torch.get_default_dtype())
+    return _pytree.tree_unflatten(spec, out), weights
+
+
+def make_accountant(kind: str = "rdp"):
+    """An accountant from Opacus (``"rdp"``, ``"prv"``, ``"gdp"``), or an ImportError saying how
+    to install it."""
+    try:
+        from opacus.accountants import create_accountant
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("privacy accounting needs Opacus's accountants: "
+                          "pip install 'ftrans[dp]' (or pip install opacus)") from e
+    return create_accountant(kind)
+
+
+class DPSGD:
+    """Noisy clipped gradients of a one-example loss, step by step, with accounting.
+
+    Args:
+        func: the loss of ONE example, as for :func:`ftrans.clipped_grad`.
+        max_norm: clipping bound (a number, or ``{group: bound}`` with ``groups``).
+        noise_multiplier: noise standard deviation in units of the (total) clipping bound.
+        sample_rate: Poisson sampling probability ``q`` (expected batch ``q * N``).
+        num_examples: dataset size ``N`` (sets the expected batch size).
+        argnums, in_dims, groups, batch_norm: as for :func:`ftrans.clipped_grad`;
+            ``batch_norm='batch'`` is refused (an example's contribution depends on the others).
+        compile: run the clipped sum through :func:`ftrans.compile` (one trace per bucket).
+        ladder: bucket multiples of the expected batch size (see the module docstring).
+        accountant: ``"rdp"`` (default), ``"prv"``, ``"gdp"`` or None (no accounting).
+        generator: a ``torch.Generator`` for the noise (seeded runs).
+
+    ``step(*args)`` takes the real (variable-size) batch and returns the noisy gradient,
+    shaped like the ``argnums`` inputs; ``epsilon(delta)`` the privacy spent so far.
+
+    Example:
+        >>> import torch, ftrans
+        >>> w = torch.zeros(3)
+        >>> loss = lambda w, x, y: (x @ w - y) ** 2
+        >>> dp = ftrans.dp.DPSGD(loss, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.1,
+        ...                      num_examples=100, accountant=None)
+        >>> x, y = torch.randn(100, 3), torch.randn(100)
+        >>> for idx in ftrans.dp.poisson_batches(100, 0.1, steps=2):
+        ...     g = dp.step(w, x[idx], y[idx])
+        >>> g.shape
+        torch.Size([3])
+    """
+
+    def __init__(self, func: Callable, *, max_norm: Any, noise_multiplier: float,
+                 sample_rate: float, num_examples: int, argnums: Any = 0, in_dims: Any = 0,
+                 groups: Any = None, batch_norm: str = "error", compile: bool = False,
+                 ladder: Sequence[float] = (1.0, 1.5, 2.0), accountant: Optional[str] = "rdp",
+                 generator: Optional[torch.Generator] = None):
+        if batch_norm == "batch":
+            raise ValueError("DPSGD: batch_norm='batch' is not differentially private (each "
+                             "example's contribution depends on the others); use 'eval' or "
+                             "'per_sample'")
+        if noise_multiplier < 0:
+            raise ValueError(f"DPSGD: noise_multiplier must be >= 0, got {noise_multiplier}")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"DPSGD: sample_rate must be in (0, 1], got {sample_rate}")
+        self.func, self.argnums, self.in_dims = func, argnums, in_dims
+        self.max_norm, self.noise_multiplier = max_norm, noise_multiplier
+        self.sample_rate, self.expected = sample_rate, sample_rate * num_examples
+        self.ladder, self.generator = tuple(ladder), generator
+        bounds = max_norm.values() if isinstance(max_norm, dict) else [max_norm]
+        self.sensitivity = math.sqrt(sum(float(b) ** 2 for b in bounds))
+        fn = clipped_grad(func, max_norm, argnums, in_dims=in_dims, groups=groups,
+                          batch_norm=batch_norm)
+        if compile:
+            from ..compiler import compile as _compile
+            fn = _compile(fn)
+        self._clipped = fn
+        self.accountant = make_accountant(accountant) if accountant else None
+        self.steps = 0
+
+    def step(self, *args):
+        """The noisy gradient for one (Poisson) batch ``args``; an empty batch gives noise only."""
+        from ..autodiff import check_argnums, select_argnums
+        form = "DPSGD.step(*args)"
+        argnums = check_argnums(self.argnums, len(args), form)
+        dims = normalize_in_dims(self.in_dims, argnums, len(args), form)
+        diff = select_argnums(args, argnums)
+        n = _batch_of(args, dims)
+        if n == 0:
+            summed = _pytree.tree_map(torch.zeros_like, diff)
+        else:
+            padded, weights = pad_batch(args, dims, bucket_size(n, self.expected, self.ladder))
+            leaves = _pytree.tree_leaves(diff)
+            weights = weights.to(device=leaves[0].device, dtype=leaves[0].dtype)
+            summed = self._clipped(*padded, sample_weights=weights)
+        std = self.noise_multiplier * self.sensitivity
+        scale = 1.0 / max(self.expected, 1.0)
+
+        def noisy(g):
+            if std > 0:
+                noise = torch.randn(g.shape, generator=self.generator, dtype=g.dtype,
+                                    device="cpu" if self.generator is None else
+                                    self.generator.device).to(g.device)
+                g = g + std * noise
+            return g * scale
+        out = _pytree.tree_map(noisy, summed)
+        self.steps += 1
+        if self.accountant is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier,
+                                 sample_rate=self.sample_rate)
+        return out
+
+    def epsilon(self, delta: float) -> float:
+        """Privacy spent so far (``(epsilon, delta)``-DP) by the accountant."""
+        if self.accountant is None:
+            raise RuntimeError("DPSGD: created with accountant=None")
+        return float(self.accountant.get_epsilon(delta=delta))
+
+    @property
+    def traces(self) -> int:
+        """How many signatures ``compile`` traced (0 when not compiled)."""
+        return len(getattr(self._clipped, "cache", {}))
+
+
+def _batch_of(args, dims) -> int:
+    leaves = _pytree.tree_leaves(args)
+    flat_dims = _pytree.tree_leaves(_pytree.tree_broadcast_prefix(tuple(dims), tuple(args)))
+    for x, d in zip(leaves, flat_dims):
+        if d is not None:
+            return x.shape[d]
+    raise ValueError("DPSGD.step: no argument is mapped over examples (in_dims)")

@@ -1,0 +1,295 @@
+"""Per-example gradients kept in factored form.
+
+A norm rule does not hand back ``B`` gradients; it hands back a *factor*: an object that knows
+what the ``B`` per-example gradients of one parameter are, and answers the only questions a
+clipping step asks of them without materialising them unless that is the cheapest way:
+
+- ``norm2()``: ``[B]`` squared L2 norms;
+- ``weighted(c)``: ``sum_i c[i] * g_i``, shaped like the parameter (the clipped sum);
+- ``dot(v)``: ``[B]`` inner products with a fixed tensor shaped like the parameter;
+- ``cross(other)``: ``[B1, B2]`` inner products with the per-example gradients of another batch;
+- ``inner(other)``: ``[B]`` inner products ``<g_i, h_i>`` with another factor of the same batch
+  (a parameter used by two ops: the norm of the sum needs the cross terms);
+- ``materialize()``: ``[B, *param.shape]``, the fallback of every question.
+
+Three shapes cover the parameter-carrying ops:
+
+- :class:`Outer`: ``g_i = sum_t G[i, t]^T A[i, t]`` per group (linear, matmul, convolution
+  after unfolding).  Norms by the Gram ("ghost") identity
+  ``||G^T A||^2 = sum((A A^T) * (G G^T))`` when ``2 T^2 <= p d`` (BEYOND.md 3.3: the crossover
+  fastDP uses), else by instantiating this one layer; the clipped sum is one matmul over all
+  ``B * T`` rows with the rows of ``G`` scaled by ``c`` (book-keeping: no second backward).
+- :class:`Scatter`: ``g_i`` adds row ``G[i, t]`` into row ``idx[i, t]`` (embedding).  Norms by
+  the ghost identity restricted to equal indices.
+- :class:`Dense`: ``g_i`` instantiated (normalisation affine parameters, bias adds, and the
+  fallback for ops with no norm rule).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["Factor", "Dense", "Outer", "Scatter", "Sum", "combine"]
+
+
+def _sq(t, dims):
+    # x * x, not x.square(): the pow kernel is several times slower on CPU.
+    return (t * t).sum(dims)
+
+
+def _rows(t):
+    return t.reshape(t.shape[0], -1)
+
+
+class Factor:
+    """Per-example gradients of one parameter; ``shape`` is the parameter's shape."""
+
+    shape: torch.Size
+
+    def materialize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def norm2(self) -> torch.Tensor:
+        return _sq(_rows(self.materialize()), 1)
+
+    def weighted(self, c: torch.Tensor) -> torch.Tensor:
+        return torch.tensordot(c.to(self.dtype), self.materialize(), 1)
+
+    def dot(self, v: torch.Tensor) -> torch.Tensor:
+        return _rows(self.materialize()) @ v.reshape(-1).to(self.dtype)
+
+    def cross(self, other: "Factor") -> torch.Tensor:
+        return _rows(self.materialize()) @ _rows(other.materialize()).mT
+
+    def inner(self, other: "Factor") -> torch.Tensor:
+        return (_rows(self.materialize()) * _rows(other.materialize())).sum(1)
+
+
+class Dense(Factor):
+    """``g [B, *shape]``: instantiated per-example gradients."""
+
+    def __init__(self, g: torch.Tensor):
+        self.g = g
+        self.shape = g.shape[1:]
+        self.dtype = g.dtype
+
+    def materialize(self):
+        return self.g
+
+
+class Outer(Factor):
+    """``g_i = post(sum_t G[i, n, t]^T A[i, n, t])`` with ``A [B, n, T, d]``, ``G [B, n, T, p]``.
+
+    ``n`` is the group count (1 except for grouped convolutions); ``post`` reshapes the
+    ``[n, p, d]`` block to the parameter's shape, transposing first when ``transpose`` (the
+    parameter is the right operand of a matmul: ``[d, p]``).
+    """
+
+    def __init__(self, a, g, shape, transpose=False):
+        self.a, self.g = a, g
+        self.shape = torch.Size(shape)
+        self.transpose = transpose
+        self.dtype = g.dtype
+        self._raw = None
+
+    @property
+    def dims(self):
+        B, n, T, d = self.a.shape
+        return B, n, T, d, self.g.shape[-1]
+
+    def _post(self, raw):  # [..., n, p, d] -> [..., *shape]
+        lead = raw.shape[:-3]
+        if self.transpose:
+            raw = raw.mT
+        return raw.reshape(lead + self.shape)
+
+    def _pre(self, v):  # [*shape] -> [n, p, d]
+        _, n, _, d, p = self.dims
+        if self.transpose:
+            return v.reshape(n, d, p).mT
+        return v.reshape(n, p, d)
+
+    def _instantiated(self):
+        if self._raw is None:
+            self._raw = self.g.mT @ self.a  # [B, n, p, d]
+        return self._raw
+
+    def use_ghost(self) -> bool:
+        _, _, T, d, p = self.dims
+        return 2 * T * T <= p * d
+
+    def materialize(self):
+        return self._post(self._instantiated())
+
+    def norm2(self):
+        a, g = self.a, self.g
+        if a.shape[2] == 1:
+            return (_sq(a, -1) * _sq(g, -1)).sum((1, 2))
+        if self._raw is None and self.use_ghost():
+            return ((a @ a.mT) * (g @ g.mT)).sum((1, 2, 3))
+        return _sq(self._instantiated(), (1, 2, 3))
+
+    def weighted(self, c):
+        c = c.to(self.dtype)
+        if self._raw is not None:
+            return self._post(torch.tensordot(c, self._raw, 1))
+        B, n, T, d, p = self.dims
+        a, g = self.a, self.g
+        # Scale the narrower side; one (batched) matmul over all B * T rows, the row operand
+        # transposed as a view (no copy when n == 1).
+        if p <= d:
+            g = g * c.view(B, 1, 1, 1)
+        else:
+            a = a * c.view(B, 1, 1, 1)
+        flat_g = g.transpose(0, 1).reshape(n, B * T, p)
+        flat_a = a.transpose(0, 1).reshape(n, B * T, d)
+        if n == 1:
+            return self._post((flat_g[0].mT @ flat_a[0]).unsqueeze(0))
+        return self._post(flat_g.mT @ flat_a)
+
+    def dot(self, v):
+        V = self._pre(v.to(self.dtype))  # [n, p, d]
+        return ((self.g @ V) * self.a).sum((1, 2, 3))
+
+    def cross(self, other):
+        if isinstance(other, Outer) and self.dims[1:] == other.dims[1:] \
+                and self.transpose == other.transpose and self.a.shape[2] == 1:
+            # One row per example: <g_i, h_j> = (a_i . a'_j)(g_i . g'_j), summed over groups.
+            a1, a2 = self.a[:, :, 0], other.a[:, :, 0]
+            g1, g2 = self.g[:, :, 0], other.g[:, :, 0]
+            return torch.einsum("bnd,cnd,bnp,cnp->bc", a1, a2, g1, g2)
+        return super().cross(other)
+
+    def inner(self, other):
+        if isinstance(other, Outer) and other.shape == self.shape:
+            o = other.oriented(self.transpose)
+            if o is not None and self.dims[1] == o.dims[1]:
+                a1, g1, a2, g2 = self.a, self.g, o.a, o.g
+                return ((a1 @ a2.mT) * (g1 @ g2.mT)).sum((1, 2, 3))
+        return super().inner(other)
+
+    def oriented(self, transpose: bool):
+        """The same gradients as an Outer with the given orientation (swap A and G), if the
+        block shapes allow."""
+        if transpose == self.transpose:
+            return self
+        return Outer(self.g, self.a, self.shape, transpose)
+
+
+class Scatter(Factor):
+    """Row scatter: ``g_i[v] = sum_{t: idx[i, t] = v} G[i, t]``; ``idx [B, T]``, ``G [B, T, d]``.
+
+    Rows at the padding index must already be zero in ``G``.
+    """
+
+    def __init__(self, idx, g, num_rows):
+        self.idx, self.g = idx, g
+        self.shape = torch.Size((num_rows, g.shape[-1]))
+        self.dtype = g.dtype
+
+    def materialize(self):
+        B, T, d = self.g.shape
+        V = self.shape[0]
+        offs = torch.arange(B, device=self.idx.device).unsqueeze(1) * V
+        out = self.g.new_zeros(B * V, d)
+        out.index_add_(0, (self.idx + offs).reshape(-1), self.g.reshape(-1, d))
+        return out.view(B, V, d)
+
+    def norm2(self):
+        g, idx = self.g, self.idx
+        if idx.shape[1] == 1:
+            return _sq(g, (1, 2))
+        same = idx.unsqueeze(2) == idx.unsqueeze(1)
+        return ((g @ g.mT) * same).sum((1, 2))
+
+    def weighted(self, c):
+        B, T, d = self.g.shape
+        gc = self.g * c.to(self.dtype).view(B, 1, 1)
+        out = self.g.new_zeros(self.shape)
+        return out.index_add_(0, self.idx.reshape(-1), gc.reshape(-1, d))
+
+    def dot(self, v):
+        return (self.g * v.to(self.dtype)[self.idx]).sum((1, 2))
+
+    def cross(self, other):
+        if isinstance(other, Scatter):
+            same = self.idx[:, None, :, None] == other.idx[None, :, None, :]
+            dots = torch.einsum("btd,csd->bcts", self.g, other.g)
+            return (dots * same).sum((2, 3))
+        return super().cross(other)
+
+    def inner(self, other):
+        if isinstance(other, Scatter):
+            same = self.idx.unsqueeze(2) == other.idx.unsqueeze(1)
+            return ((self.g @ other.g.mT) * same).sum((1, 2))
+        if isinstance(other, Outer) and other.dims[1] == 1:
+            # Tied embedding and output layer: row idx_t of the Outer gradient, dotted with G_t.
+            o = other.oriented(False)
+            a, g = o.a[:, 0], o.g[:, 0]  # [B, S, d], [B, S, V]: rows of W are indexed by p
+            rows = torch.gather(g, 2, self.idx.unsqueeze(1).expand(-1, g.shape[1], -1))
+            return ((a @ self.g.mT) * rows).sum((1, 2))
+        return super().inner(other)
+
+
+class Sum(Factor):
+    """The per-example gradient of a parameter used by several ops: the sum of their factors."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.shape = self.parts[0].shape
+        self.dtype = self.parts[0].dtype
+
+    def materialize(self):
+        return sum(p.materialize() for p in self.parts)
+
+    def norm2(self):
+        out = sum(p.norm2() for p in self.parts)
+        for i, p in enumerate(self.parts):
+            for q in self.parts[i + 1:]:
+                out = out + 2 * _inner(p, q)
+        return out
+
+    def weighted(self, c):
+        return sum(p.weighted(c) for p in self.parts)
+
+    def dot(self, v):
+        return sum(p.dot(v) for p in self.parts)
+
+    def cross(self, other):
+        others = other.parts if isinstance(other, Sum) else [other]
+        return sum(p.cross(q) for p in self.parts for q in others)
+
+    def inner(self, other):
+        others = other.parts if isinstance(other, Sum) else [other]
+        return sum(_inner(p, q) for p in self.parts for q in others)
+
+
+def _inner(p, q):
+    # Scatter knows its cross terms with an Outer (tied embeddings); the reverse does not.
+    if isinstance(q, Scatter) and not isinstance(p, Scatter):
+        p, q = q, p
+    return p.inner(q)
+
+
+def combine(parts):
+    """One factor for the sum of ``parts`` (a parameter's uses).  Outer blocks of the same
+    parameter stack along ``T`` (a weight shared across time steps stays one Gram problem)."""
+    if len(parts) == 1:
+        return parts[0]
+    outers = [p for p in parts if isinstance(p, Outer)]
+    rest = [p for p in parts if not isinstance(p, Outer)]
+    if len(outers) > 1:
+        first = outers[0]
+        merged, left = [], []
+        for o in outers[1:]:
+            o2 = o.oriented(first.transpose)
+            if o2.dims[1:2] == first.dims[1:2] and o2.dims[3:] == first.dims[3:]:
+                merged.append(o2)
+            else:
+                left.append(o)
+        if merged:
+            first = Outer(torch.cat([first.a] + [m.a for m in merged], 2),
+                          torch.cat([first.g] + [m.g for m in merged], 2),
+                          first.shape, first.transpose)
+        outers = [first] + left
+    parts = outers + rest
+    return parts[0] if len(parts) == 1 else Sum(parts)

@@ -1,0 +1,117 @@
+"""The DP-SGD layer: bucketing and masking (padded examples contribute exactly 0), few traces
+under ftrans.compile over a Poisson epoch, Gaussian noise of the right scale, accounting."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ftrans
+from ftrans.dp import DPSGD, bucket_size, pad_batch, poisson_batches
+
+
+def _setup(n=400):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x, y):
+        return F.cross_entropy(ftrans.functional_call(model, p, (x,)), y)
+    return params, loss, torch.randn(n, 8), torch.randint(0, 3, (n,))
+
+
+def test_bucket_size_ladder():
+    assert [bucket_size(s, 64) for s in (1, 64, 65, 96, 97, 128, 129, 300)] == \
+        [64, 64, 96, 96, 128, 128, 256, 512]
+    assert bucket_size(0, 0.2) == 1
+
+
+def test_padding_contributes_exactly_zero():
+    params, loss, X, Y = _setup()
+    clip = ftrans.clipped_grad(loss, 0.5)
+    x, y = X[:13], Y[:13]
+    (px, py), w = pad_batch((x, y), (0, 0), 20)
+    assert w.tolist() == [1.0] * 13 + [0.0] * 7
+    padded = clip(params, px, py, sample_weights=w)
+    # other (finite) content in the padded slots: bitwise the same result
+    px2, py2 = px.clone(), py.clone()
+    px2[13:], py2[13:] = X[100:107], Y[100:107]
+    padded2 = clip(params, px2, py2, sample_weights=w)
+    plain = clip(params, x, y)
+    for k in plain:
+        assert torch.equal(padded[k], padded2[k])
+        torch.testing.assert_close(padded[k], plain[k], rtol=1e-6, atol=1e-7)
+
+
+def test_epoch_of_poisson_batches_traces_at_most_three_times():
+    params, loss, X, Y = _setup(1000)
+    dp = DPSGD(loss, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.05, num_examples=1000,
+               compile=True, accountant=None, generator=torch.Generator().manual_seed(0))
+    sizes = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ftrans.CompileWarning)
+        for idx in poisson_batches(1000, 0.05, generator=torch.Generator().manual_seed(1)):
+            sizes.add(len(idx))
+            g = dp.step(params, X[idx], Y[idx])
+            params = {k: v - 0.05 * g[k] for k, v in params.items()}
+    assert len(sizes) > 5 and dp.steps == 20
+    assert 1 <= dp.traces <= 3
+
+
+def test_no_noise_is_the_scaled_clipped_sum_and_noise_has_the_right_scale():
+    params, loss, X, Y = _setup()
+    x, y = X[:30], Y[:30]
+    clean = DPSGD(loss, max_norm=0.5, noise_multiplier=0.0, sample_rate=0.1, num_examples=400,
+                  accountant=None).step(params, x, y)
+    ref = ftrans.clipped_grad(loss, 0.5)(params, x, y)
+    for k in ref:
+        torch.testing.assert_close(clean[k], ref[k] / 40.0)
+    big = {"w": torch.zeros(200, 50)}
+
+    def lin(p, x):
+        return (p["w"] @ x).sum()
+    dp = DPSGD(lin, max_norm=2.0, noise_multiplier=1.5, sample_rate=0.5, num_examples=8,
+               accountant=None, generator=torch.Generator().manual_seed(3))
+    xs = torch.randn(4, 50)
+    noisy = dp.step(big, xs)["w"] * 4.0
+    exact = ftrans.clipped_grad(lin, 2.0)(big, xs)["w"]
+    std = (noisy - exact).std().item()
+    assert abs(std - 3.0) < 0.1, std
+    again = DPSGD(lin, max_norm=2.0, noise_multiplier=1.5, sample_rate=0.5, num_examples=8,
+                  accountant=None, generator=torch.Generator().manual_seed(3)).step(big, xs)
+    assert torch.equal(again["w"] * 4.0, noisy)
+
+
+def test_empty_batch_is_noise_only():
+    params, loss, X, Y = _setup()
+    dp = DPSGD(loss, max_norm=1.0, noise_multiplier=0.0, sample_rate=0.01, num_examples=400,
+               accountant=None)
+    g = dp.step(params, X[:0], Y[:0])
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in g.values())
+
+
+def test_accountant_matches_opacus():
+    opacus = pytest.importorskip("opacus")
+    params, loss, X, Y = _setup()
+    dp = DPSGD(loss, max_norm=1.0, noise_multiplier=1.1, sample_rate=0.05, num_examples=400)
+    for idx in poisson_batches(400, 0.05, steps=5, generator=torch.Generator().manual_seed(0)):
+        dp.step(params, X[idx], Y[idx])
+    ref = opacus.accountants.RDPAccountant()
+    for _ in range(5):
+        ref.step(noise_multiplier=1.1, sample_rate=0.05)
+    assert dp.epsilon(1e-5) == pytest.approx(ref.get_epsilon(1e-5))
+    assert 0 < dp.epsilon(1e-5) < 10
+
+
+def test_refuses_non_private_batchnorm_and_bad_arguments():
+    params, loss, X, Y = _setup()
+    with pytest.raises(ValueError, match="not differentially private"):
+        DPSGD(loss, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.1, num_examples=10,
+              batch_norm="batch", accountant=None)
+    with pytest.raises(ValueError, match="sample_rate"):
+        DPSGD(loss, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.0, num_examples=10,
+              accountant=None)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        DPSGD(loss, max_norm=1.0, noise_multiplier=-1.0, sample_rate=0.1, num_examples=10,
+              accountant=None)
