@@ -6,7 +6,7 @@ Write a function for one example, then lift it: ``vmap`` maps it over a batch di
 from ._C import (FallbackWarning, VmapError, fallback_stats, op_status, register_batch_rule,
                  reset_fallback_stats)
 from .vmap import vmap
-from .compiler import CompileWarning, compile
+from .compiler import CompileCheckError, CompileWarning, compile
 from .autodiff import (functional_call, grad, grad_and_value, hessian, jacfwd, jacrev, jvp, linearize, stack_module_state, vjp)  # noqa: E501
 
 from . import dp
@@ -15,7 +15,7 @@ from .dp import (clipped_grad, norm_rule_stats, per_sample_grad_cross, per_sampl
 
 __version__ = "0.1.0"
 
-__all__ = ["vmap", "compile", "CompileWarning", "FallbackWarning", "VmapError", "fallback_stats", "reset_fallback_stats",
+__all__ = ["vmap", "compile", "CompileWarning", "CompileCheckError", "FallbackWarning", "VmapError", "fallback_stats", "reset_fallback_stats",
            "op_status", "register_batch_rule", "grad", "grad_and_value", "vjp", "jacrev", "jvp",
            "jacfwd", "hessian", "linearize", "functional_call", "stack_module_state",
            "per_sample_grad_norms", "clipped_grad", "per_sample_grad_dots", "per_sample_grad_cross",

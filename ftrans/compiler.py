@@ -7,14 +7,25 @@ caches the resulting ``GraphModule``.  Later calls with the same signature repla
 directly: no levels, no wrappers, no rules.  On CUDA the replay can be captured in a CUDA graph
 (one launch for the whole step), and the flat graph can be handed to ``torch.compile``.
 
-The cache key is the input signature: the pytree structure of the arguments, and for every
-tensor its shape, dtype, device, layout and ``requires_grad``; other leaves by value (or
-identity if unhashable); plus the grad mode.  Any change retraces.  What a trace cannot see is
-Python control flow on tensor *values*: tracing with fake tensors makes it fail loudly
-(``.item()``, ``bool(t)`` raise), in which case ``compile`` warns once and runs the function
-eagerly from then on for that signature.  Tensors the function closes over are read at replay
-time (they are graph constants by reference, so in-place updates to them are seen), but a
-closure rebound to a *new* tensor object is not: pass changing tensors as arguments.
+The cache key is the input signature: the pytree structure of the arguments; for every tensor
+its shape, strides, dtype, device, layout and ``requires_grad``; for Python numbers their type;
+other leaves by value (or identity if unhashable); plus the global torch state a trace depends
+on (grad and inference mode, default dtype, autocast, deterministic algorithms).  Each trace of
+a signature also carries a guard (``ftrans/_guards.py``): a check, generated once per trace, of
+everything else the function read: module modes, parameters and buffers, Python values in
+closures, globals and objects, ``.item()`` of tensors it closes over, the values of Python
+number arguments it specialized on.  A failing guard retraces (at most ``RETRACE_LIMIT``
+times per signature, then the signature runs eagerly with a ``CompileWarning``).  A Python
+number argument whose value changes is tried once as a 0-dim tensor input of the replay; it
+stays one when the trace only computes with it (a learning-rate schedule does not retrace).
+
+Tracing leaves no trace: in-place updates that ran on real tensors during tracing (a BatchNorm
+counter) are undone, so each call applies one eager call's updates.  A trace that changed Python
+state (appended to a list, set an attribute: a side effect a replay would not repeat) is undone
+and its signature runs eagerly with a ``CompileWarning``, as does one that reads the value of
+a tensor it cannot guard (``.item()`` of an intermediate, or of a tensor it updates), and Python
+control flow on traced values (fake tensors raise).  ``check=True`` compares each trace's first
+replay with an eager call.  docs/compile.md lists what is guarded and what is not seen.
 
 A replay is not differentiable with respect to its inputs (the trace records aten ops, not the
 autograd graph around them): differentiate *inside* the compiled function.  A signature whose
@@ -30,17 +41,34 @@ from typing import Callable, Optional
 import torch
 
 from . import _pytree
+from ._guards import Reads, global_state
+from ._statewatch import StateWatch
 
-__all__ = ["compile"]
+__all__ = ["compile", "CompileCheckError"]
+
+RETRACE_LIMIT = 8  # traces per input signature before it runs eagerly
 
 
 class CompileWarning(UserWarning):
     """ftrans.compile could not trace a signature and runs it eagerly."""
 
 
+class CompileCheckError(AssertionError):
+    """``ftrans.compile(fn, check=True)``: a replay differed from an eager call."""
+
+
+class _TraceFailed(Exception):
+    """Why a signature cannot be replayed (the message of its CompileWarning)."""
+
+
+_NUMBERS = (int, float)
+
+
 def _leaf_key(x):
     if isinstance(x, torch.Tensor):
-        return ("T", tuple(x.shape), x.dtype, x.device, x.layout, x.requires_grad)
+        return ("T", tuple(x.shape), x.stride(), x.dtype, x.device, x.layout, x.requires_grad)
+    if type(x) in _NUMBERS:  # its value is checked by the entry's guard, or an input of it
+        return ("N", type(x))
     try:
         hash(x)
         return ("V", type(x), x)
@@ -55,8 +83,13 @@ def compile(
     backend: Optional[str] = None,
     clone_outputs: bool = True,
     reuse_outputs: bool = True,
+    check: bool = False,
 ) -> Callable:
     """Trace ``fn`` once per input signature into a flat aten graph and replay it.
+
+    A replay returns what ``fn`` returns eagerly, or the signature runs eagerly with a
+    ``CompileWarning`` that says why: see the module docstring and docs/compile.md for what is
+    guarded.
 
     Args:
         fn: any function of tensors (pytrees allowed), typically ``vmap(grad(loss))``.
@@ -70,6 +103,10 @@ def compile(
             call's results once the caller has dropped them, instead of faulting in fresh
             pages (per-sample gradients: up to several times faster).  Results are never
             shared with a live tensor; the function keeps the last results' memory alive.
+        check: a debugging aid.  The first replay of each trace is compared with an eager
+            call (on the same state and random seed: the eager call's in-place updates are
+            undone first); a difference in an output, or in a tensor the call updates in
+            place, raises ``ftrans.CompileCheckError`` naming it.
 
     Example:
         >>> import torch, ftrans
@@ -79,54 +116,165 @@ def compile(
         True
     """
     cache: dict = {}
+    opts = (cuda_graph, backend, clone_outputs, reuse_outputs, check)
 
     @functools.wraps(fn)
     def compiled(*args, **kwargs):
         leaves, spec = _pytree.tree_flatten((args, kwargs))
-        key = (spec, tuple(_leaf_key(x) for x in leaves), torch.is_grad_enabled())
-        entry = cache.get(key)
-        if entry is None:
-            entry = cache[key] = _trace(fn, leaves, spec, cuda_graph, backend, clone_outputs,
-                                           reuse_outputs)
-        return entry(leaves)
+        key = (spec, tuple(_leaf_key(x) for x in leaves), global_state())
+        sig = cache.get(key)
+        if sig is None:
+            sig = cache[key] = _Signature(fn, spec, opts)
+        return sig(leaves)
 
-    compiled.cache = cache  # introspection: one entry per traced signature
+    compiled.cache = cache  # introspection: one entry per input signature
     return compiled
 
 
-def _trace(fn, leaves, spec, cuda_graph, backend, clone_outputs, reuse_outputs):
+class _Signature:
+    """The traces of one input signature, each valid while its guard holds (at most
+    ``RETRACE_LIMIT``), or the eager fallback."""
+
+    def __init__(self, fn, spec, opts):
+        self.fn, self.spec, self.opts = fn, spec, opts
+        self.entries: list = []
+        self.eager = None
+        self.dynamic_tried = False
+        self.dynamic = ()  # Python number arguments that are replay inputs
+
+    @property
+    def runner(self):  # the newest trace's runner (introspection, tests)
+        return (self.entries[-1] if self.entries else self.eager).runner
+
+    def __call__(self, leaves):
+        if self.eager is not None:
+            return self.eager(leaves)
+        failed = None
+        for entry in self.entries:
+            i = entry.guard(leaves)
+            if i < 0:
+                return entry(leaves)
+            failed = (entry, i)
+        if len(self.entries) >= RETRACE_LIMIT:
+            what = failed[0].reads.describe(failed[1])
+            return self._eager(
+                f"retraced {RETRACE_LIMIT} times for one input signature (the last time because "
+                f"{what} changed); running it eagerly. Pass values that change every call as "
+                "tensor arguments, or as Python numbers that are only computed with.", leaves)
+        try:
+            entry = None
+            if failed is not None and not self.dynamic_tried:
+                entry = self._try_dynamic(failed[0], leaves)
+            if entry is None:
+                entry = _trace(self.fn, leaves, self.spec, self.opts, dynamic=self.dynamic)
+        except _TraceFailed as e:
+            return self._eager(str(e), leaves)
+        self.entries.append(entry)
+        return entry(leaves)
+
+    def _eager(self, why, leaves):
+        self.eager = _eager(self.fn, self.spec, why)
+        return self.eager(leaves)
+
+    def _try_dynamic(self, last, leaves):
+        """Python numbers whose value changed: try them as 0-dim tensor inputs of one trace."""
+        changed = [i for i, v in last.numbers.items() if leaves[i] != v]
+        if not changed:
+            return None
+        self.dynamic_tried = True
+        try:
+            entry = _trace(self.fn, leaves, self.spec, self.opts, dynamic=changed)
+        except _TraceFailed:  # used in Python control flow (or shapes): keep specializing
+            return None
+        if entry.out_meta != last.out_meta or entry.consts != last.consts:
+            return None  # the number reached an output, or changed a dtype: not equivalent
+        self.dynamic = tuple(changed)
+        return entry
+
+
+def _trace(fn, leaves, spec, opts, dynamic=()):
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    cuda_graph, backend, clone_outputs, reuse_outputs, check = opts
     tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    example = [leaves[i] for i in tensor_pos]
+    # On the inputs' device when they share one CUDA device: a CPU scalar would be read on the
+    # host, and frozen into a CUDA graph at capture.
+    devs = {t.device for t in example}
+    dyn_dev = devs.pop() if len(devs) == 1 and example[0].device.type == "cuda" else None
+    dyn = [(i, torch.float64 if type(leaves[i]) is float else torch.int64, dyn_dev)
+           for i in dynamic]
+    grad_on = torch.is_grad_enabled()
+    if grad_on and any(t.requires_grad for t in example):  # known before tracing
+        raise _TraceFailed(_NEEDS_GRAD)
+
+    name = getattr(fn, "__name__", "fn")
+    reads = Reads()
+    reads.function(fn, name)
+    numbers = {}
+    for i, x in enumerate(leaves):
+        if type(x) in _NUMBERS and i not in dynamic:
+            numbers[i] = x
+            reads.leaf_value(i, x, f"the Python number argument {_leaf_name(spec, i)}")
+        elif not isinstance(x, torch.Tensor):
+            reads.leaf(i, x, _leaf_name(spec, i))
+    reads.finish()
+    if reads.unguardable:
+        raise _TraceFailed(f"{reads.unguardable}; running it eagerly.")
+
     template = list(leaves)
-    out_spec_box = []
+    positions = tensor_pos + [i for i, _, _ in dyn]
+    out_box = []
+    watch = StateWatch()
 
     def flat_fn(*tensors):
         full = list(template)
-        for i, t in zip(tensor_pos, tensors):
+        for i, t in zip(positions, tensors):
             full[i] = t
         args, kwargs = _pytree.tree_unflatten(spec, full)
-        out = fn(*args, **kwargs)
+        with watch:
+            out = fn(*args, **kwargs)
         out_leaves, out_spec = _pytree.tree_flatten(out)
-        out_spec_box.append((out_spec, [isinstance(o, torch.Tensor) for o in out_leaves],
-                             [None if isinstance(o, torch.Tensor) else o for o in out_leaves]))
+        out_box.append((out_spec, [isinstance(o, torch.Tensor) for o in out_leaves],
+                        [None if isinstance(o, torch.Tensor) else o for o in out_leaves],
+                        [(o.dtype, tuple(o.shape)) for o in out_leaves
+                         if isinstance(o, torch.Tensor)]))
         return [o for o in out_leaves if isinstance(o, torch.Tensor)]
 
-    example = [leaves[i] for i in tensor_pos]
-    grad_on = torch.is_grad_enabled()
-    if grad_on and any(t.requires_grad for t in example):  # known before tracing
-        return _eager(fn, spec, _NEEDS_GRAD)
+    dyn_example = [torch.scalar_tensor(leaves[i], dtype=d, device=dev) for i, d, dev in dyn]
     try:
-        gm = make_fx(flat_fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+        gm = make_fx(flat_fn, tracing_mode="fake", _allow_non_fake_inputs=True)(
+            *example, *dyn_example)
     except Exception as e:  # data-dependent control flow, or an op fake tensors cannot run
-        return _eager(fn, spec, (
+        reads.restore()  # what the partial trace stored (a fake loss in a log) is put back
+        raise _TraceFailed(
             f"could not trace this input signature ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}); running it eagerly. Python control flow on "
-            "tensor values cannot be traced: use torch.where instead."))
-    out_spec, is_tensor, consts = out_spec_box[-1]
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}); running it eagerly. Python "
+            "control flow on tensor values cannot be traced: use torch.where instead.") from None
+    finally:
+        watch.undo()  # tracing ran in-place updates of real tensors: put them back
+
+    guard = reads.compile()
+    changed = guard(leaves)
+    if changed >= 0:  # the trace changed Python state a replay would not change again
+        reads.restore()
+        raise _TraceFailed(
+            f"it changed {reads.describe(changed)} while traced (a side effect a replay would "
+            "not repeat, or a traced value stored outside the function); running it eagerly.")
+    for t, how, value in watch.reads:
+        if id(t) in watch.backups:
+            raise _TraceFailed(_value_read(reads, t, "a tensor it also updates in place"))
+        if not reads.value_read(t, how, value):
+            raise _TraceFailed(_value_read(reads, t, "a tensor computed during the call"))
+    if any(n.op == "call_function" and n.target in _OFFSET_OPS for n in gm.graph.nodes):
+        for i in tensor_pos:  # the trace addresses memory: the storage offset matters too
+            reads.leaf_offset(i, leaves[i].storage_offset(), _leaf_name(spec, i))
+    guard = reads.compile()
+
+    out_spec, is_tensor, consts, out_meta = out_box[-1]
     if grad_on and any(getattr(getattr(gm, n.target, None), "requires_grad", False)
                        for n in gm.graph.nodes if n.op == "get_attr"):
-        return _eager(fn, spec, _NEEDS_GRAD)
+        raise _TraceFailed(_NEEDS_GRAD)
     _simplify(gm)
     runner = gm
     if backend is not None:
@@ -136,14 +284,48 @@ def _trace(fn, leaves, spec, cuda_graph, backend, clone_outputs, reuse_outputs):
     if use_graph is None:
         use_graph = devices == {"cuda"}
     if use_graph:
-        runner = _CudaGraphReplay(runner, example, clone_outputs)
+        runner = _CudaGraphReplay(runner, gm, example + dyn_example, clone_outputs)
     elif reuse_outputs and backend is None and devices <= {"cpu"}:
         from ._outpool import OutputPool, plan
 
         planned = plan(gm)
         if planned is not None:
             runner = OutputPool(*planned)
-    return _Replay(runner, tensor_pos, out_spec, is_tensor, consts)
+    entry = _Replay(runner, tensor_pos, dyn, out_spec, is_tensor, consts)
+    entry.guard, entry.reads, entry.numbers, entry.out_meta = guard, reads, numbers, out_meta
+    if check:
+        entry.checker = _Checker(fn, spec, reads)
+    return entry
+
+
+_OFFSET_OPS = (torch.ops.aten.as_strided.default, torch.ops.aten.as_strided_.default,
+               torch.ops.aten.as_strided_scatter.default)
+
+
+def _value_read(reads, t, what):
+    hit = reads.tensors.get(id(t))
+    name = hit[2] if hit is not None and hit[0] is t else what
+    return (f"it reads the value of {name} while traced (`.item()`, `float()`, `tolist()`), "
+            "which cannot be guarded; running it eagerly.")
+
+
+def _leaf_name(spec, i):
+    try:
+        paths = _leaf_name.cache.get(spec)
+        if paths is None:
+            paths = _leaf_name.cache[spec] = [
+                (f"args[{p[1]}]" if p[0] == 0 else str(p[1])) + _path_str(p[2:])
+                for p in spec.paths()]
+        return paths[i]
+    except Exception:  # noqa: BLE001 (a name for a message only)
+        return f"#{i}"
+
+
+_leaf_name.cache = {}
+
+
+def _path_str(path):
+    return "".join(f"[{k!r}]" for k in path)
 
 
 _NEEDS_GRAD = (
@@ -156,7 +338,7 @@ _NEEDS_GRAD = (
 def _eager(fn, spec, why):
     """Warn (``CompileWarning``, naming the call) and run this signature eagerly from now on."""
     warnings.warn(f"ftrans.compile({getattr(fn, '__name__', fn)}): {why}", CompileWarning,
-                  stacklevel=4)
+                  stacklevel=5)
     return _Eager(fn, spec)
 
 
@@ -180,12 +362,22 @@ def _simplify(gm):
 
 
 class _Replay:
-    def __init__(self, runner, tensor_pos, out_spec, is_tensor, consts):
-        self.runner, self.tensor_pos = runner, tensor_pos
+    def __init__(self, runner, tensor_pos, dyn, out_spec, is_tensor, consts):
+        self.runner, self.tensor_pos, self.dyn = runner, tensor_pos, dyn
         self.out_spec, self.is_tensor, self.consts = out_spec, is_tensor, consts
+        self.checker = None
 
     def __call__(self, leaves):
-        outs = iter(self.runner(*[leaves[i] for i in self.tensor_pos]))
+        if self.checker is not None:
+            checker, self.checker = self.checker, None
+            return checker(self, leaves)
+        return self.replay(leaves)
+
+    def replay(self, leaves):
+        inputs = [leaves[i] for i in self.tensor_pos]
+        for i, dtype, device in self.dyn:
+            inputs.append(torch.scalar_tensor(leaves[i], dtype=dtype, device=device))
+        outs = iter(self.runner(*inputs))
         flat = [next(outs) if t else c for t, c in zip(self.is_tensor, self.consts)]
         return _pytree.tree_unflatten(self.out_spec, flat)
 
@@ -193,18 +385,99 @@ class _Replay:
 class _Eager:
     def __init__(self, fn, spec):
         self.fn, self.spec = fn, spec
+        self.runner = None
 
     def __call__(self, leaves):
         args, kwargs = _pytree.tree_unflatten(self.spec, leaves)
         return self.fn(*args, **kwargs)
 
 
-class _CudaGraphReplay:
-    """Replays ``runner`` inside one captured CUDA graph with static input/output buffers."""
+class _Checker:
+    """``check=True``: run ``fn`` eagerly, undo its in-place updates and random draws, replay,
+    and compare outputs and updated tensors."""
 
-    def __init__(self, runner, example, clone_outputs):
+    def __init__(self, fn, spec, reads):
+        self.fn, self.spec, self.reads = fn, spec, reads
+
+    def __call__(self, entry, leaves):
+        names = {id(t): name for t, _, name in self.reads.tensors.values()}
+        for i, x in enumerate(leaves):
+            if isinstance(x, torch.Tensor):
+                names.setdefault(id(x), f"the argument {_leaf_name(self.spec, i)}")
+        rng = _rng_state()
+        watch = StateWatch(only=set(names))
+        args, kwargs = _pytree.tree_unflatten(self.spec, leaves)
+        with watch:
+            expected = self.fn(*args, **kwargs)
+        with torch.no_grad():
+            after = [(t, t.clone()) for t in watch.mutated()]
+        watch.undo()
+        _set_rng_state(rng)
+        got = entry.replay(leaves)
+        bad = []
+        exp_leaves = _paths(expected)
+        got_leaves = _paths(got)
+        if [p for p, _ in exp_leaves] != [p for p, _ in got_leaves]:
+            bad.append("the output structure")
+        else:
+            bad += [f"output{p}" for (p, e), (_, g) in zip(exp_leaves, got_leaves)
+                    if not _same(e, g)]
+        bad += [names[id(t)] for t, value in after if not _same(value, t)]
+        if bad:
+            raise CompileCheckError(
+                f"ftrans.compile({getattr(self.fn, '__name__', self.fn)}, check=True): the "
+                f"replay differs from an eager call in {', '.join(bad)}")
+        return got
+
+
+def _paths(tree):
+    import optree
+
+    paths, leaves, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True,
+                                                     namespace=_pytree.NAMESPACE)
+    return [(_path_str(p), x) for p, x in zip(paths, leaves)]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+        return False
+    if not isinstance(a, torch.Tensor):
+        return a == b
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    try:
+        torch.testing.assert_close(b, a, equal_nan=True)
+        return True
+    except AssertionError:
+        return False
+
+
+def _rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+class _CudaGraphReplay:
+    """Replays ``runner`` inside one captured CUDA graph with static input/output buffers.
+
+    Warm-up runs (and the capture) execute the graph's in-place updates of the tensors it
+    closes over (a BatchNorm's running statistics) and of its inputs: those are put back
+    afterwards, so that each call applies them exactly once, as eager would.
+    """
+
+    def __init__(self, runner, gm, example, clone_outputs):
         self.clone_outputs = clone_outputs
         self.static_in = [t.detach().clone() for t in example]
+        written_inputs, written_consts = _written_by(gm)
+        self.written_inputs = written_inputs
+        with torch.no_grad():
+            saved = [(t, t.clone()) for t in written_consts]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -214,12 +487,51 @@ class _CudaGraphReplay:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_out = runner(*self.static_in)
+        with torch.no_grad():
+            for t, copy in saved:
+                t.copy_(copy)
 
     def __call__(self, *tensors):
         for buf, t in zip(self.static_in, tensors):
             if buf.data_ptr() != t.data_ptr():
                 buf.copy_(t)
         self.graph.replay()
+        for i in self.written_inputs:  # the function updates an input in place: so does this
+            t = tensors[i]
+            if t.data_ptr() != self.static_in[i].data_ptr():
+                with torch.no_grad():
+                    t.copy_(self.static_in[i])
         if self.clone_outputs:
             return [o.clone() for o in self.static_out]
         return list(self.static_out)
+
+
+def _written_by(gm):
+    """(indices of inputs, tensors closed over) that the graph updates in place."""
+    from ._statewatch import written
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs, consts = set(), {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for pos in written(node.target):
+            arg = node.args[pos] if isinstance(pos, int) and pos < len(node.args) \
+                else node.kwargs.get(pos)
+            while isinstance(arg, torch.fx.Node) and arg.op == "call_function" \
+                    and arg.target in _VIEW_OPS:
+                arg = arg.args[0]
+            if not isinstance(arg, torch.fx.Node):
+                continue
+            if arg.op == "placeholder":
+                inputs.add(placeholders.index(arg))
+            elif arg.op == "get_attr":
+                t = getattr(gm, arg.target)
+                consts[id(t)] = t
+    return sorted(inputs), list(consts.values())
+
+
+_VIEW_OPS = {_aten.view.default, _aten._unsafe_view.default, _aten.select.int,
+             _aten.slice.Tensor, _aten.transpose.int, _aten.t.default, _aten.permute.default,
+             _aten.unsqueeze.default, _aten.squeeze.dim, _aten.expand.default,
+             _aten.alias.default, _aten.as_strided.default, _aten.diagonal.default}

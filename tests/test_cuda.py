@@ -105,3 +105,71 @@ def test_compile_on_cuda_without_graphs_allocates_fresh_outputs():
     torch.testing.assert_close(second, f(params, x * 2, y))
     runner = next(iter(cf.cache.values())).runner
     assert isinstance(runner, torch.fx.GraphModule)  # the output pool is CPU-only
+
+
+def test_cuda_graph_warmup_and_capture_apply_state_updates_once():
+    # Warm-up runs (and the capture) execute the graph's in-place updates: a BatchNorm's running
+    # statistics and counter, an EMA the function closes over. After every call they must be
+    # exactly what the same number of eager calls leaves.
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)).cuda()
+    model.requires_grad_(False)
+    ema = torch.zeros(8, device="cuda")
+    twin, twin_ema = copy.deepcopy(model), ema.clone()
+
+    def make(m, e):
+        def step(x):
+            out = m(x)
+            e.mul_(0.5).add_(out.mean(0))
+            return out
+        return step
+
+    cf = ftrans.compile(make(model, ema), cuda_graph=True)
+    eager = make(twin, twin_ema)
+    for i in range(3):
+        x = torch.randn(16, 8, device="cuda")
+        torch.testing.assert_close(cf(x), eager(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dict(model.named_buffers()), dict(twin.named_buffers()))
+        torch.testing.assert_close(ema, twin_ema, atol=1e-5, rtol=1e-5)
+    (sig,) = cf.cache.values()
+    assert type(sig.runner).__name__ == "_CudaGraphReplay"
+    assert int(model[1].num_batches_tracked) == 3
+
+
+def test_cuda_graph_replay_updates_inputs_in_place_like_eager():
+    def f(x, acc):
+        acc.add_(x.sum(0))
+        return acc * 2
+
+    cf = ftrans.compile(f, cuda_graph=True)
+    acc, ref = torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda")
+    for _ in range(3):
+        x = torch.randn(5, 4, device="cuda")
+        torch.testing.assert_close(cf(x, acc), f(x, ref))
+        torch.testing.assert_close(acc, ref)
+
+
+def test_cuda_graph_replay_with_check_and_guards():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5)).cuda()
+    model.requires_grad_(False)
+    cf = ftrans.compile(lambda x: model(x), check=True)
+    x = torch.randn(4, 8, device="cuda")
+    cf(x)
+    model.eval()  # guarded: a new trace without dropout
+    torch.testing.assert_close(cf(x), model(x))
+
+
+def test_cuda_graph_replay_takes_python_number_arguments_as_inputs():
+    # A learning rate passed as a Python number becomes a 0-dim CUDA input of the graph: a new
+    # value each call must be seen (a CPU scalar would be frozen into the graph at capture).
+    w = torch.randn(4, device="cuda")
+    cf = ftrans.compile(lambda x, lr: x - lr * w, cuda_graph=True)
+    x = torch.randn(4, device="cuda")
+    for i in range(5):
+        lr = 0.5 / (i + 1)
+        torch.testing.assert_close(cf(x, lr), x - lr * w)
+    (sig,) = cf.cache.values()
+    assert len(sig.entries) == 2

@@ -52,12 +52,20 @@ def test_prepare_applies_shims(tmp_path):
     src_dir.mkdir()
     for name in fc.FILES:
         (src_dir / name).write_text("x = dict(dtypesIfGPU=1, backward_dtypesIfGPU=2)\n"
-                                    "for sample, subtest_ctx in it:\n    pass\n")
+                                    "for sample, subtest_ctx in it:\n    pass\n"
+                                    "jac = getattr(functorch, name)\n")
     fc.prepare(str(src_dir), str(tmp_path / "out"), substitute=True, gpu_shim=True)
     text = (tmp_path / "out" / "test_vmap.py").read_text()
     assert text.startswith("import ftrans")
     assert "dict(dtypesIfCUDA=1, backward_dtypesIfCUDA=2)" in text
     assert "for sample, subtest_ctx, *_ in it:" in text
+    assert "jac = _ftrans_public(functorch, name)" in text
+    ns = {}
+    exec(text.split("x = dict")[0], ns)  # the prelude
+    import ftrans
+    import torch.func
+    assert ns["_ftrans_public"](torch.func, "jacrev") is ftrans.jacrev
+    assert ns["_ftrans_public"](torch.func, "functionalize") is torch.func.functionalize
 
 
 def test_compare_counts_regressions_per_class():

@@ -28,6 +28,13 @@ def load(name: str):
 
 
 @pytest.fixture(autouse=True)
+def _strict_warnings(monkeypatch):
+    # An unexpected FallbackWarning / CompileWarning fails a tutorial, in the processes it
+    # spawns too (tutorials/_common.py reads this; pytest's filters cover this process).
+    monkeypatch.setenv("FTRANS_STRICT_WARNINGS", "1")
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     # The fast sizes are calibrated for one core (< 20 s each).
     n = torch.get_num_threads()

@@ -11,8 +11,8 @@ DIR holds four files of pytorch/pytorch's ``test/functorch/`` (not shipped with 
 - ``OUT/ftrans``: the public transform names (``vmap``, ``grad``, ``grad_and_value``, ``vjp``,
   ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``, ``linearize``, ``functional_call``,
   ``stack_module_state``) taken from ftrans wherever the files import them from ``functorch`` or
-  ``torch.func`` or spell them ``torch.vmap`` / ``torch.func.X`` / ``functorch.X`` in code (never
-  inside string literals).  Every torch internal is left in place.
+  ``torch.func`` or spell them ``torch.vmap`` / ``torch.func.X`` / ``functorch.X`` /
+  ``getattr(functorch, name)`` in code (never inside string literals).  Every torch internal is left in place.
 
 Two shims apply to both copies, so that test files and torch need not be of the same release:
 newer op-db helpers pass ``dtypesIfGPU=`` / ``backward_dtypesIfGPU=``, which older torch spells
@@ -112,6 +112,16 @@ def _rewrite_imports(src: str) -> str:
     return _IMPORT.sub(repl, src)
 
 
+_PRELUDE = """import ftrans  # functorch_compat: public names from ftrans
+
+
+def _ftrans_public(module, name, *default):  # getattr(functorch|torch.func, name)
+    return getattr(ftrans, name) if name in {public!r} else getattr(module, name, *default)
+
+
+"""
+
+
 def prepare(src_dir: str, dst: str, substitute: bool, gpu_shim: bool) -> None:
     os.makedirs(dst, exist_ok=True)
     for name in FILES:
@@ -124,7 +134,8 @@ def prepare(src_dir: str, dst: str, substitute: bool, gpu_shim: bool) -> None:
         src = re.sub(r"for (\w+), subtest_ctx in ", r"for \1, subtest_ctx, *_ in ", src)
         if substitute:
             src = _rewrite_imports(_rewrite_names(src))
-            src = "import ftrans  # functorch_compat: public names from ftrans\n" + src
+            src = re.sub(r"\bgetattr\((functorch|torch\.func),", r"_ftrans_public(\1,", src)
+            src = _PRELUDE.format(public=PUBLIC) + src
         with open(os.path.join(dst, name), "w") as f:
             f.write(src)
 

@@ -85,11 +85,14 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
     # ``ftrans.compile`` traces the vmapped function once into a flat aten graph and replays it.
     ens = ftrans.vmap(one_model, in_dims=(0, 0, None))
     ens_compiled = ftrans.compile(ens)
-    assert torch.allclose(ens_compiled(params, buffers, x), same, atol=1e-6)
+    # A replay is not differentiable with respect to its inputs, so it takes detached
+    # parameters (parameters that require grad would make it warn and run eagerly).
+    detached = {k: v.detach() for k, v in params.items()}
+    assert torch.allclose(ens_compiled(detached, buffers, x), same, atol=1e-6)
     with torch.no_grad():
         times = {name: mean_time(fn, reps=20) for name, fn in [
             ("vmap", lambda: ens(params, buffers, x)),
-            ("compile(vmap)", lambda: ens_compiled(params, buffers, x)),
+            ("compile(vmap)", lambda: ens_compiled(detached, buffers, x)),
             ("loop", lambda: torch.stack([m(x) for m in models]))]}
     print("ensemble forward: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()))
 
@@ -130,7 +133,8 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
         return F.cross_entropy(one_model(p, b, x), y)
 
     # grad w.r.t. the parameters of ONE member; vmap over members (and their minibatches).
-    member_grads = ftrans.vmap(ftrans.grad(loss_fn), in_dims=(0, 0, 0, 0))
+    # The gradient is taken inside the compiled function: traced once, replayed every step.
+    member_grads = ftrans.compile(ftrans.vmap(ftrans.grad(loss_fn), in_dims=(0, 0, 0, 0)))
     trained = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     opt = torch.optim.Adam(trained.values(), lr=1e-2)
     losses = []

@@ -11,6 +11,15 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import warnings
+
+if os.environ.get("FTRANS_STRICT_WARNINGS"):
+    # Set by the test suite: a loop fallback or an eager compile in a tutorial is a failure,
+    # in processes the tutorial spawns too (pytest's warning filters do not reach them).
+    import ftrans
+
+    warnings.simplefilter("error", ftrans.FallbackWarning)
+    warnings.simplefilter("error", ftrans.CompileWarning)
 
 
 def mean_time(fn, *, reps: int) -> float:
