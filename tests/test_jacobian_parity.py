@@ -206,9 +206,10 @@ def test_jvp_non_tensor_aux_returned_as_is():
 # ---------------------------------------------------------------------------------------------
 # Refusals: torch.func's type, torch.func's message inside ours, no leaked level
 
-X = torch.randn(2, 3)
-T = torch.randn(2, 3)
-C = torch.randn(2, dtype=torch.cfloat)
+_GEN = torch.Generator().manual_seed(0)  # module-level inputs: seeded, whatever ran before
+X = torch.randn(2, 3, generator=_GEN)
+T = torch.randn(2, 3, generator=_GEN)
+C = torch.randn(2, dtype=torch.cfloat, generator=_GEN)
 
 _REFUSED = {
     "jacrev_complex_input": lambda L: L.jacrev(torch.conj)(C),
@@ -271,8 +272,8 @@ def test_linearize_tangent_structure_error():
 # penalty backpropagates into the critic's parameters); they were detached before, and such a
 # term silently added nothing to the parameters' gradients.
 
-_W = torch.randn(3, dtype=torch.float64)
-_XS = torch.randn(4, 3, dtype=torch.float64)
+_W = torch.randn(3, dtype=torch.float64, generator=_GEN)
+_XS = torch.randn(4, 3, dtype=torch.float64, generator=_GEN)
 _THROUGH = {
     "grad": lambda L, f: L.grad(lambda x: f(x).sum())(_XS[0]),
     "vmap_grad": lambda L, f: L.vmap(L.grad(lambda x: f(x).sum()))(_XS),

@@ -309,3 +309,19 @@ def test_sparse_input_gradients_match_torch_func(f):
     for g, e in zip(got, expected):
         assert g.layout == e.layout
         assert_close(g.to_dense(), e.to_dense())
+
+
+def test_non_tensor_aux_leaves_are_returned_as_they_are():
+    # torch.func refuses non-tensor leaves in aux ("Expected tensors, got unsupported type");
+    # ftrans returns them untouched next to the right gradient / pullback.
+    x, v = torch.randn(3), torch.randn(3)
+    for aux in (1, 1.0, "abc"):
+        g, got = ftrans.grad(lambda t: (t.sin().sum(), [t.cos(), aux]), has_aux=True)(x)
+        assert_close(g, x.cos())
+        assert_close(got[0], x.cos())
+        assert got[1] == aux
+        out, vjp_fn, got = ftrans.vjp(lambda t: (t.sin(), {"a": aux, "b": [t]}), x,
+                                      has_aux=True)
+        assert_close(vjp_fn(v)[0], v * x.cos())
+        assert got["a"] == aux
+        assert_close(got["b"][0], x)

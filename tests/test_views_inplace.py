@@ -360,3 +360,10 @@ def test_as_strided_outside_the_example_raises(name, fn, shape, msg):
     x = torch.randn(5, 4)
     inside = lambda t: t.as_strided([2], [2])  # noqa: E731
     torch.testing.assert_close(ftrans.vmap(inside)(x), tf.vmap(inside)(x))
+
+
+def test_sparse_input_returned_as_is():
+    x = torch.randn(3, 4).to_sparse()
+    out = ftrans.vmap(lambda t: t)(x)
+    assert out.layout == torch.sparse_coo
+    torch.testing.assert_close(out.to_dense(), x.to_dense())

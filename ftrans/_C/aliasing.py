@@ -143,6 +143,8 @@ def as_input_view(o, d, level, by_wrapper):
                 return None
         x, w, in_dim = entry
         value = o.value
+        if x.layout is not torch.strided or value.layout is not torch.strided:
+            return None  # sparse and other layouts have no strided memory to view
         if value.is_conj() != physical(w).is_conj() or value.is_neg() != physical(w).is_neg():
             return None
         if not _same_memory(value, x):
