@@ -68,12 +68,12 @@ def _top_level(args):
 def _apply_under_transforms(cls, args, kwargs):
     import inspect
 
+    if _top_level((args, kwargs)) is None:  # nothing batched: an ordinary Function call
+        return _orig_apply(cls, *args, **kwargs)
     bound = inspect.signature(cls.forward).bind(*args, **kwargs)  # as torch.func binds them
     bound.apply_defaults()
     args, kwargs = bound.args, bound.kwargs
-    level = _top_level(args)
-    if level is None:
-        return _orig_apply(cls, *args, **kwargs)
+    level = _top_level((args, kwargs))
     from .dispatch import describe
 
     name = cls.__name__
