@@ -193,7 +193,26 @@ def _raise(op, level, args, error):
     hint = (f"\n\n{describe(level)}: {op.name} rejects the shapes of one example ({shapes}); "
             "under vmap each example is checked as the op checks it eagerly.")
     try:
-        new = type(error)(f"{error}{hint}")
+        new = type(error)(f"{error}{_torch_func_wording(op, args)}{hint}")
     except Exception:  # an exception type with another constructor: eager's error as it is
         new = error
     raise new from None
+
+
+# The matmul family's batch rules in torch.func check ranks before the kernel does, in their own
+# words; code written against torch.func matches them, so they follow eager's message.
+_RANKS = {"aten::mm": (2, 2), "aten::mv": (2, 1), "aten::bmm": (3, 3)}
+
+
+def _torch_func_wording(op, args):
+    if op.name == "aten::dot":
+        return "\nGot wrong shapes for dot"
+    expected = _RANKS.get(op.name)
+    if expected is None or len(args) < 2:
+        return ""
+    ranks = tuple(a.dim() if isinstance(a, _Tensor) else -1 for a in args[:2])
+    if ranks == expected:
+        return ""
+    return (f"\nShape mismatch: Got incorrect dims for {op.name[6:]}(a, b). a has dim "
+            f"{ranks[0]}and b has dim {ranks[1]}but expected them to have dim {expected[0]} "
+            f"and dim {expected[1]}")
