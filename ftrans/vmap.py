@@ -78,9 +78,9 @@ def vmap(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
     ):
         raise ValueError(
-            f"vmap: chunk_size should be None or greater than 0. (got {chunk_size!r})\n"
             f"vmap({_func_name(func)}, chunk_size={chunk_size!r}): chunk_size must be a positive "
-            "int or None"
+            f"int or None (vmap: chunk_size should be None or greater than 0. (got "
+            f"{chunk_size!r}))"
         )
 
     @functools.wraps(func)

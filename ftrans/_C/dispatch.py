@@ -317,16 +317,13 @@ def _check_mutation(op, level, args, bdims):
             b is not None for b in bdims
         ):
             raise VmapError(
-                # torch.func's message first, so code written against torch.func matches it.
-                "vmap: inplace arithmetic(self, *extra_args) is not possible because there "
-                "exists a Tensor `other` in extra_args that has more elements than `self`. This "
-                "happened due to `other` being vmapped over but `self` not being vmapped over in "
-                "a vmap. Please try to use out-of-place operators instead of inplace "
-                "arithmetic.\n"
                 f"{describe(level)}: {op.name} writes in place into an argument that is not "
                 "batched (it has no per-example dimension) from a batched value; the result "
                 "cannot fit. Write into a batched tensor instead, e.g. replace "
-                "`y.add_(x)` by `y = y + x`, or pass `y` to vmap as a mapped input."
+                "`y.add_(x)` by `y = y + x`, or pass `y` to vmap as a mapped input.\n"
+                # torch.func's words, so that code matching torch.func's message keeps working.
+                "(vmap: inplace arithmetic(self, *extra_args) is not possible because there "
+                "exists a Tensor `other` in extra_args that has more elements than `self`.)"
             )
 
 
