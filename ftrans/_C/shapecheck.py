@@ -135,10 +135,10 @@ def _example(t):
     """Example 0 of ``t`` at every level it is batched at: a plain tensor of its logical shape."""
     bdims = []
     while type(t) is BatchedTensor:
-        bdims.append((t.bdim, t.level.batch_size))
+        bdims.append(t.bdim)
         t = t.value
-    for bdim, size in reversed(bdims):
-        if size == 0:  # no example to run: zeros of the example's shape
+    for bdim in reversed(bdims):
+        if t.shape[bdim] == 0:  # no example to run: zeros of the example's shape
             shape = list(t.shape)
             del shape[bdim]
             t = torch.zeros(shape, dtype=t.dtype, device=t.device)
