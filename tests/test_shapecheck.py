@@ -248,6 +248,8 @@ TORCH_FUNC_WORDING = [
     (lambda: ftrans.vmap(torch.bmm)(r(B, 2, 2, 2), r(B, 2)), RuntimeError, "Shape mismatch: Got "
      "incorrect dims for bmm(a, b)."),
     (lambda: ftrans.vmap(torch.dot)(r(B, 2, 2), r(B, 2)), RuntimeError, "Got wrong shapes for dot"),
+    (lambda: ftrans.vmap(lambda x: x.as_strided([2, 3], [0]))(r(B, 6)), RuntimeError,
+     "size and stride must have the same length"),
     (lambda: ftrans.vmap(lambda x: x, chunk_size=-1)(r(B)), ValueError,
      "vmap: chunk_size should be None or greater than 0."),
     (lambda: ftrans.vmap(torch.Tensor.copy_, in_dims=(None, 0))(r(3), r(2, 3)), RuntimeError,

@@ -199,14 +199,17 @@ def _raise(op, level, args, error):
     raise new from None
 
 
-# The matmul family's batch rules in torch.func check ranks before the kernel does, in their own
-# words; code written against torch.func matches them, so they follow eager's message.
+# torch.func's batch rules check some shapes before the kernel does (the matmul family's ranks,
+# as_strided's lengths), in their own words; code written against torch.func matches them, so
+# they follow eager's message.
 _RANKS = {"aten::mm": (2, 2), "aten::mv": (2, 1), "aten::bmm": (3, 3)}
 
 
 def _torch_func_wording(op, args):
     if op.name == "aten::dot":
         return "\nGot wrong shapes for dot"
+    if op.name == "aten::as_strided" and len(args) > 2 and len(args[1]) != len(args[2]):
+        return "\nsize and stride must have the same length"
     expected = _RANKS.get(op.name)
     if expected is None or len(args) < 2:
         return ""
