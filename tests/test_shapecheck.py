@@ -52,6 +52,8 @@ INVALID = [
      (r(B, 3), torch.ones(B, 2, 3, dtype=torch.bool)), 0),
     ("masked_scatter_ mask larger", lambda x, m, s: x.clone().masked_scatter_(m, s),
      (r(B, 3), torch.ones(B, 2, 3, dtype=torch.bool), r(B, 6)), 0),
+    ("masked_scatter uint8 mask", lambda x, m, s: x.masked_scatter(m, s),
+     (r(B, 3), torch.ones(B, 3, dtype=torch.uint8), r(B, 3)), 0),
     ("mm vector", torch.mm, (r(B, 2, 2, 2), r(B, 2)), 0),
     ("mm mismatch", torch.mm, (r(B, 2, 3), r(B, 4, 2)), 0),
     ("mv vectors", torch.mv, (r(B, 2), r(B, 2)), 0),
