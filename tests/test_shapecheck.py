@@ -52,6 +52,8 @@ INVALID = [
      (r(B, 3), torch.ones(B, 2, 3, dtype=torch.bool)), 0),
     ("masked_scatter_ mask larger", lambda x, m, s: x.clone().masked_scatter_(m, s),
      (r(B, 3), torch.ones(B, 2, 3, dtype=torch.bool), r(B, 6)), 0),
+    ("masked_scatter uint8 mask", lambda x, m, s: x.masked_scatter(m, s),
+     (r(B, 3), torch.ones(B, 3, dtype=torch.uint8), r(B, 3)), 0),
     ("mm vector", torch.mm, (r(B, 2, 2, 2), r(B, 2)), 0),
     ("mm mismatch", torch.mm, (r(B, 2, 3), r(B, 4, 2)), 0),
     ("mv vectors", torch.mv, (r(B, 2), r(B, 2)), 0),
@@ -235,3 +237,30 @@ def test_ops_without_meta_kernel_still_work():
 
     x = torch.randn(4, 3, 2)
     torch.testing.assert_close(ftrans.vmap(torch.ops.ftrans_shapecheck.rowsum)(x), x.sum(-1))
+
+
+# Where torch.func words an error its own way, its message is contained too (code and tests
+# written against torch.func keep matching), after eager's.
+TORCH_FUNC_WORDING = [
+    (lambda: ftrans.vmap(torch.mm)(r(B, 2, 2, 2), r(B, 2)), RuntimeError, "Shape mismatch: Got "
+     "incorrect dims for mm(a, b). a has dim 3and b has dim 1but expected them to have dim 2 "
+     "and dim 2"),
+    (lambda: ftrans.vmap(torch.mv)(r(B, 2), r(B, 2)), RuntimeError, "Shape mismatch: Got "
+     "incorrect dims for mv(a, b)."),
+    (lambda: ftrans.vmap(torch.bmm)(r(B, 2, 2, 2), r(B, 2)), RuntimeError, "Shape mismatch: Got "
+     "incorrect dims for bmm(a, b)."),
+    (lambda: ftrans.vmap(torch.dot)(r(B, 2, 2), r(B, 2)), RuntimeError, "Got wrong shapes for dot"),
+    (lambda: ftrans.vmap(lambda x: x.as_strided([2, 3], [0]))(r(B, 6)), RuntimeError,
+     "size and stride must have the same length"),
+    (lambda: ftrans.vmap(lambda x: x, chunk_size=-1)(r(B)), ValueError,
+     "vmap: chunk_size should be None or greater than 0."),
+    (lambda: ftrans.vmap(torch.Tensor.copy_, in_dims=(None, 0))(r(3), r(2, 3)), RuntimeError,
+     "vmap: inplace arithmetic(self, *extra_args) is not possible"),
+]
+
+
+@pytest.mark.parametrize("call,exc,message", TORCH_FUNC_WORDING)
+def test_torch_func_wording_is_contained(call, exc, message):
+    with pytest.raises(exc) as info:
+        call()
+    assert message in str(info.value)

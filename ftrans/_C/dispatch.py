@@ -356,7 +356,10 @@ def _check_mutation(op, level, args, bdims):
                 "argument that is not "
                 "batched (it has no per-example dimension) from a batched value; the result "
                 "cannot fit. Write into a batched tensor instead, e.g. replace "
-                "`y.add_(x)` by `y = y + x`, or pass `y` to vmap as a mapped input."
+                "`y.add_(x)` by `y = y + x`, or pass `y` to vmap as a mapped input.\n"
+                # torch.func's words, so that code matching torch.func's message keeps working.
+                "(vmap: inplace arithmetic(self, *extra_args) is not possible because there "
+                "exists a Tensor `other` in extra_args that has more elements than `self`.)"
             )
             from .fresh import fresh_base  # made inside the function: it can become batched
             base = fresh_base(args[i], level)

@@ -135,10 +135,10 @@ def _example(t):
     """Example 0 of ``t`` at every level it is batched at: a plain tensor of its logical shape."""
     bdims = []
     while type(t) is BatchedTensor:
-        bdims.append((t.bdim, t.level.batch_size))
+        bdims.append(t.bdim)
         t = t.value
-    for bdim, size in reversed(bdims):
-        if size == 0:  # no example to run: zeros of the example's shape
+    for bdim in reversed(bdims):
+        if t.shape[bdim] == 0:  # no example to run: zeros of the example's shape
             shape = list(t.shape)
             del shape[bdim]
             t = torch.zeros(shape, dtype=t.dtype, device=t.device)
@@ -193,7 +193,29 @@ def _raise(op, level, args, error):
     hint = (f"\n\n{describe(level)}: {op.name} rejects the shapes of one example ({shapes}); "
             "under vmap each example is checked as the op checks it eagerly.")
     try:
-        new = type(error)(f"{error}{hint}")
+        new = type(error)(f"{error}{_torch_func_wording(op, args)}{hint}")
     except Exception:  # an exception type with another constructor: eager's error as it is
         new = error
     raise new from None
+
+
+# torch.func's batch rules check some shapes before the kernel does (the matmul family's ranks,
+# as_strided's lengths), in their own words; code written against torch.func matches them, so
+# they follow eager's message.
+_RANKS = {"aten::mm": (2, 2), "aten::mv": (2, 1), "aten::bmm": (3, 3)}
+
+
+def _torch_func_wording(op, args):
+    if op.name == "aten::dot":
+        return "\nGot wrong shapes for dot"
+    if op.name == "aten::as_strided" and len(args) > 2 and len(args[1]) != len(args[2]):
+        return "\nsize and stride must have the same length"
+    expected = _RANKS.get(op.name)
+    if expected is None or len(args) < 2:
+        return ""
+    ranks = tuple(a.dim() if isinstance(a, _Tensor) else -1 for a in args[:2])
+    if ranks == expected:
+        return ""
+    return (f"\nShape mismatch: Got incorrect dims for {op.name[6:]}(a, b). a has dim "
+            f"{ranks[0]}and b has dim {ranks[1]}but expected them to have dim {expected[0]} "
+            f"and dim {expected[1]}")

@@ -85,6 +85,8 @@ def _masked_positions(m, B):
 @register_batch_rule(aten.masked_scatter, aten.masked_scatter_)
 def masked_scatter_rule(level, func, args, bdims, kwargs):
     x, mask, source = args[0], args[1], args[2]
+    if mask.dtype != torch.bool:  # `where` below would take a uint8 mask; the op refuses it
+        raise RuntimeError("masked_scatter_ only supports boolean masks")  # eager's words follow
     B = level.batch_size
     rank = max(logical_rank(x, bdims[0]), logical_rank(mask, bdims[1]))
     inplace = is_inplace(func)
