@@ -264,3 +264,11 @@ def test_torch_func_wording_is_contained(call, exc, message):
     with pytest.raises(exc) as info:
         call()
     assert message in str(info.value)
+
+
+def test_eager_index_error_is_also_a_runtime_error():
+    # Eager raises IndexError for squeeze(dim=1) of a vector; torch.func's rule raises
+    # RuntimeError: the error is both, so code written against either catches it.
+    with pytest.raises(IndexError, match="Dimension out of range") as info:
+        ftrans.vmap(lambda x: torch.squeeze(x, dim=1))(torch.rand(10))
+    assert isinstance(info.value, RuntimeError)

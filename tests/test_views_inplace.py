@@ -367,3 +367,14 @@ def test_sparse_input_returned_as_is():
     out = ftrans.vmap(lambda t: t)(x)
     assert out.layout == torch.sparse_coo
     torch.testing.assert_close(out.to_dense(), x.to_dense())
+
+
+@pytest.mark.parametrize("fn", [torch.conj, torch._neg_view, lambda t: t.conj().imag],
+                         ids=["conj", "neg_view", "conj_imag"])
+def test_nested_vmap_conj_and_neg_views_keep_their_bits(fn):
+    # An output that aliases the input through a conj/neg bit is not an as_strided view of it:
+    # at a nested level the wrapper's own bits say nothing, the physical value's do.
+    z = torch.randn(4, 6, 3, dtype=torch.complex128)
+    expected = torch.stack([torch.stack([fn(z[i, j]) for j in range(6)]) for i in range(4)])
+    torch.testing.assert_close(ftrans.vmap(ftrans.vmap(fn))(z), expected)
+    torch.testing.assert_close(ftrans.vmap(ftrans.vmap(fn), in_dims=1)(z.movedim(0, 1)), expected)

@@ -145,7 +145,8 @@ def as_input_view(o, d, level, by_wrapper):
         value = o.value
         if x.layout is not torch.strided or value.layout is not torch.strided:
             return None  # sparse and other layouts have no strided memory to view
-        if value.is_conj() != physical(w).is_conj() or value.is_neg() != physical(w).is_neg():
+        pv, pw = physical(value), physical(w)  # (a nested level's value is a wrapper: its own
+        if pv.is_conj() != pw.is_conj() or pv.is_neg() != pw.is_neg():  # bits say nothing)
             return None
         if not _same_memory(value, x):
             return None  # a rule copied: the output owns its memory

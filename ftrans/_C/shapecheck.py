@@ -193,10 +193,25 @@ def _raise(op, level, args, error):
     hint = (f"\n\n{describe(level)}: {op.name} rejects the shapes of one example ({shapes}); "
             "under vmap each example is checked as the op checks it eagerly.")
     try:
-        new = type(error)(f"{error}{_torch_func_wording(op, args)}{hint}")
+        new = _as_runtime_error(type(error))(f"{error}{_torch_func_wording(op, args)}{hint}")
     except Exception:  # an exception type with another constructor: eager's error as it is
         new = error
     raise new from None
+
+
+_BOTH: dict = {}
+
+
+def _as_runtime_error(cls):
+    """Eager's exception type, also a ``RuntimeError``: torch.func's batch rules raise
+    ``RuntimeError`` where eager raises ``IndexError``/``ValueError`` (``squeeze(x, dim=1)`` of a
+    vector), so code written against either keeps catching it."""
+    if issubclass(cls, RuntimeError) or not issubclass(cls, Exception):
+        return cls
+    both = _BOTH.get(cls)
+    if both is None:
+        both = _BOTH[cls] = type(cls.__name__, (cls, RuntimeError), {"__module__": cls.__module__})
+    return both
 
 
 # torch.func's batch rules check some shapes before the kernel does (the matmul family's ranks,
