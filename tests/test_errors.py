@@ -330,3 +330,15 @@ def test_grad_non_callable():
 def test_hessian_argnum_error_names_hessian():
     _check("hessian_argnum", *_both(lambda L: L.hessian(_f2, argnums=2)(X, X)),
            "hessian(_f2, argnums=2)", r"argnum=2")
+
+
+def test_where_with_only_a_condition_is_refused_like_torch_func():
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match=r"Attempted to vmap over aten::where") as ours:
+        ftrans.vmap(lambda t: torch.where(t))(x)
+    with pytest.raises(RuntimeError, match=r"Attempted to vmap over aten::where"):
+        torch.func.vmap(lambda t: torch.where(t))(x)
+    assert "ftrans.nonzero" in str(ours.value)
+    # the three-argument form is an ordinary batched select
+    torch.testing.assert_close(ftrans.vmap(lambda t: torch.where(t > 0, t, 0.0))(x),
+                               torch.where(x > 0, x, 0.0))

@@ -36,6 +36,26 @@ def _bool(x, *args, **kwargs):
     return agreeing_bool(x)
 
 
+def _where(*args, **kwargs):
+    """``torch.where(condition)`` (one argument) is ``nonzero`` by another name: refused with
+    torch.func's message, which names ``aten::where`` (the op decomposes before dispatch sees it,
+    which would name ``nonzero``)."""
+    if len(args) + len(kwargs) != 1:
+        raise NotImplementedError  # where(cond, a, b): a pointwise select, batched as usual
+    x = args[0] if args else next(iter(kwargs.values()))
+    if not _live(x):
+        raise NotImplementedError
+    from .dispatch import VmapError, _torch_data_dependent_msg, describe
+
+    raise VmapError(
+        f"{describe(x.level)}: {_torch_data_dependent_msg('aten::where')} `torch.where(condition)` "
+        "returns the indices of each example's nonzero entries, a data-dependent size. Use "
+        "`torch.where(condition, a, b)` to select per example, or `ftrans.nonzero(condition, "
+        "size=...)` for a static-size result."
+    )
+
+
 OVERRIDES = {
     torch.Tensor.__bool__: _bool,
+    torch.where: _where,
 }
