@@ -18,7 +18,7 @@ from . import _pytree
 from ._C import levels as _levels
 from ._C import aliasing as _aliasing
 from ._C.autograd import AddBatchDim, RemoveBatchDim, saved_tensor_hooks_around_vmap
-from ._C.batched import BatchedTensor, add_batch_dim, remove_batch_dim
+from ._C.batched import BatchedTensor, add_batch_dim, batched_at, remove_batch_dim
 from ._C.guards import mark_input
 from ._C.random import vmap_mode
 
@@ -315,7 +315,7 @@ def _flat_out_dims(func, in_dims, out_dims, out, n_leaves, out_spec) -> list:
 
 
 def _remove(o, level, batch_size, d):
-    if o.requires_grad and torch.is_grad_enabled() and _batched_at(o, level):
+    if o.requires_grad and torch.is_grad_enabled() and batched_at(o, level):
         return RemoveBatchDim.apply(o, level, batch_size, d)
     return remove_batch_dim(o, level, batch_size, d)
 
@@ -327,7 +327,7 @@ def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs=()):
     results = []
     for o, d in zip(out_leaves, flat_out_dims):
         if d is None:
-            if isinstance(o, BatchedTensor) and _batched_at(o, level):
+            if isinstance(o, BatchedTensor) and batched_at(o, level):
                 raise ValueError(
                     f"{_call_form(func, in_dims, out_dims)}: `{_func_name(func)}` can not return "
                     "a BatchedTensor when out_dim is None: out_dim=None for an output that is "
@@ -357,15 +357,6 @@ def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs=()):
         results.append(view)
     return _pytree.tree_unflatten(out_spec, results)
 
-
-def _batched_at(t, level) -> bool:
-    while type(t) is BatchedTensor:
-        if t.level is level:
-            return True
-        if t.level.id < level.id:
-            return False
-        t = t.value
-    return False
 
 
 def _chunked(func, in_dims, out_dims, randomness, chunk_size, leaves, treespec, flat_dims,
@@ -473,7 +464,7 @@ def _vmap_once_marked(func, in_dims, out_dims, randomness, leaves, treespec, fla
 def _check_one_nested_level(func, in_dims, out_dims, leaves):
     stack = _levels.current_stack()
     nested = [stack[d] for d in _nested_tls.markers if d < len(stack)]
-    if any(type(x) is BatchedTensor and any(_batched_at(x, l) for l in nested) for x in leaves):
+    if any(type(x) is BatchedTensor and any(batched_at(x, l) for l in nested) for x in leaves):
         raise RuntimeError(
             f"{_call_form(func, in_dims, out_dims)}: Only one level of vmap is supported when "
             "vmapping over nested tensors"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BatchedTensor", "make_batched", "add_batch_dim", "remove_batch_dim"]
+__all__ = ["BatchedTensor", "make_batched", "add_batch_dim", "remove_batch_dim", "batched_at"]
 
 _PYTHON_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.Python)
 
@@ -178,3 +178,14 @@ _POSITIONAL = _positional_ok()
 from .autograd import batched_torch_function as _batched_torch_function  # noqa: E402,I001
 
 BatchedTensor.__torch_function__ = classmethod(_batched_torch_function)
+
+
+def batched_at(t, level) -> bool:
+    """Whether ``t`` carries a batch dim of ``level`` (at any depth of its wrappers)."""
+    while type(t) is BatchedTensor:
+        if t.level is level:
+            return True
+        if t.level.id < level.id:
+            return False
+        t = t.value
+    return False

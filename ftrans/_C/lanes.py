@@ -25,7 +25,7 @@ import types
 import torch
 
 from .autograd import AddBatchDim, RemoveBatchDim
-from .batched import BatchedTensor, add_batch_dim, remove_batch_dim
+from .batched import BatchedTensor, add_batch_dim, batched_at, remove_batch_dim
 
 __all__ = ["vmap_levels", "raw", "gather", "scatter", "closure_tensors", "rebind_closure",
            "check_not_batched", "batched_at"]
@@ -49,15 +49,6 @@ def raw(t) -> torch.Tensor:
         t = t.value
     return t.detach()
 
-
-def batched_at(t, level) -> bool:
-    while type(t) is BatchedTensor:
-        if t.level is level:
-            return True
-        if t.level.id < level.id:
-            return False
-        t = t.value
-    return False
 
 
 def _differentiable(t) -> bool:
