@@ -342,3 +342,18 @@ def test_where_with_only_a_condition_is_refused_like_torch_func():
     # the three-argument form is an ordinary batched select
     torch.testing.assert_close(ftrans.vmap(lambda t: torch.where(t > 0, t, 0.0))(x),
                                torch.where(x > 0, x, 0.0))
+
+
+@pytest.mark.parametrize("call", [
+    lambda t, out: torch.index_select(t, 0, torch.tensor([1, 2]), out=out),
+    lambda t, out: torch.gather(t, 0, torch.tensor([1, 0]), out=out),
+], ids=["index_select", "gather"])
+def test_out_variant_of_an_op_with_a_rule_is_refused_and_out_untouched(call):
+    # A rule registered on an op packet covers its functional overloads only; an out= overload
+    # is refused (torch.func's message), never run by the functional rule with `out` dropped.
+    x, out = torch.randn(2, 3), torch.zeros(1)
+    with pytest.raises(RuntimeError, match="doesn't work on out= or view ops"):
+        ftrans.vmap(lambda t: call(t, out))(x)
+    assert out.shape == (1,) and out.eq(0).all()
+    assert ftrans.op_status(torch.ops.aten.index_select.out) == "error"
+    assert ftrans.op_status(torch.ops.aten.index_select.default) == "rule"

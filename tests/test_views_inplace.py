@@ -378,3 +378,18 @@ def test_nested_vmap_conj_and_neg_views_keep_their_bits(fn):
     expected = torch.stack([torch.stack([fn(z[i, j]) for j in range(6)]) for i in range(4)])
     torch.testing.assert_close(ftrans.vmap(ftrans.vmap(fn))(z), expected)
     torch.testing.assert_close(ftrans.vmap(ftrans.vmap(fn), in_dims=1)(z.movedim(0, 1)), expected)
+
+
+def test_conj_and_neg_bits_read_inside_vmap():
+    # The wrapper carries no lazy bits of its own: is_conj()/is_neg() read the physical value's.
+    seen = []
+
+    def f(t):
+        seen.append((t.is_conj(), t.conj().is_conj(), torch._neg_view(t).is_neg()))
+        y = t.conj()
+        return y.resolve_conj() if y.is_conj() else y
+
+    z = torch.randn(3, 4, dtype=torch.complex128)
+    torch.testing.assert_close(ftrans.vmap(f)(z), z.conj())
+    torch.testing.assert_close(ftrans.vmap(ftrans.vmap(f))(z), z.conj())
+    assert seen == [(False, True, True)] * 2

@@ -43,11 +43,20 @@ RULES: dict = {}
 _listeners: list = []
 
 
+def _writes_out(overload) -> bool:
+    return any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
+               for a in overload._schema.arguments)
+
+
 def _overloads(op):
     if isinstance(op, torch._ops.OpOverload):
         return [op]
     if isinstance(op, torch._ops.OpOverloadPacket):
-        return [getattr(op, name) for name in op.overloads()]
+        # A packet's out= overloads are left out: a rule written for the functional form would
+        # drop `out` (the call fails or writes nowhere); dispatch refuses them with torch.func's
+        # message unless a rule is registered on that overload itself.
+        return [getattr(op, name) for name in op.overloads()
+                if not _writes_out(getattr(op, name))]
     raise TypeError(
         f"register_batch_rule: expected a torch.ops OpOverload or OpOverloadPacket, got {op!r}"
     )

@@ -55,7 +55,22 @@ def _where(*args, **kwargs):
     )
 
 
+def _bit(name):
+    """``is_conj()``/``is_neg()`` of a batched value: the physical value's lazy bit (the wrapper
+    carries none of its own, so ``x.conj().is_conj()`` read False inside vmap)."""
+    def read(x, *args, **kwargs):
+        if type(x) is not BatchedTensor:
+            raise NotImplementedError
+        with _DisableTF():
+            while type(x) is BatchedTensor:
+                x = x.value
+            return getattr(x, name)()
+    return read
+
+
 OVERRIDES = {
     torch.Tensor.__bool__: _bool,
     torch.where: _where,
+    torch.Tensor.is_conj: _bit("is_conj"),
+    torch.Tensor.is_neg: _bit("is_neg"),
 }
