@@ -314,3 +314,25 @@ def test_prelu_unbatched_input_batched_weight_does_not_resize(in_dims):
         warnings.simplefilter("error")
         fn = _with_grads(lambda x, w: F.prelu(x, w), 1)
         _match(fn, [x, w.movedim(0, in_dims[1])], in_dims)
+
+
+def test_batch_norm_training_unbatched_input_shares_the_running_statistic_update():
+    # Unbatched input: every example's batch statistics are equal, so an unbatched running
+    # variance gets the one update a loop gives it, beside a batched running mean.
+    torch.manual_seed(0)
+    x, B = torch.randn(4, 3, 5, dtype=torch.float64), 6
+    rm, rv = torch.randn(3, B, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    w, b = torch.randn(3, B, dtype=torch.float64), torch.randn(3, B, dtype=torch.float64)
+    rm_ref, outs = rm.clone(), []
+    for i in range(B):
+        rv_i, m_i = rv.clone(), rm_ref[:, i].clone()
+        outs.append(F.batch_norm(x, m_i, rv_i, w[:, i], b[:, i], training=True))
+        rm_ref[:, i] = m_i
+    out = ftrans.vmap(lambda m, ww, bb: F.batch_norm(x, m, rv, ww, bb, training=True),
+                      in_dims=-1)(rm, w, b)
+    torch.testing.assert_close(out, torch.stack(outs))
+    torch.testing.assert_close(rm, rm_ref)
+    torch.testing.assert_close(rv, rv_i)
+    # a batched input still cannot update an unbatched statistic
+    with pytest.raises(RuntimeError, match="running statistics"):
+        ftrans.vmap(lambda xx: F.batch_norm(xx, rm[:, 0], rv, training=True))(x.unsqueeze(0).repeat(2, 1, 1, 1))

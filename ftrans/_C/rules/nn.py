@@ -162,8 +162,12 @@ def batch_norm_rule(acts, chans, training, stats=()):
         B = level.batch_size
         args = list(args)
         train = args[training] if isinstance(training, int) else training
-        if train and any(p < len(args) and args[p] is not None and bdims[p] is None
-                         for p in stats):
+        # With an unbatched input every example's batch statistics are the same, so an unbatched
+        # running statistic gets one update (written back below); with a batched input it
+        # would need one per example.
+        acts_batched = any(p < len(args) and bdims[p] is not None for p in acts)
+        if train and acts_batched and any(p < len(args) and args[p] is not None
+                                          and bdims[p] is None for p in stats):
             raise VmapError(
                 f"{describe(level)}: batch norm in training mode would update its running "
                 "statistics in place, but they are not batched while the input is: one running "
@@ -177,19 +181,24 @@ def batch_norm_rule(acts, chans, training, stats=()):
             x = to_channels(args[p], bdims[p], B)
             args[p] = x
             C = x.shape[1] // B
-        writeback = []
+        writeback, shared = [], []
         for p in chans:
             t = args[p] if p < len(args) else None
             if not isinstance(t, torch.Tensor) or t.numel() == 0:
                 continue
             front = batched_front(t, bdims[p], B)
             flat = front.reshape(-1)
-            if p in stats and bdims[p] is not None and not front.is_contiguous():
+            if p in stats and train and bdims[p] is None:
+                flat = flat.clone()  # B equal updates of one statistic: example 0's is written
+                shared.append((t, flat))
+            elif p in stats and bdims[p] is not None and not front.is_contiguous():
                 writeback.append((front, flat))  # reshape copied: copy the update back
             args[p] = flat
         out = func(*args, **kwargs)
         for front, flat in writeback:
             front.copy_(flat.view(front.shape))
+        for t, flat in shared:
+            t.copy_(flat.view((B,) + tuple(t.shape))[0])
         outs, obds = [], []
         for o in out:
             if not isinstance(o, torch.Tensor):
