@@ -380,15 +380,19 @@ def _chunked(func, in_dims, out_dims, randomness, chunk_size, leaves, treespec, 
             _vmap_once(func, in_dims, out_dims, randomness, chunk_leaves, treespec, flat_dims, n,
                        kwargs)
         )
-    flat0, spec = _pytree.tree_flatten(chunk_outs[0])
-    flat_all = [_pytree.tree_leaves(c) for c in chunk_outs]
-    od = _flat_out_dims(func, in_dims, out_dims, chunk_outs[0], len(flat0), spec)
-    merged = []
-    for j, d in enumerate(od):
-        if d is None:
-            merged.append(flat0[j])
-        else:
-            merged.append(torch.cat([f[j] for f in flat_all], dim=d))
+    return _merge_outputs(func, in_dims, out_dims, chunk_outs,
+                          lambda parts, d: torch.cat(parts, dim=d))
+
+
+def _merge_outputs(func, in_dims, out_dims, outs, combine):
+    """One result from the results of several calls (chunks, or single examples): unbatched
+    outputs (out_dim None) are taken from the first, batched ones joined by
+    ``combine(parts, out_dim)``."""
+    flat0, spec = _pytree.tree_flatten(outs[0])
+    flat_all = [_pytree.tree_leaves(o) for o in outs]
+    dims = _flat_out_dims(func, in_dims, out_dims, outs[0], len(flat0), spec)
+    merged = [flat0[j] if d is None else combine([f[j] for f in flat_all], d)
+              for j, d in enumerate(dims)]
     return _pytree.tree_unflatten(spec, merged)
 
 
@@ -433,17 +437,8 @@ def _vmap_nested(func, in_dims, out_dims, randomness, leaves, treespec, flat_dim
         ex = [x if p is None else p[i].unsqueeze(0) for x, p in zip(leaves, per_example)]
         outs.append(_vmap_once_marked(func, in_dims, out_dims, randomness, ex, treespec,
                                       ex_dims, kwargs))
-    flat0, spec = _pytree.tree_flatten(outs[0])
-    flat_all = [_pytree.tree_leaves(o) for o in outs]
-    dims = _flat_out_dims(func, in_dims, out_dims, outs[0], len(flat0), spec)
-    merged = []
-    for j, d in enumerate(dims):
-        if d is None:
-            merged.append(flat0[j])
-        else:
-            merged.append(torch.nested.as_nested_tensor([f[j].select(0, 0) for f in flat_all],
-                                                        layout=layout))
-    return _pytree.tree_unflatten(spec, merged)
+    return _merge_outputs(func, in_dims, out_dims, outs, lambda parts, d: (
+        torch.nested.as_nested_tensor([p.select(0, 0) for p in parts], layout=layout)))
 
 
 def _vmap_once_marked(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims, kwargs):

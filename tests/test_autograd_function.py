@@ -15,6 +15,7 @@ import torch
 
 import ftrans
 from ftrans._C import levels
+from _helpers import Cube
 
 torch.manual_seed(0)
 X = torch.randn(4, 3, dtype=torch.float64)
@@ -194,16 +195,7 @@ def test_forward_leaving_torch_without_a_rule_says_so():
 # transform ("it must override the setup_context staticmethod"); ftrans differentiates them with
 # eager autograd and batches the torch ops inside.
 
-class OldCube(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x ** 3
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x ** 2 * g
+OldCube = Cube  # tests/_helpers.py: forward(ctx, x) with a hand-written backward, no setup_context
 
 
 class OldIdentity(torch.autograd.Function):  # the Function of torch.func's refusal test
