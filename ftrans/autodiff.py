@@ -132,6 +132,23 @@ def jacobian_form(api: str, func, argnums) -> str:
     return f"{api}({_name(func)}{'' if argnums == 0 else f', argnums={argnums!r}'})(*args)"
 
 
+_torch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def refuse_inside_torch_transforms(form: str) -> None:
+    """ftrans's grad-family transforms record on torch's autograd; torch's own transforms
+    (``torch.func.functionalize``, ``torch.func.vmap``/``grad`` around an ftrans call) rewrap
+    every tensor at their levels and drop that history, so the gradient would silently be
+    zero.  Refused instead (ftrans's transforms compose with each other, not with torch's)."""
+    if _torch_transforms_active():
+        raise RuntimeError(
+            f"{form}: called inside one of torch.func's transforms (functionalize, vmap, grad, "
+            "...). torch's transforms drop the autograd history ftrans's grad, vjp and jvp "
+            "record, so the result would be wrong. Call the ftrans transform outside it, or use "
+            "ftrans's transforms throughout (they compose with each other in any order)."
+        )
+
+
 def enter(x, form: str):
     """Make ``x`` an input of a new differentiation level (see the module docstring)."""
     if not isinstance(x, torch.Tensor):
@@ -381,6 +398,7 @@ def _grad_level(diff, form):
     the body exits."""
     flat_diff, spec = _tree_flatten(diff)
     need = outer_needs_graph(torch.is_grad_enabled(), flat_diff)
+    refuse_inside_torch_transforms(form)
     level = _levels.push(_levels.Level(_levels.GRAD))
     try:
         with _differentiating():

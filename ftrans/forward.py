@@ -25,8 +25,9 @@ from ._C import levels as _levels
 from .autodiff import (_differentiating, _name, _tree_flatten, _tree_unflatten, autograd_grad,
                        check_argnums, check_callable, check_jacobian_args, check_tensor_outputs,
                        closes_over_grad, detach_tree, enter, func_error, identity_basis,
-                       jacobian_form, jacrev, outer_needs_graph, refuse_complex, replace_argnums,
-                       select_argnums, split_aux, sum_exited_per_edge, edge_sums)
+                       jacobian_form, jacrev, outer_needs_graph, refuse_complex,
+                       refuse_inside_torch_transforms, replace_argnums, select_argnums, split_aux,
+                       sum_exited_per_edge, edge_sums)
 from .vmap import vmap
 
 __all__ = ["jvp", "jacfwd", "hessian", "linearize"]
@@ -72,6 +73,7 @@ class _Linearized:
         self.form = form
         grad_on, marks = torch.is_grad_enabled(), edge_sums()
         self.need = outer_needs_graph(grad_on, flat_primals)
+        refuse_inside_torch_transforms(form)
         level = _levels.push(_levels.Level(_levels.JVP))
         try:
             with _differentiating():

@@ -72,6 +72,53 @@ def test_torch_compile_of_per_sample_grads(fresh_dynamo):
     assert any(v.abs().sum() > 0 for v in out.values())
 
 
+@pytest.mark.parametrize("api", ["grad", "jvp", "vjp"])
+def test_ftrans_autodiff_inside_torch_functionalize_is_refused(api):
+    # torch.func.functionalize rewraps tensors at its own level and drops the autograd history
+    # ftrans records: the gradient came back as zeros. Refused, never silently zero.
+    f = lambda x: (x + x).view(-1).sin().sum()
+    call = {
+        "grad": lambda x: ftrans.grad(f)(x),
+        "jvp": lambda x: ftrans.jvp(f, (x,), (torch.ones_like(x),))[1],
+        "vjp": lambda x: ftrans.vjp(f, x)[1](torch.tensor(1.0))[0],
+    }[api]
+    x = torch.randn(2, 3)
+    assert call(x).abs().sum() > 0
+    with pytest.raises(RuntimeError, match="inside one of torch.func's transforms"):
+        torch.func.functionalize(call)(x)
+    with pytest.raises(RuntimeError, match="inside one of torch.func's transforms"):
+        ftrans.vmap(torch.func.functionalize(call))(x[None])
+
+
+def test_functionalize_outside_a_vmapped_jvp_agrees():
+    # PyTorch's test_vmap_functionalize_jvp, with ftrans's transforms outside functionalize
+    # as ftrans supports it: functionalize the function, then vmap its jvp.
+    def f(x):
+        y = x + x
+        z = y.view(-1)
+        y.add_(1)
+        return z
+
+    x, t = torch.randn(4, 2, 3), torch.randn(4, 2, 3)
+    ours = ftrans.vmap(lambda x, t: ftrans.jvp(torch.func.functionalize(f), (x,), (t,)))(x, t)
+    ref = torch.func.vmap(lambda x, t: torch.func.jvp(f, (x,), (t,)))(x, t)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_write_into_a_captured_tensor_inside_grad_gives_the_eager_gradient():
+    # torch.func refuses `captured.copy_(x)` inside grad ("mutate a captured Tensor"); ftrans
+    # runs it as eager autograd would: the gradient of sum(x * x) and the captured value x.
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    captured = torch.zeros(3, dtype=torch.float64)
+
+    def foo(x):
+        captured.copy_(x)
+        return (x * captured).sum()
+
+    torch.testing.assert_close(ftrans.grad(foo)(x), 2 * x)
+    torch.testing.assert_close(captured.detach(), x)
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor(fresh_dynamo):
     f = ftrans.vmap(lambda x: x.sin() * 2 + x.cos())
