@@ -40,6 +40,7 @@ from typing import Callable, Optional
 import torch
 
 from . import _joint, _pytree
+from ._C import levels as _levels
 from ._guards import Reads, global_state
 from ._statewatch import StateWatch
 
@@ -120,7 +121,8 @@ def compile(
     @functools.wraps(fn)
     def compiled(*args, **kwargs):
         leaves, spec = _pytree.tree_flatten((args, kwargs))
-        key = (spec, tuple(_leaf_key(x) for x in leaves), global_state())
+        key = (spec, tuple(_leaf_key(x) for x in leaves), global_state(),
+               bool(_levels.current_stack()))
         sig = cache.get(key)
         if sig is None:
             sig = cache[key] = _Signature(fn, spec, opts)
@@ -273,6 +275,13 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
 
     out_spec, is_tensor, consts, out_meta, outs_meta = out_box[-1]
     lifted = _joint.lifted_tensors(gm) if grad_on else []
+    if (diff_pos or lifted) and _levels.current_stack():
+        # Inside ftrans's transforms an outer level may differentiate the result again
+        # (grad of grad, jvp, hessian), which a replay's backward cannot.
+        raise _TraceFailed(
+            "called inside an ftrans transform with inputs (or captured tensors) that require "
+            "grad: a replay is differentiable only once, and the transform around it may "
+            "differentiate it again; running it eagerly. Compile the outermost function.")
     if diff_pos or lifted:
         entry = _Replay(_differentiable(flat_fn, example + dyn_example, diff_pos, lifted,
                                         outs_meta, watch, reads, backend),

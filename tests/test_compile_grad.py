@@ -220,3 +220,22 @@ def test_compiled_fine_tuning_step_agrees_with_eager_after_every_step(prog, evs)
             if a is not None:
                 torch.testing.assert_close(a, b)
         torch.testing.assert_close(dict(model.state_dict()), dict(twin.state_dict()))
+
+
+def test_inside_ftrans_transforms_a_compiled_call_stays_correct_to_any_order():
+    # grad of grad, jvp and hessian differentiate the call's backward again: inside a
+    # transform, a signature with inputs that require grad runs eagerly (warned once).
+    f = lambda x: (x.sin() * x).sum()  # noqa: E731
+    x = torch.randn(3, dtype=torch.float64)
+    c = ftrans.compile(f)
+    with pytest.warns(CompileWarning, match="inside an ftrans transform"):
+        torch.testing.assert_close(ftrans.grad(c)(x), ftrans.grad(f)(x))
+    torch.testing.assert_close(ftrans.hessian(c)(x), ftrans.hessian(f)(x))
+    t = torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(ftrans.jvp(c, (x,), (t,)), ftrans.jvp(f, (x,), (t,)))
+    # the same function called outside any transform is still a differentiable replay
+    xr = x.clone().requires_grad_()
+    c(xr).backward()
+    torch.testing.assert_close(xr.grad, ftrans.grad(f)(x))
+    assert "JointReplay" in {type(s.runner).__name__ for s in c.cache.values()
+                             if s.entries}
