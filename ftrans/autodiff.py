@@ -149,6 +149,51 @@ def refuse_inside_torch_transforms(form: str) -> None:
         )
 
 
+def call_watching_captures(func, args, kwargs, form):
+    """``func(*args, **kwargs)``, refusing (as torch.func does) an in-place write of a
+    differentiated value into a tensor ``func`` closes over: afterwards that tensor would carry
+    this level's autograd history (a ``grad_fn``) out of the transform.
+
+    torch.func checks every in-place op against its level; ftrans records on plain autograd
+    and has no per-op hook outside vmap, so it checks the tensors ``func`` names directly (its
+    closure cells and the globals its code reads) after the call: one that had no ``grad_fn``
+    and now has one was written with a differentiated value.  Tensors reached through objects
+    (``self.buffer``) are not watched.  The write has happened; its history is cut
+    (``detach_``) before the error propagates."""
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return func(*args, **kwargs)
+    watched = []
+    for cell in func.__closure__ or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if type(v) is torch.Tensor and v.grad_fn is None:
+            watched.append(v)
+    module = func.__globals__
+    for name in code.co_names:
+        v = module.get(name)
+        if type(v) is torch.Tensor and v.grad_fn is None:
+            watched.append(v)
+    if not watched:
+        return func(*args, **kwargs)
+    out = func(*args, **kwargs)
+    for t in watched:
+        node = t.grad_fn
+        if node is not None:
+            try:
+                t.detach_()
+            except RuntimeError:  # a view: detach_ is refused; the error below says enough
+                pass
+            raise RuntimeError(
+                f"{form}: During a grad (vjp, jvp, grad, etc) transform, the function provided "
+                f"attempted to call in-place operation ({node.name()}) that would mutate a "
+                "captured Tensor. This is not supported; please rewrite the function being "
+                "transformed to explicitly accept the mutated Tensor(s) as inputs.")
+    return out
+
+
 def enter(x, form: str):
     """Make ``x`` an input of a new differentiation level (see the module docstring)."""
     if not isinstance(x, torch.Tensor):
@@ -413,7 +458,8 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
     grad_on, marks = torch.is_grad_enabled(), edge_sums()
     with _grad_level(select_argnums(args, argnums), form) as (entered, _, spec, need):
         args = replace_argnums(args, argnums, _tree_unflatten(spec, entered))
-        output, aux = split_aux(func(*args, **kwargs), has_aux, form)
+        output, aux = split_aux(call_watching_captures(func, args, kwargs, form), has_aux,
+                                form)
         need = need or (grad_on and closes_over_grad([output], entered))
         if not isinstance(output, torch.Tensor):
             raise RuntimeError(
@@ -555,7 +601,8 @@ def vjp_impl(func, primals, argnums, has_aux, form, kwargs=None):
     with _grad_level(diff, form) as (entered, flat_diff, spec, need):
         diff_in = _tree_unflatten(spec, entered)
         args = diff_in if argnums is None else replace_argnums(primals, argnums, diff_in)
-        output, aux = split_aux(func(*args, **(kwargs or {})), has_aux, form)
+        output, aux = split_aux(call_watching_captures(func, args, kwargs or {}, form),
+                                has_aux, form)
         flat_out, out_spec = _tree_flatten(output)
         check_tensor_outputs(flat_out, form)
         captured = not need and grad_on and closes_over_grad(flat_out, entered)
