@@ -205,6 +205,8 @@ def _partitioned(index, branches, operands, form):
             # Each example's result written once, in place into a fresh tensor (autograd
             # records the writes): half the traffic of concatenating and reordering.
             out = parts[0].new_empty((n,) + tuple(parts[0].shape[1:]))
+            if type(out) is not torch.Tensor:  # vmap's FreshTensor (``_C/fresh.py``): plain
+                out = out.as_subclass(torch.Tensor)
             for part, idx in zip(parts, perms):
                 out.index_copy_(0, idx, part)
         else:  # still batched at an outer level: out of place
