@@ -19,8 +19,9 @@ Three shapes cover the parameter-carrying ops:
   ``||G^T A||^2 = sum((A A^T) * (G G^T))`` when ``2 T^2 <= p d`` (BEYOND.md 3.3: the crossover
   fastDP uses), else by instantiating this one layer; the clipped sum is one matmul over all
   ``B * T`` rows with the rows of ``G`` scaled by ``c`` (book-keeping: no second backward).
-- :class:`Scatter`: ``g_i`` adds row ``G[i, t]`` into row ``idx[i, t]`` (embedding).  Norms by
-  the ghost identity restricted to equal indices.
+- :class:`Scatter`: ``g_i`` adds row ``G[i, t]`` into row ``idx[i, t]`` (embedding, embedding
+  bags; per column for max-mode bags).  Norms by the ghost identity restricted to equal
+  indices for short rows, else by a segment sum over sorted indices.
 - :class:`Dense`: ``g_i`` instantiated (normalisation affine parameters, bias adds, and the
   fallback for ops with no norm rule).
 """
@@ -178,47 +179,77 @@ class Outer(Factor):
 class Scatter(Factor):
     """Row scatter: ``g_i[v] = sum_{t: idx[i, t] = v} G[i, t]``; ``idx [B, T]``, ``G [B, T, d]``.
 
-    Rows at the padding index must already be zero in ``G``.
+    With ``idx [B, T, d]`` (``columns``), each column has its own indices:
+    ``g_i[v, c] = sum_{t: idx[i, t, c] = v} G[i, t, c]`` (the winners of a max-mode embedding
+    bag).  Rows at the padding index (or masked entries) must already be zero in ``G``.
+
+    Norms: the ghost identity restricted to equal indices (``O(T^2)`` per example) for short
+    rows, else a segment sum over each example's sorted indices (``O(T log T + T d)``, never the
+    ``[V, d]`` table).
     """
+
+    GHOST_MAX_T = 64  # rows per example up to which the T x T ghost product is used
 
     def __init__(self, idx, g, num_rows):
         self.idx, self.g = idx, g
+        self.columns = idx.dim() == 3
         self.shape = torch.Size((num_rows, g.shape[-1]))
         self.dtype = g.dtype
 
     def materialize(self):
         B, T, d = self.g.shape
         V = self.shape[0]
+        if self.columns:
+            return self.g.new_zeros(B, V, d).scatter_add(1, self.idx, self.g)
         offs = torch.arange(B, device=self.idx.device).unsqueeze(1) * V
         out = self.g.new_zeros(B * V, d)
-        out.index_add_(0, (self.idx + offs).reshape(-1), self.g.reshape(-1, d))
+        out = out.index_add(0, (self.idx + offs).reshape(-1), self.g.reshape(-1, d))
         return out.view(B, V, d)
 
     def norm2(self):
         g, idx = self.g, self.idx
-        if idx.shape[1] == 1:
+        B, T, d = g.shape
+        if T == 1:
             return _sq(g, (1, 2))
-        same = idx.unsqueeze(2) == idx.unsqueeze(1)
-        return ((g @ g.mT) * same).sum((1, 2))
+        if self.columns:
+            if T <= 8:  # few bags per example: per-column ghost over [T, T, d]
+                same = idx.unsqueeze(2) == idx.unsqueeze(1)
+                return (g.unsqueeze(2) * g.unsqueeze(1) * same).sum((1, 2, 3))
+            col = torch.arange(d, device=idx.device)
+            keys = (idx * d + col).reshape(B, T * d)
+            return _segment_norm2(keys, g.reshape(B, T * d, 1))
+        if T <= self.GHOST_MAX_T:
+            same = idx.unsqueeze(2) == idx.unsqueeze(1)
+            return ((g @ g.mT) * same).sum((1, 2))
+        return _segment_norm2(idx, g)
 
     def weighted(self, c):
         B, T, d = self.g.shape
         gc = self.g * c.to(self.dtype).view(B, 1, 1)
         out = self.g.new_zeros(self.shape)
-        return out.index_add_(0, self.idx.reshape(-1), gc.reshape(-1, d))
+        if self.columns:
+            return out.scatter_add(0, self.idx.reshape(B * T, d), gc.reshape(B * T, d))
+        return out.index_add(0, self.idx.reshape(-1), gc.reshape(-1, d))
 
     def dot(self, v):
-        return (self.g * v.to(self.dtype)[self.idx]).sum((1, 2))
+        v = v.to(self.dtype)
+        if self.columns:
+            B, T, d = self.g.shape
+            picked = torch.gather(v, 0, self.idx.reshape(B * T, d)).view(B, T, d)
+            return (self.g * picked).sum((1, 2))
+        return (self.g * v[self.idx]).sum((1, 2))
 
     def cross(self, other):
-        if isinstance(other, Scatter):
+        if isinstance(other, Scatter) and not (self.columns or other.columns):
             same = self.idx[:, None, :, None] == other.idx[None, :, None, :]
             dots = torch.einsum("btd,csd->bcts", self.g, other.g)
             return (dots * same).sum((2, 3))
         return super().cross(other)
 
     def inner(self, other):
-        if isinstance(other, Scatter):
+        if self.columns:
+            return super().inner(other)
+        if isinstance(other, Scatter) and not other.columns:
             same = self.idx.unsqueeze(2) == other.idx.unsqueeze(1)
             return ((self.g @ other.g.mT) * same).sum((1, 2))
         if isinstance(other, Outer) and other.dims[1] == 1:
@@ -228,6 +259,19 @@ class Scatter(Factor):
             rows = torch.gather(g, 2, self.idx.unsqueeze(1).expand(-1, g.shape[1], -1))
             return ((a @ self.g.mT) * rows).sum((1, 2))
         return super().inner(other)
+
+
+def _segment_norm2(keys, vals):
+    """``[B]``: ``sum_k ||sum_{t: keys[i, t] = k} vals[i, t]||^2`` per example, by sorting each
+    example's keys and summing equal runs (fixed shapes: at most T segments per example)."""
+    B, T = keys.shape
+    w = vals.shape[-1]
+    sk, perm = keys.sort(1)
+    new = torch.cat([torch.ones_like(sk[:, :1], dtype=torch.bool), sk[:, 1:] != sk[:, :-1]], 1)
+    seg = new.cumsum(1) - 1 + torch.arange(B, device=keys.device).unsqueeze(1) * T
+    v = torch.gather(vals, 1, perm.unsqueeze(-1).expand(B, T, w))
+    rows = vals.new_zeros(B * T, w).index_add(0, seg.reshape(-1), v.reshape(B * T, w))
+    return _sq(rows, 1).view(B, T).sum(1)
 
 
 class Sum(Factor):
