@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .factors import Dense, Outer, Scatter
+from .factors import Dense, Outer, Rows, Scatter
 
 __all__ = ["register_norm_rule", "get_norm_rule", "norm_rule_stats", "reset_norm_rule_stats",
            "NormRule", "Call"]
@@ -156,7 +156,10 @@ def sum_to(g, shape):
     """Per-example ``g [B, *out]`` summed to ``[B, *shape]`` (undo broadcasting)."""
     lead = g.dim() - 1 - len(shape)
     if lead > 0:
-        g = g.sum(tuple(range(1, 1 + lead)))
+        if all(s == 1 for s in g.shape[1:1 + lead]):  # a view, not a copy (one row)
+            g = g.reshape(g.shape[:1] + g.shape[1 + lead:])
+        else:
+            g = g.sum(tuple(range(1, 1 + lead)))
     dims = [i + 1 for i, s in enumerate(shape) if s == 1 and g.shape[i + 1] != 1]
     return g.sum(dims, keepdim=True) if dims else g
 
@@ -307,15 +310,19 @@ def _conv_rule(nd, conv):
             if unbatched:
                 x, g = x.unsqueeze(1), g.unsqueeze(1)
             N = x.shape[1]
-            x = x.reshape((-1,) + x.shape[2:])  # [B * N, C, *S]
             g = g.reshape(B * N, g.shape[2], -1)  # [B * N, Cout, L]
             cout, L = g.shape[1], g.shape[2]
             res = {}
             if "weight" in call.targets:
-                a = unfold(x, k, stride, pads, dilation)  # [B * N, C * K, L]
-                a = a.reshape(B, N, groups, -1, L).permute(0, 2, 1, 4, 3)
+                def rows(lo, hi, x=x):  # the unfolded input of examples lo:hi
+                    m = hi - lo
+                    xs = x[lo:hi].reshape((m * N,) + x.shape[2:])  # [m * N, C, *S]
+                    a = unfold(xs, k, stride, pads, dilation)  # [m * N, C * K, L]
+                    a = a.reshape(m, N, groups, -1, L).permute(0, 2, 1, 4, 3)
+                    return a.reshape(m, groups, N * L, -1)
+                cin_k = x.shape[2] // groups * int(torch.Size(k).numel())
                 gg = g.reshape(B, N, groups, cout // groups, L).permute(0, 2, 1, 4, 3)
-                res["weight"] = Outer(a.reshape(B, groups, N * L, -1),
+                res["weight"] = Outer(Rows(rows, (B, groups, N * L, cin_k), x.dtype),
                                       gg.reshape(B, groups, N * L, -1), w.shape)
             if "bias" in call.targets:
                 res["bias"] = Dense(g.reshape(B, N, cout, L).sum((1, 3)))
@@ -366,9 +373,16 @@ def _conv_transpose_rule(nd, conv_t):
             if "weight" in call.targets:
                 L = int(torch.Size(x.shape[3:]).numel())
                 xs = x.reshape(B, N, groups, cin // groups, L).permute(0, 2, 1, 4, 3)
-                a = unfold(g.reshape((-1,) + g.shape[2:]), k, stride, pads, dilation)
-                a = a.reshape(B, N, groups, -1, L).permute(0, 2, 1, 4, 3)
-                res["weight"] = Outer(a.reshape(B, groups, N * L, -1),
+
+                def rows(lo, hi, g=g):  # the unfolded output gradient of examples lo:hi
+                    m = hi - lo
+                    a = unfold(g[lo:hi].reshape((m * N,) + g.shape[2:]), k, stride, pads,
+                               dilation)
+                    a = a.reshape(m, N, groups, -1, L).permute(0, 2, 1, 4, 3)
+                    return a.reshape(m, groups, N * L, -1)
+                K = int(torch.Size(k).numel())
+                res["weight"] = Outer(Rows(rows, (B, groups, N * L, cout // groups * K),
+                                           g.dtype),
                                       xs.reshape(B, groups, N * L, -1), w.shape)
             if "bias" in call.targets:
                 res["bias"] = Dense(g.reshape(B, N, cout, -1).sum((1, 3)))
