@@ -141,6 +141,19 @@ def test_embedding_bag_weights_from_a_parameter():
     check(loss, p, (x, feat), (0, 0))
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_int32_indices(mode):
+    gen = torch.Generator().manual_seed(12)
+    p = {"w": torch.randn(12, 5, generator=gen)}
+    x = torch.randint(0, 12, (4, 9), generator=gen).to(torch.int32)
+    off = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+
+    def loss(p, x, off):
+        return F.embedding_bag(x, p["w"], off, mode=mode, padding_idx=2).sin().sum()
+
+    check(loss, p, (x, off), (0, None))
+
+
 class BagModel(nn.Module):
     def __init__(self, mode, padding_idx=None):
         super().__init__()

@@ -35,6 +35,7 @@ def test_exact_when_split_over_spans(tiny_spans, test):
 
 
 def test_spans_cover_the_batch():
+    assert spans(0, 10, 1) == [(0, 0)] and spans(1, 10, 1) == [(0, 1)]
     for B, nbytes, budget in [(7, 100, 30), (256, 1 << 20, 1), (5, 10, 100), (64, 64, 8)]:
         s = spans(B, nbytes, budget)
         assert s[0][0] == 0 and s[-1][1] == B and len(s) <= 8

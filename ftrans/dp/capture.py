@@ -174,7 +174,7 @@ def _flip(factors, flipped, *saved):
     for k in flipped:
         f = made[k]
         if isinstance(f, Outer):
-            made[k] = Outer(f.a, f.g, f.shape[::-1], not f.transpose)
+            made[k] = Outer(f._a, f.g, f.shape[::-1], not f.transpose)  # (Rows stay lazy)
         else:
             made[k] = Dense(f.materialize().mT)
     return made

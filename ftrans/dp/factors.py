@@ -105,6 +105,8 @@ class Rows:
 def spans(B, nbytes, budget, most=8):
     """Spans ``(lo, hi)`` of the ``B`` examples with ``nbytes * (hi - lo) / B <= budget``, at
     most ``most`` of them (each span is one more kernel call)."""
+    if B <= 1:
+        return [(0, B)]
     k = max(1, min(B, most, -(-int(nbytes) // max(int(budget), 1))))
     step = -(-B // k)
     return [(lo, min(B, lo + step)) for lo in range(0, B, step)]
