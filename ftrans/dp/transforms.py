@@ -99,7 +99,8 @@ def group_norms(cap, labels):
 
 
 def clip_factors(cap, labels, bounds, sample_weights=None):
-    """Clipped sums (one tensor per leaf), the per-group norms and the per-group factors."""
+    """Clipped sums (one tensor per leaf), the per-group norms and the per-group clip factors.
+    Consumes ``cap.factors`` (each is dropped once its sum is formed, freeing what it held)."""
     norms = group_norms(cap, labels)
     scale = {l: (bounds[l] / n).clamp(max=1.0) for l, n in norms.items()}
     if sample_weights is not None:
@@ -116,6 +117,7 @@ def clip_factors(cap, labels, bounds, sample_weights=None):
             grads[i] = torch.zeros_like(x)
         else:
             grads[i] = f.weighted(scale[l]).reshape(x.shape).to(x.dtype)
+            cap.factors[i] = f = None
     return grads, norms, scale
 
 
