@@ -117,3 +117,28 @@ def test_calls_leave_nothing_behind(f64):
     tb.test_embedding_bag_module("max", 1, False)
     tc.test_unused_output()  # the unreached-output rerun
     assert _alive_batched() == base == 0
+
+
+def test_results_carry_no_graph_when_nothing_requires_grad(f64):
+    """The saved inputs of all but the first layer hang off the capture's internal anchor: the
+    clipped sums must come back detached, or a training loop's ``params - lr * g`` chains every
+    step's graph (and its factor temporaries) to the next."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+    def loss(p, x, y):
+        out = ftrans.functional_call(model, p, (x.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(out, y.unsqueeze(0))
+
+    g = ftrans.clipped_grad(loss, 0.5)(params, x, y)
+    assert not any(v.requires_grad for v in g.values())
+    assert not ftrans.per_sample_grad_norms(loss)(params, x, y).requires_grad
+    dp = ftrans.dp.DPSGD(loss, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.5,
+                         num_examples=6, accountant=None,
+                         generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        g = dp.step(params, x, y)
+        params = {k: v - 0.1 * g[k] for k, v in params.items()}
+    assert not any(v.requires_grad or v.grad_fn is not None for v in params.values())

@@ -365,6 +365,13 @@ def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error")
             if not need:
                 loss, aux = loss.detach(), _pytree.tree_map(
                     lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
+                # The saved inputs of all but the first layer depend on the internal anchor:
+                # their graph would make the clipped sums require grad and keep every factor
+                # temporary alive for as long as the result lives (and a training loop's
+                # ``params - lr * g`` would chain each step's graph to the next).
+                saved = [t.detach() if isinstance(t, torch.Tensor) else t for t in saved]
+                gs = [t.detach() for t in gs]
+                fb = [t.detach() if isinstance(t, torch.Tensor) else t for t in fb]
             rest = (aux,) if has_aux else ()
             return (loss, saved, gs, [g for g in fb if g is not None]) + rest
 
