@@ -5,8 +5,20 @@ Columns of the shared table: ``ftrans`` = ``ftrans.clipped_grad`` (eager; the co
 in the note), ``torch.func`` = ``torch.func.vmap(grad)`` + per-example clip + sum, ``loop`` = a
 per-example loop + clip (the oracle every contender is checked against).  The note holds the
 non-private step (one ``loss.backward()`` of the summed loss) and the ratios the issue targets,
-Opacus's times, and with ``--mem`` the peak RSS growth of each method measured in a fresh
-process (``python -m benchmarks.dp --mem``).
+Opacus's times, and with ``--mem`` three memory measurements (``python -m benchmarks.dp
+--mem``):
+
+- ``peak_rss_mb``: the peak RSS growth of three calls after set-up, each method in a fresh
+  process (``ru_maxrss``).  The first call is in it, so one-off costs count: the imports and
+  the trace of ``ftrans.compile``, the autograd engine's start, and memory glibc keeps after
+  freeing.
+- ``step_peak_mb``: the step itself, at steady state: in a fresh process with glibc's mmap
+  threshold fixed at 64 KiB (every tensor above it is returned to the kernel when freed, so
+  RSS follows the live tensors), one warm-up call, then the peak (``VmHWM``, reset through
+  ``/proc/self/clear_refs``) of three calls over the RSS before them.  Linux only.
+- ``graph_peak_mb``: the peak of live tensor bytes of the step's aten graph (``make_fx``,
+  every storage freed after its last use as the replay does; inputs not counted): no
+  allocator, deterministic.
 """
 from __future__ import annotations
 
@@ -194,6 +206,101 @@ def peak_rss_mb(name, B, method, threads=1) -> float:
     return float(res.stdout.strip().splitlines()[-1])
 
 
+_STEP_CHILD = """
+import gc, sys, torch
+sys.path.insert(0, {root!r})
+from benchmarks import dp
+torch.set_num_threads({threads})
+impls = dp.setup({name!r}, {B})
+fn = impls[{method!r}]
+fn()
+gc.collect()
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024.0
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+for _ in range(3):
+    fn()
+print(status("VmHWM") - before)
+"""
+
+
+def step_peak_mb(name, B, method, threads=1) -> float:
+    """Peak RSS (MiB) of three steady-state calls of ``method`` over the RSS before them, with
+    freed tensors returned to the kernel (see the module docstring); Linux only."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = _STEP_CHILD.format(root=root, threads=threads, name=name, B=B, method=method)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def live_peak_bytes(gm) -> int:
+    """Peak live tensor bytes of an aten ``GraphModule`` run in order, each storage freed after
+    the last use of any of its views (outputs kept; placeholders not counted)."""
+    nodes = list(gm.graph.nodes)
+    root, last, outs = {}, {}, set()
+    for i, n in enumerate(nodes):
+        schema = getattr(n.target, "_schema", None)
+        aliases = (n.target is torch.ops.aten._unsafe_view.default or (
+            schema is not None and len(schema.returns) == 1
+            and schema.returns[0].alias_info is not None))
+        base = n.args[0] if n.op == "call_function" and n.args else None
+        root[n] = root[base] if aliases and isinstance(base, torch.fx.Node) else n
+        for a in n.all_input_nodes:
+            last[root[a]] = i
+            if n.op == "output":
+                outs.add(root[a])
+    live, cur, best = {}, 0, 0
+    for i, n in enumerate(nodes):
+        if n.op == "call_function" and root[n] is n:
+            vals = n.meta.get("val")
+            vals = vals if isinstance(vals, (list, tuple)) else [vals]
+            live[n] = sum(v.numel() * v.element_size() for v in vals
+                          if isinstance(v, torch.Tensor))
+            cur += live[n]
+        best = max(best, cur)
+        for r in [r for r in live if last.get(r, -1) <= i and r not in outs]:
+            cur -= live.pop(r)
+    return best
+
+
+def graph_peak_mb(name, B) -> dict:
+    """``{"nonprivate": MiB, "clipped": MiB}``: :func:`live_peak_bytes` of the two steps'
+    aten graphs (the graph ``ftrans.compile`` replays, before its clean-up)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    model, shape, classes = _model(name, "cpu")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(B, *shape)
+    y = torch.randint(0, classes, (B,))
+
+    def loss(p, xb, yb):
+        out = ftrans.functional_call(model, p, (xb.unsqueeze(0),))
+        return F.cross_entropy(out, yb.unsqueeze(0))
+
+    clipped = ftrans.clipped_grad(loss, C)
+
+    def nonprivate(p, x, y):
+        leaves = {k: v.requires_grad_() for k, v in p.items()}
+        with torch.enable_grad():
+            out = torch.func.functional_call(model, leaves, (x,))
+            grads = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"),
+                                        list(leaves.values()))
+        return dict(zip(leaves, grads))
+
+    res = {}
+    for label, fn in (("nonprivate", nonprivate), ("clipped", clipped)):
+        p = {k: v.clone() for k, v in params.items()}
+        gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(p, x, y)
+        res[label] = live_peak_bytes(gm) / 2 ** 20
+    return res
+
+
 def main(argv=None):
     import argparse
     p = argparse.ArgumentParser(description=__doc__)
@@ -213,6 +320,17 @@ def main(argv=None):
                 except Exception:
                     cells.append(f"{m} -")
             print(f"peak RSS growth {name} B={B}: " + "; ".join(cells), flush=True)
+            cells = []
+            for m in ("nonprivate", "ftrans", "compiled", "opacus ghost"):
+                try:
+                    cells.append(f"{m} {step_peak_mb(name, B, m):.1f} MiB")
+                except Exception:
+                    cells.append(f"{m} -")
+            print(f"steady-state step peak {name} B={B}: " + "; ".join(cells), flush=True)
+            g = graph_peak_mb(name, B)
+            print(f"graph live-tensor peak {name} B={B}: nonprivate {g['nonprivate']:.2f} MiB; "
+                  f"clipped {g['clipped']:.2f} MiB ({g['clipped'] / g['nonprivate']:.2f}x)",
+                  flush=True)
 
 
 if __name__ == "__main__":

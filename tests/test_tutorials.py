@@ -92,6 +92,13 @@ def test_distributed_dpsgd():
     out = load("05_distributed_dpsgd").main(fast=True)
     assert out["count"] == 64
     assert out["err_sum"] < 1e-4 and out["err_params"] < 1e-5 and out["err_loop"] < 1e-4
+    assert out["err_vmap"] < 1e-4 and out["steps"] == 3
+    try:
+        import opacus  # noqa: F401  (the accountant)
+    except ImportError:
+        assert out["epsilon"] is None
+    else:
+        assert 0 < out["epsilon"] < 100
 
 
 def test_how_ftrans_works():

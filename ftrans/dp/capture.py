@@ -174,7 +174,7 @@ def _flip(factors, flipped, *saved):
     for k in flipped:
         f = made[k]
         if isinstance(f, Outer):
-            made[k] = Outer(f.a, f.g, f.shape[::-1], not f.transpose)
+            made[k] = Outer(f._a, f.g, f.shape[::-1], not f.transpose)  # (Rows stay lazy)
         else:
             made[k] = Dense(f.materialize().mT)
     return made
@@ -318,11 +318,25 @@ def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error")
     state = {}
 
     def per_example(*ex):
+        tapes = []
+        try:
+            return _per_example(tapes, *ex)
+        finally:
+            # A tap's hook is kept by the autograd node of the output it watches, and the tap
+            # keeps that output (and its gradient): a cycle through C++ that Python's garbage
+            # collector cannot see.  Break it, or every call keeps its batch's activations.
+            for tape in tapes:
+                for tap in tape.taps:
+                    tap.out = tap.g = None
+                tape.via, tape.anchors, tape.derived, tape._keep = [], {}, {}, []
+
+    def _per_example(tapes, *ex):
         with _grad_level(select_argnums(ex, argnums), form) as (entered, _, espec, need):
             ex = replace_argnums(ex, argnums, _pytree.tree_unflatten(espec, entered))
             stack = _levels.current_stack()
             tape = _Tape(entered, stack[-1].id, batch_norm, stack[-2])
             tape.force_anchor = state.get("force_anchor", False)
+            tapes.append(tape)
             with tape:
                 out = func(*ex, **kwargs)
             loss, aux = split_aux(out, has_aux, form)
@@ -351,6 +365,13 @@ def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error")
             if not need:
                 loss, aux = loss.detach(), _pytree.tree_map(
                     lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
+                # The saved inputs of all but the first layer depend on the internal anchor:
+                # their graph would make the clipped sums require grad and keep every factor
+                # temporary alive for as long as the result lives (and a training loop's
+                # ``params - lr * g`` would chain each step's graph to the next).
+                saved = [t.detach() if isinstance(t, torch.Tensor) else t for t in saved]
+                gs = [t.detach() for t in gs]
+                fb = [t.detach() if isinstance(t, torch.Tensor) else t for t in fb]
             rest = (aux,) if has_aux else ()
             return (loss, saved, gs, [g for g in fb if g is not None]) + rest
 
@@ -368,6 +389,7 @@ def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error")
         n = len(tap.saved)
         made = tap.factors(*saved[pos:pos + n], g)
         pos += n
+        tap.saved, tap.factors = (), None  # (see per_example: hooks outlive the call)
         for name, i in tap.names.items():
             if name in made:
                 parts[i].append(made[name])

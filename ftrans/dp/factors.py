@@ -19,8 +19,9 @@ Three shapes cover the parameter-carrying ops:
   ``||G^T A||^2 = sum((A A^T) * (G G^T))`` when ``2 T^2 <= p d`` (BEYOND.md 3.3: the crossover
   fastDP uses), else by instantiating this one layer; the clipped sum is one matmul over all
   ``B * T`` rows with the rows of ``G`` scaled by ``c`` (book-keeping: no second backward).
-- :class:`Scatter`: ``g_i`` adds row ``G[i, t]`` into row ``idx[i, t]`` (embedding).  Norms by
-  the ghost identity restricted to equal indices.
+- :class:`Scatter`: ``g_i`` adds row ``G[i, t]`` into row ``idx[i, t]`` (embedding, embedding
+  bags; per column for max-mode bags).  Norms by the ghost identity restricted to equal
+  indices for short rows, else by a segment sum over sorted indices.
 - :class:`Dense`: ``g_i`` instantiated (normalisation affine parameters, bias adds, and the
   fallback for ops with no norm rule).
 """
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Factor", "Dense", "Outer", "Scatter", "Sum", "combine"]
+__all__ = ["Factor", "Dense", "Outer", "Rows", "Scatter", "Sum", "combine"]
 
 
 def _sq(t, dims):
@@ -38,6 +39,10 @@ def _sq(t, dims):
 
 def _rows(t):
     return t.reshape(t.shape[0], -1)
+
+
+def _nbytes(shape, dtype):
+    return shape.numel() * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 8)
 
 
 class Factor:
@@ -63,6 +68,11 @@ class Factor:
     def inner(self, other: "Factor") -> torch.Tensor:
         return (_rows(self.materialize()) * _rows(other.materialize())).sum(1)
 
+    def held_bytes(self) -> int:
+        """Bytes of batch tensors this factor keeps alive until its clipped sum is formed
+        (orders the clipped sums: the ones that free most go first)."""
+        return 0
+
 
 class Dense(Factor):
     """``g [B, *shape]``: instantiated per-example gradients."""
@@ -75,26 +85,83 @@ class Dense(Factor):
     def materialize(self):
         return self.g
 
+    def held_bytes(self):
+        return _nbytes(self.g.shape, self.g.dtype)
+
+
+class Rows:
+    """The ``A`` operand of an :class:`Outer`, built per span of examples on demand:
+    ``fn(lo, hi)`` returns rows ``[hi - lo, n, T, d]`` for examples ``lo:hi`` (a convolution's
+    unfolded input, ``prod(k)`` times the input's size, is never formed for the whole batch
+    at once)."""
+
+    def __init__(self, fn, shape, dtype):
+        self.fn, self.shape, self.dtype = fn, torch.Size(shape), dtype
+
+    def __call__(self, lo, hi):
+        return self.fn(lo, hi)
+
+
+def spans(B, nbytes, budget, most=8):
+    """Spans ``(lo, hi)`` of the ``B`` examples with ``nbytes * (hi - lo) / B <= budget``, at
+    most ``most`` of them (each span is one more kernel call)."""
+    if B <= 1:
+        return [(0, B)]
+    k = max(1, min(B, most, -(-int(nbytes) // max(int(budget), 1))))
+    step = -(-B // k)
+    return [(lo, min(B, lo + step)) for lo in range(0, B, step)]
+
 
 class Outer(Factor):
     """``g_i = post(sum_t G[i, n, t]^T A[i, n, t])`` with ``A [B, n, T, d]``, ``G [B, n, T, p]``.
 
     ``n`` is the group count (1 except for grouped convolutions); ``post`` reshapes the
     ``[n, p, d]`` block to the parameter's shape, transposing first when ``transpose`` (the
-    parameter is the right operand of a matmul: ``[d, p]``).
+    parameter is the right operand of a matmul: ``[d, p]``).  ``A`` may be a :class:`Rows`
+    (built per span of examples).
+
+    Memory (the clipped step should cost what the non-private step does): a :class:`Rows`
+    operand is built per span of examples no larger than ``G`` (which is held anyway), and the
+    row-scaled copy of the clipped sum is formed per span of at most 1/8 of the result,
+    accumulated in place; at most 8 spans.  Once instantiated (``_raw``), ``A`` and ``G`` are
+    dropped.
     """
 
+    MIN_SPAN_BYTES = 1 << 16
+
     def __init__(self, a, g, shape, transpose=False):
-        self.a, self.g = a, g
+        self._a, self.g = a, g
+        self._dims = tuple(a.shape) + (g.shape[-1],)
         self.shape = torch.Size(shape)
         self.transpose = transpose
         self.dtype = g.dtype
         self._raw = None
 
     @property
+    def a(self):
+        a = self._a
+        return a(0, a.shape[0]) if isinstance(a, Rows) else a
+
+    def _rows(self, lo, hi):
+        a = self._a
+        if isinstance(a, Rows):
+            return a(lo, hi)
+        return a if (lo, hi) == (0, a.shape[0]) else a[lo:hi]
+
+    def _spans(self, per_example_bytes, budget):
+        B = self._dims[0]
+        return spans(B, per_example_bytes * B, max(self.MIN_SPAN_BYTES, budget))
+
+    @property
     def dims(self):
-        B, n, T, d = self.a.shape
-        return B, n, T, d, self.g.shape[-1]
+        return self._dims
+
+    def held_bytes(self) -> int:
+        """Bytes this factor keeps alive until its clipped sum is formed."""
+        if self._raw is not None:
+            return _nbytes(self._raw.shape, self.dtype)
+        a = 0 if isinstance(self._a, Rows) else _nbytes(self._a.shape, self._a.dtype)
+        return a + _nbytes(self.g.shape, self.dtype)
 
     def _post(self, raw):  # [..., n, p, d] -> [..., *shape]
         lead = raw.shape[:-3]
@@ -110,7 +177,14 @@ class Outer(Factor):
 
     def _instantiated(self):
         if self._raw is None:
-            self._raw = self.g.mT @ self.a  # [B, n, p, d]
+            B, n, T, d, p = self.dims
+            lazy = isinstance(self._a, Rows)
+            size = self.g.element_size()
+            parts = [self.g[lo:hi].mT @ self._rows(lo, hi) for lo, hi in
+                     (self._spans(n * T * d * size, B * n * T * p * size) if lazy
+                      else [(0, B)])]
+            self._raw = parts[0] if len(parts) == 1 else torch.cat(parts)  # [B, n, p, d]
+            self._a = self.g = None  # every later question is answered from the blocks
         return self._raw
 
     def use_ghost(self) -> bool:
@@ -121,11 +195,21 @@ class Outer(Factor):
         return self._post(self._instantiated())
 
     def norm2(self):
-        a, g = self.a, self.g
-        if a.shape[2] == 1:
-            return (_sq(a, -1) * _sq(g, -1)).sum((1, 2))
+        # (One row per example is the ghost case too: ``(a a^T)(g g^T)``, two batched dots,
+        # with no ``a * a`` temporary.)
         if self._raw is None and self.use_ghost():
-            return ((a @ a.mT) * (g @ g.mT)).sum((1, 2, 3))
+            B, n, T, d, p = self.dims
+            g = self.g
+            out = []
+            size = g.element_size()
+            for lo, hi in self._spans(n * T * T * size, B * n * T * (p + d) * size):
+                a = self._rows(lo, hi)
+                gg = g if (lo, hi) == (0, B) else g[lo:hi]
+                out.append(((a @ a.mT) * (gg @ gg.mT)).sum((1, 2, 3)))
+            if len(out) == 1:
+                self._a = a  # built in one piece: the clipped sum reuses it
+                return out[0]
+            return torch.cat(out)
         return _sq(self._instantiated(), (1, 2, 3))
 
     def weighted(self, c):
@@ -133,26 +217,36 @@ class Outer(Factor):
         if self._raw is not None:
             return self._post(torch.tensordot(c, self._raw, 1))
         B, n, T, d, p = self.dims
-        a, g = self.a, self.g
-        # Scale the narrower side; one (batched) matmul over all B * T rows, the row operand
-        # transposed as a view (no copy when n == 1).
-        if p <= d:
-            g = g * c.view(B, 1, 1, 1)
-        else:
-            a = a * c.view(B, 1, 1, 1)
-        flat_g = g.transpose(0, 1).reshape(n, B * T, p)
-        flat_a = a.transpose(0, 1).reshape(n, B * T, d)
-        if n == 1:
-            return self._post((flat_g[0].mT @ flat_a[0]).unsqueeze(0))
-        return self._post(flat_g.mT @ flat_a)
+        # Scale the narrower side; one (batched) matmul over the rows of a span of examples,
+        # the row operand transposed as a view (no copy when n == 1), accumulated in place.
+        size = self.g.element_size()
+        out = None
+        for lo, hi in self._spans(n * T * min(p, d) * size, n * p * d * size // 8):
+            a, g, m = self._rows(lo, hi), self.g[lo:hi], hi - lo
+            if p <= d:
+                g = g * c[lo:hi].view(m, 1, 1, 1)
+            else:
+                a = a * c[lo:hi].view(m, 1, 1, 1)
+            flat_g = g.transpose(0, 1).reshape(n, m * T, p)
+            flat_a = a.transpose(0, 1).reshape(n, m * T, d)
+            if n == 1:
+                fg, fa = flat_g[0].mT, flat_a[0]
+                out = fg @ fa if out is None else out.addmm_(fg, fa)
+            else:
+                fg = flat_g.mT
+                out = fg @ flat_a if out is None else out.baddbmm_(fg, flat_a)
+        return self._post(out if n > 1 else out.unsqueeze(0))
 
     def dot(self, v):
+        if self._raw is not None:
+            return super().dot(v)
         V = self._pre(v.to(self.dtype))  # [n, p, d]
         return ((self.g @ V) * self.a).sum((1, 2, 3))
 
     def cross(self, other):
-        if isinstance(other, Outer) and self.dims[1:] == other.dims[1:] \
-                and self.transpose == other.transpose and self.a.shape[2] == 1:
+        if isinstance(other, Outer) and self._raw is None and other._raw is None \
+                and self.dims[1:] == other.dims[1:] \
+                and self.transpose == other.transpose and self.dims[2] == 1:
             # One row per example: <g_i, h_j> = (a_i . a'_j)(g_i . g'_j), summed over groups.
             a1, a2 = self.a[:, :, 0], other.a[:, :, 0]
             g1, g2 = self.g[:, :, 0], other.g[:, :, 0]
@@ -160,7 +254,8 @@ class Outer(Factor):
         return super().cross(other)
 
     def inner(self, other):
-        if isinstance(other, Outer) and other.shape == self.shape:
+        if isinstance(other, Outer) and other.shape == self.shape and self._raw is None \
+                and other._raw is None:
             o = other.oriented(self.transpose)
             if o is not None and self.dims[1] == o.dims[1]:
                 a1, g1, a2, g2 = self.a, self.g, o.a, o.g
@@ -172,62 +267,110 @@ class Outer(Factor):
         block shapes allow."""
         if transpose == self.transpose:
             return self
+        if self._raw is not None:
+            return None
         return Outer(self.g, self.a, self.shape, transpose)
 
 
 class Scatter(Factor):
     """Row scatter: ``g_i[v] = sum_{t: idx[i, t] = v} G[i, t]``; ``idx [B, T]``, ``G [B, T, d]``.
 
-    Rows at the padding index must already be zero in ``G``.
+    With ``idx [B, T, d]`` (``columns``), each column has its own indices:
+    ``g_i[v, c] = sum_{t: idx[i, t, c] = v} G[i, t, c]`` (the winners of a max-mode embedding
+    bag).  Rows at the padding index (or masked entries) must already be zero in ``G``.
+
+    Norms: the ghost identity restricted to equal indices (``O(T^2)`` per example) for short
+    rows, else a segment sum over each example's sorted indices (``O(T log T + T d)``, never the
+    ``[V, d]`` table).
     """
+
+    GHOST_MAX_T = 64  # rows per example up to which the T x T ghost product is used
 
     def __init__(self, idx, g, num_rows):
         self.idx, self.g = idx, g
+        self.columns = idx.dim() == 3
         self.shape = torch.Size((num_rows, g.shape[-1]))
         self.dtype = g.dtype
+
+    def held_bytes(self):
+        return _nbytes(self.g.shape, self.g.dtype) + _nbytes(self.idx.shape, self.idx.dtype)
 
     def materialize(self):
         B, T, d = self.g.shape
         V = self.shape[0]
+        if self.columns:
+            return self.g.new_zeros(B, V, d).scatter_add(1, self.idx, self.g)
         offs = torch.arange(B, device=self.idx.device).unsqueeze(1) * V
         out = self.g.new_zeros(B * V, d)
-        out.index_add_(0, (self.idx + offs).reshape(-1), self.g.reshape(-1, d))
+        out = out.index_add(0, (self.idx + offs).reshape(-1), self.g.reshape(-1, d))
         return out.view(B, V, d)
 
     def norm2(self):
         g, idx = self.g, self.idx
-        if idx.shape[1] == 1:
+        B, T, d = g.shape
+        if T == 1:
             return _sq(g, (1, 2))
-        same = idx.unsqueeze(2) == idx.unsqueeze(1)
-        return ((g @ g.mT) * same).sum((1, 2))
+        if self.columns:
+            if T <= 8:  # few bags per example: per-column ghost over [T, T, d]
+                same = idx.unsqueeze(2) == idx.unsqueeze(1)
+                return (g.unsqueeze(2) * g.unsqueeze(1) * same).sum((1, 2, 3))
+            col = torch.arange(d, device=idx.device)
+            keys = (idx * d + col).reshape(B, T * d)
+            return _segment_norm2(keys, g.reshape(B, T * d, 1))
+        if T <= self.GHOST_MAX_T:
+            same = idx.unsqueeze(2) == idx.unsqueeze(1)
+            return ((g @ g.mT) * same).sum((1, 2))
+        return _segment_norm2(idx, g)
 
     def weighted(self, c):
         B, T, d = self.g.shape
         gc = self.g * c.to(self.dtype).view(B, 1, 1)
         out = self.g.new_zeros(self.shape)
-        return out.index_add_(0, self.idx.reshape(-1), gc.reshape(-1, d))
+        if self.columns:
+            return out.scatter_add(0, self.idx.reshape(B * T, d), gc.reshape(B * T, d))
+        return out.index_add(0, self.idx.reshape(-1), gc.reshape(-1, d))
 
     def dot(self, v):
-        return (self.g * v.to(self.dtype)[self.idx]).sum((1, 2))
+        v = v.to(self.dtype)
+        if self.columns:
+            B, T, d = self.g.shape
+            picked = torch.gather(v, 0, self.idx.reshape(B * T, d)).view(B, T, d)
+            return (self.g * picked).sum((1, 2))
+        return (self.g * v[self.idx]).sum((1, 2))
 
     def cross(self, other):
-        if isinstance(other, Scatter):
+        if isinstance(other, Scatter) and not (self.columns or other.columns):
             same = self.idx[:, None, :, None] == other.idx[None, :, None, :]
             dots = torch.einsum("btd,csd->bcts", self.g, other.g)
             return (dots * same).sum((2, 3))
         return super().cross(other)
 
     def inner(self, other):
-        if isinstance(other, Scatter):
+        if self.columns:
+            return super().inner(other)
+        if isinstance(other, Scatter) and not other.columns:
             same = self.idx.unsqueeze(2) == other.idx.unsqueeze(1)
             return ((self.g @ other.g.mT) * same).sum((1, 2))
-        if isinstance(other, Outer) and other.dims[1] == 1:
+        if isinstance(other, Outer) and other._raw is None and other.dims[1] == 1:
             # Tied embedding and output layer: row idx_t of the Outer gradient, dotted with G_t.
             o = other.oriented(False)
             a, g = o.a[:, 0], o.g[:, 0]  # [B, S, d], [B, S, V]: rows of W are indexed by p
             rows = torch.gather(g, 2, self.idx.unsqueeze(1).expand(-1, g.shape[1], -1))
             return ((a @ self.g.mT) * rows).sum((1, 2))
         return super().inner(other)
+
+
+def _segment_norm2(keys, vals):
+    """``[B]``: ``sum_k ||sum_{t: keys[i, t] = k} vals[i, t]||^2`` per example, by sorting each
+    example's keys and summing equal runs (fixed shapes: at most T segments per example)."""
+    B, T = keys.shape
+    w = vals.shape[-1]
+    sk, perm = keys.sort(1)
+    new = torch.cat([torch.ones_like(sk[:, :1], dtype=torch.bool), sk[:, 1:] != sk[:, :-1]], 1)
+    seg = new.cumsum(1) - 1 + torch.arange(B, device=keys.device).unsqueeze(1) * T
+    v = torch.gather(vals, 1, perm.unsqueeze(-1).expand(B, T, w))
+    rows = vals.new_zeros(B * T, w).index_add(0, seg.reshape(-1), v.reshape(B * T, w))
+    return _sq(rows, 1).view(B, T).sum(1)
 
 
 class Sum(Factor):
@@ -240,6 +383,9 @@ class Sum(Factor):
 
     def materialize(self):
         return sum(p.materialize() for p in self.parts)
+
+    def held_bytes(self):
+        return sum(p.held_bytes() for p in self.parts)
 
     def norm2(self):
         out = sum(p.norm2() for p in self.parts)

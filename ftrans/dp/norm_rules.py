@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .factors import Dense, Outer, Scatter
+from .factors import Dense, Outer, Rows, Scatter
 
 __all__ = ["register_norm_rule", "get_norm_rule", "norm_rule_stats", "reset_norm_rule_stats",
            "NormRule", "Call"]
@@ -156,7 +156,10 @@ def sum_to(g, shape):
     """Per-example ``g [B, *out]`` summed to ``[B, *shape]`` (undo broadcasting)."""
     lead = g.dim() - 1 - len(shape)
     if lead > 0:
-        g = g.sum(tuple(range(1, 1 + lead)))
+        if all(s == 1 for s in g.shape[1:1 + lead]):  # a view, not a copy (one row)
+            g = g.reshape(g.shape[:1] + g.shape[1 + lead:])
+        else:
+            g = g.sum(tuple(range(1, 1 + lead)))
     dims = [i + 1 for i, s in enumerate(shape) if s == 1 and g.shape[i + 1] != 1]
     return g.sum(dims, keepdim=True) if dims else g
 
@@ -307,15 +310,19 @@ def _conv_rule(nd, conv):
             if unbatched:
                 x, g = x.unsqueeze(1), g.unsqueeze(1)
             N = x.shape[1]
-            x = x.reshape((-1,) + x.shape[2:])  # [B * N, C, *S]
             g = g.reshape(B * N, g.shape[2], -1)  # [B * N, Cout, L]
             cout, L = g.shape[1], g.shape[2]
             res = {}
             if "weight" in call.targets:
-                a = unfold(x, k, stride, pads, dilation)  # [B * N, C * K, L]
-                a = a.reshape(B, N, groups, -1, L).permute(0, 2, 1, 4, 3)
+                def rows(lo, hi, x=x):  # the unfolded input of examples lo:hi
+                    m = hi - lo
+                    xs = x[lo:hi].reshape((m * N,) + x.shape[2:])  # [m * N, C, *S]
+                    a = unfold(xs, k, stride, pads, dilation)  # [m * N, C * K, L]
+                    a = a.reshape(m, N, groups, -1, L).permute(0, 2, 1, 4, 3)
+                    return a.reshape(m, groups, N * L, -1)
+                cin_k = x.shape[2] // groups * int(torch.Size(k).numel())
                 gg = g.reshape(B, N, groups, cout // groups, L).permute(0, 2, 1, 4, 3)
-                res["weight"] = Outer(a.reshape(B, groups, N * L, -1),
+                res["weight"] = Outer(Rows(rows, (B, groups, N * L, cin_k), x.dtype),
                                       gg.reshape(B, groups, N * L, -1), w.shape)
             if "bias" in call.targets:
                 res["bias"] = Dense(g.reshape(B, N, cout, L).sum((1, 3)))
@@ -330,6 +337,68 @@ register_norm_rule(torch.conv2d, F.conv2d, args=("input", "weight", "bias", "str
                    "dilation", "groups"), params=("weight", "bias"))(_conv_rule(2, F.conv2d))
 register_norm_rule(torch.conv3d, F.conv3d, args=("input", "weight", "bias", "stride", "padding",
                    "dilation", "groups"), params=("weight", "bias"))(_conv_rule(3, F.conv3d))
+
+
+def _conv_transpose_rule(nd, conv_t):
+    """``conv_transpose`` is the adjoint of a convolution of its output by the same weight
+    (``[Cin, Cout / groups, *k]``, read as a conv weight from ``Cout`` to ``Cin`` channels), so
+    ``g_w[ci, co, k] = sum_s x[ci, s] * unfold(g)[co, k, s]``: an :class:`Outer` with the layer
+    input on the output side (``p = Cin / groups``) and the unfolded output gradient on the
+    input side (``d = Cout / groups * prod(k)``), one row per input position.  The unfold uses
+    the forward's stride, dilation and padding; ``output_padding`` only trims the high side."""
+    def rule(call):
+        x, w, b = call["input"], call["weight"], call.get("bias")
+        if "input" in call.targets:
+            return None
+        stride = _tuple(call.get("stride", 1), nd)
+        dilation = _tuple(call.get("dilation", 1), nd)
+        padding = call.get("padding", 0)
+        if isinstance(padding, str):
+            return None
+        padding = _tuple(padding, nd)
+        out_pad = _tuple(call.get("output_padding", 0), nd)
+        groups = call.get("groups", 1)
+        k = tuple(w.shape[2:])
+        cin, cout = w.shape[0], w.shape[1] * groups
+        pads = [(padding[i], padding[i] - out_pad[i]) for i in range(nd)]
+        unbatched = x.dim() == nd + 1
+        out = conv_t(x, w, b, stride, padding, out_pad, groups, dilation)
+
+        def factors(x, g):
+            B = x.shape[0]
+            if unbatched:
+                x, g = x.unsqueeze(1), g.unsqueeze(1)
+            N = x.shape[1]
+            res = {}
+            if "weight" in call.targets:
+                L = int(torch.Size(x.shape[3:]).numel())
+                xs = x.reshape(B, N, groups, cin // groups, L).permute(0, 2, 1, 4, 3)
+
+                def rows(lo, hi, g=g):  # the unfolded output gradient of examples lo:hi
+                    m = hi - lo
+                    a = unfold(g[lo:hi].reshape((m * N,) + g.shape[2:]), k, stride, pads,
+                               dilation)
+                    a = a.reshape(m, N, groups, -1, L).permute(0, 2, 1, 4, 3)
+                    return a.reshape(m, groups, N * L, -1)
+                K = int(torch.Size(k).numel())
+                res["weight"] = Outer(Rows(rows, (B, groups, N * L, cout // groups * K),
+                                           g.dtype),
+                                      xs.reshape(B, groups, N * L, -1), w.shape)
+            if "bias" in call.targets:
+                res["bias"] = Dense(g.reshape(B, N, cout, -1).sum((1, 3)))
+            return res
+        return out, (x,), factors
+    return rule
+
+
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
+                "dilation")
+register_norm_rule(torch.conv_transpose1d, F.conv_transpose1d, args=_CONV_T_ARGS,
+                   params=("weight", "bias"))(_conv_transpose_rule(1, F.conv_transpose1d))
+register_norm_rule(torch.conv_transpose2d, F.conv_transpose2d, args=_CONV_T_ARGS,
+                   params=("weight", "bias"))(_conv_transpose_rule(2, F.conv_transpose2d))
+register_norm_rule(torch.conv_transpose3d, F.conv_transpose3d, args=_CONV_T_ARGS,
+                   params=("weight", "bias"))(_conv_transpose_rule(3, F.conv_transpose3d))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,6 +423,74 @@ def _embedding(call):
             g = g * (idx != pad).unsqueeze(-1).to(g.dtype)
         return {"weight": Scatter(idx, g, V)}
     return F.embedding(idx, w, pad), (idx,), factors
+
+
+_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+@register_norm_rule(F.embedding_bag, args=("input", "weight", "offsets", "max_norm", "norm_type",
+                                           "scale_grad_by_freq", "mode", "sparse",
+                                           "per_sample_weights", "include_last_offset",
+                                           "padding_idx"), params=("weight",))
+def _embedding_bag(call):
+    """One example's indices (1-D with ``offsets``, or 2-D: one bag per row) are a
+    :class:`Scatter`: index ``t`` of bag ``b`` adds ``g[b]`` (sum), ``g[b] / |bag b|`` (mean:
+    non-padding entries counted) or ``psw[t] * g[b]`` (sum with ``per_sample_weights``) to its
+    row; max mode scatters ``g[b, c]`` to the winning row of each column ``c`` (a column-wise
+    Scatter).  Padding entries and empty bags contribute nothing."""
+    idx, w = call["input"], call["weight"]
+    offsets, psw = call.get("offsets"), call.get("per_sample_weights")
+    mode = call.get("mode", "mean")
+    last = bool(call.get("include_last_offset", False))
+    pad = call.get("padding_idx")
+    if call.get("max_norm") is not None or call.get("scale_grad_by_freq") or call.get("sparse") \
+            or mode not in _BAG_MODES or w.dim() != 2 or getattr(idx, "is_nested", False) \
+            or (psw is not None and mode != "sum"):
+        return None
+    V, d = w.shape
+    if pad is not None and pad < 0:
+        pad += V
+    if idx.dim() == 2:
+        if offsets is not None:
+            return None  # F.embedding_bag raises; let it
+        L = idx.shape[1]
+        offsets = torch.arange(0, idx.numel(), L, dtype=idx.dtype, device=idx.device)
+        idx, last = idx.reshape(-1), False
+        if psw is not None:
+            psw = psw.reshape(-1)
+    elif idx.dim() != 1 or offsets is None or offsets.dim() != 1:
+        return None
+    out, _, _, max_idx = torch.embedding_bag(w, idx, offsets, False, _BAG_MODES[mode], False,
+                                             psw, last, pad)
+    saved = (idx, offsets) + ((psw,) if psw is not None else ()) \
+        + ((max_idx,) if mode == "max" else ())
+
+    def factors(idx, offsets, *rest):
+        g = rest[-1]  # [B, nb, d]
+        B, T = idx.shape
+        nb = g.shape[1]
+        if offsets.dim() == 1:
+            offsets = offsets.expand(B, -1)
+        pos = torch.arange(T, device=idx.device).expand(B, T)
+        bag = torch.searchsorted(offsets.contiguous(), pos.contiguous(), right=True) - 1
+        valid = (bag >= 0) & (bag < nb)  # past include_last_offset's end: unused
+        if pad is not None:
+            valid = valid & (idx != pad)
+        bag = bag.clamp(0, nb - 1)
+        count = g.new_zeros(B, nb).scatter_add(1, bag, valid.to(g.dtype))
+        if mode == "max":
+            # Each column's winner among the bag's non-padding entries; empty bags output 0.
+            win = rest[-2]
+            keep = (count > 0).unsqueeze(-1).to(g.dtype)
+            return {"weight": Scatter(win, g * keep, V)}
+        scale = valid.to(g.dtype)
+        if mode == "mean":
+            scale = scale / torch.gather(count, 1, bag).clamp_min(1)
+        if psw is not None:
+            scale = scale * rest[0].to(g.dtype)
+        rows = torch.gather(g, 1, bag.unsqueeze(-1).expand(B, T, d)) * scale.unsqueeze(-1)
+        return {"weight": Scatter(idx, rows, V)}
+    return out, saved, factors
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,17 +99,25 @@ def group_norms(cap, labels):
 
 
 def clip_factors(cap, labels, bounds, sample_weights=None):
-    """Clipped sums (one tensor per leaf), the per-group norms and the per-group factors."""
+    """Clipped sums (one tensor per leaf), the per-group norms and the per-group clip factors.
+    Consumes ``cap.factors`` (each is dropped once its sum is formed, freeing what it held)."""
     norms = group_norms(cap, labels)
     scale = {l: (bounds[l] / n).clamp(max=1.0) for l, n in norms.items()}
     if sample_weights is not None:
         scale = {l: s * sample_weights.to(s.dtype) for l, s in scale.items()}
-    grads = []
-    for f, x, l in zip(cap.factors, cap.leaves, labels):
+    # The sums whose factors hold the most beyond their result go first: what they hold is
+    # freed before the larger results are formed (the step's peak memory).
+    order = sorted(range(len(cap.factors)), key=lambda i: 0 if cap.factors[i] is None else
+                   cap.leaves[i].numel() * cap.leaves[i].element_size()
+                   - cap.factors[i].held_bytes())
+    grads = [None] * len(cap.factors)
+    for i in order:
+        f, x, l = cap.factors[i], cap.leaves[i], labels[i]
         if f is None:
-            grads.append(torch.zeros_like(x))
+            grads[i] = torch.zeros_like(x)
         else:
-            grads.append(f.weighted(scale[l]).reshape(x.shape).to(x.dtype))
+            grads[i] = f.weighted(scale[l]).reshape(x.shape).to(x.dtype)
+            cap.factors[i] = f = None
     return grads, norms, scale
 
 
