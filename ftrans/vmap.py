@@ -20,7 +20,7 @@ from ._C import aliasing as _aliasing
 from ._C.autograd import AddBatchDim, RemoveBatchDim, saved_tensor_hooks_around_vmap
 from ._C.batched import BatchedTensor, add_batch_dim, batched_at, remove_batch_dim
 from ._C.guards import mark_input
-from ._C.random import vmap_mode
+from ._C.dispatch import vmap_mode
 
 __all__ = ["vmap"]
 

@@ -13,7 +13,7 @@ Python ``if`` takes one path for the whole computation.
 from __future__ import annotations
 
 from .batched import BatchedTensor
-from .dispatch import _DATA_DEPENDENT_HINTS, VmapError, _torch_data_dependent_msg, describe
+from .errors import DATA_DEPENDENT_HINTS, VmapError, call_form, torch_data_dependent_msg
 
 __all__ = ["agreeing_scalar", "agreeing_bool", "DivergentValueError"]
 
@@ -26,9 +26,9 @@ class DivergentValueError(VmapError):
     the examples by them)."""
 
     def __init__(self, level, op_name, value):
-        hint = _DATA_DEPENDENT_HINTS.get(op_name) or op_name
+        hint = DATA_DEPENDENT_HINTS.get(op_name) or op_name
         super().__init__(
-            f"{describe(level)}: {_torch_data_dependent_msg(op_name)} {op_name} is a "
+            f"{call_form(level)}: {torch_data_dependent_msg(op_name)} {op_name} is a "
             f"data-dependent operation on a batched value whose examples disagree: {hint}. "
             "A Python value is one value for the whole batch: it is "
             "allowed when every example agrees, but here they differ. Branch per example with "

@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import _pytree
 from .._C import levels as _levels
-from .._C.autograd import _OVERRIDES
+from .._C.torch_function import OVERRIDES as _OVERRIDES
 from ..autodiff import (_grad_level, check_argnums, replace_argnums, select_argnums,
                         split_aux)
 from ..vmap import vmap

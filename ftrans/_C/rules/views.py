@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from ..errors import VmapError, call_form
 from ..registry import RULES, register_batch_rule
 from ._util import to_front, wrap_dim
 
@@ -371,9 +372,7 @@ def _check_as_strided_slice(level, x, b, size, stride, off):
             msg = (head + f"`result` can access some memory in range [{off}, {span + off}], but "
                    f"`tensor` can only access some memory in range [{base}, {own + base}]. " + tail)
     if msg is not None:
-        from ..dispatch import VmapError, describe
-
-        raise VmapError(f"{describe(level)}: {msg}")
+        raise VmapError(f"{call_form(level)}: {msg}")
 
 
 @register_batch_rule(aten.as_strided.default)
