@@ -14,6 +14,7 @@ import torch
 from . import _pytree
 from ._C.agree import DivergentValueError
 from ._C.batched import BatchedTensor
+from ._vmap_args import _batch_size, _flat_out_dims, _flatten_in_dims
 
 __all__ = ["split_call"]
 
@@ -49,8 +50,6 @@ def split_call(vmap_call, func, in_dims, out_dims, randomness, chunk_size, *args
     try:
         return vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs)
     except DivergentValueError as err:
-        from .vmap import _batch_size, _flat_out_dims, _flatten_in_dims
-
         leaves, treespec, flat_dims = _flatten_in_dims(func, in_dims, out_dims, args)
         batch_size = _batch_size(func, in_dims, out_dims, leaves, flat_dims)
         groups = _groups(err, batch_size)
