@@ -1,7 +1,8 @@
 """Forward-mode transforms: ``jvp``, ``linearize``, ``jacfwd``, ``hessian``.
 
-torch's ``forward_ad`` cannot nest (``jvp(jvp(f))`` raises) and hit layout asserts with batched
-tangents (DESIGN.md pitfall 6), so forward mode here is built from reverse mode with the
+torch's ``forward_ad`` cannot nest (``jvp(jvp(f))`` raises), and ``jacfwd(jacrev)`` with batched
+tangents hit an internal assert on the view/tangent layout; torch.func's default ``hessian`` is
+``jacfwd(jacrev)``, which users call.  So forward mode here is built from reverse mode with the
 double-vjp trick: for a dummy cotangent ``u``, ``g(u) = J^T u`` is linear in ``u``, and the
 vjp of ``g`` with cotangent ``v`` is ``J v``::
 
@@ -22,12 +23,13 @@ from typing import Any, Callable
 import torch
 
 from ._C import levels as _levels
-from .autodiff import (_differentiating, _name, _tree_flatten, _tree_unflatten, autograd_grad,
-                       check_argnums, check_callable, check_jacobian_args, check_tensor_outputs,
-                       closes_over_grad, detach_tree, enter, func_error, identity_basis,
-                       jacobian_form, jacrev, outer_needs_graph, refuse_complex,
-                       refuse_inside_torch_transforms, replace_argnums, select_argnums, split_aux,
-                       sum_exited_per_edge, edge_sums)
+from ._autodiff_common import (_differentiating, _name, _tree_flatten, _tree_unflatten,
+                               autograd_grad, check_argnums, check_callable, check_jacobian_args,
+                               check_tensor_outputs, closes_over_grad, detach_tree, enter,
+                               func_error, identity_basis, jacobian_form, outer_needs_graph,
+                               refuse_complex, refuse_inside_torch_transforms, replace_argnums,
+                               select_argnums, split_aux, sum_exited_per_edge, edge_sums)
+from .autodiff import jacrev  # hessian is jacfwd(jacrev)
 from .vmap import vmap
 
 __all__ = ["jvp", "jacfwd", "hessian", "linearize"]
