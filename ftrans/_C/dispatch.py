@@ -78,8 +78,10 @@ def _prepare(func):
                     and not getattr(RULES.get(func), "handles_randomness", False))
     if op.is_random:
         # dispatch() hands random ops to the randomness policy before any handler could run;
-        # every draw is checked per example (shapecheck.py), none is explained by a rule.
-        op.handler, op.status, op.ok_shapes, op.explains = None, "rule", {}, False
+        # every draw is checked per example (shapecheck.py), none is explained by a rule.  The
+        # policy refuses out= forms (as torch.func does).
+        op.handler, op.ok_shapes, op.explains = None, {}, False
+        op.status = "error" if _writes_out(func) else "rule"
         return op
     op.handler, op.status = _choose_handler(func, tags)
     # Per-example shape validity (shapecheck.py): the signatures found valid, for rules that
@@ -111,38 +113,9 @@ def _tracking_views(handle):
     return handle_view
 
 
-def _choose_handler(func, tags, tag_rule):
-    name = func._schema.name
-    rule = RULES.get(func)
-    if rule is not None:  # a rule may handle the static cases of a data-dependent op
-        return _rule_handler(rule), "rule"
-    if vmap_fn_for(func) is not None:  # a custom op's own torch.library vmap rule
-        return _rule_handler(registered_vmap_rule), "rule"
-    if name in ("aten::is_nonzero", "aten::_local_scalar_dense"):
-        from .agree import agreeing_scalar  # one value when the whole batch agrees on it
-        return agreeing_scalar, "error"
-    if name in _DATA_DEPENDENT_HINTS:
-        return _data_dependent, "error"
-    if any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
-           for a in func._schema.arguments):  # out=: a loop would return a new tensor, not out
-        return _out_variant_unsupported, "error"
-    rule = tag_rule(func, tags)
-    if rule is not None:
-        return _rule_handler(rule), "rule"
-    if func.namespace == "prim":  # metadata queries (prim::device, prim::layout, ...)
-        return _metadata_query, "rule"
-    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
-        return _decompose_composite, "decomposition"
-    decomp = _decompositions().get(func)
-    if decomp is not None:
-        return _decomp_handler(decomp), "decomposition"
-    if torch.Tag.data_dependent_output in tags:
-        return _data_dependent, "error"
-    # dynamic_output_shape ops without a hint above (bincount, nonzero_static, lstsq...) run per
-    # example: correct when every example's output has the same shape, a clear error otherwise.
-    if torch.Tag.inplace_view in tags:  # a loop would resize each example's view, not the batch
-        return _inplace_view_unsupported, "error"
-    return _rule_handler(_loop_or_registered_vmap), "fallback"
+def _writes_out(func) -> bool:
+    return any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
+               for a in func._schema.arguments)
 
 
 def _choose_handler(func, tags):
@@ -156,8 +129,7 @@ def _choose_handler(func, tags):
         return agreeing_scalar, "error"  # one value when the whole batch agrees on it
     if name in DATA_DEPENDENT_HINTS:
         return refuse_data_dependent, "error"
-    if any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
-           for a in func._schema.arguments):  # out=: a loop would return a new tensor, not out
+    if _writes_out(func):  # out=: a loop would return a new tensor, not out
         return refuse_out_variant, "error"
     rule = tag_rule(func, tags)
     if rule is not None:
@@ -435,6 +407,7 @@ def _decomp_handler(fn):
     def handle(op, level, args, kwargs):
         return fn(*args, **kwargs)
 
+    handle.decomposition = fn  # for ``python -m ftrans --where``
     return handle
 
 
