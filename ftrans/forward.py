@@ -250,7 +250,7 @@ def jacfwd(func: Callable, argnums: Any = 0, has_aux: bool = False, *,
             return func(*replace_argnums(args, nums, _tree_unflatten(in_spec, list(flat))),
                         **kwargs)
 
-        basis, numels, total = identity_basis(flat_diff)
+        basis, numels, _ = identity_basis(flat_diff)
 
         def push(*tangents):
             # The forward pass runs once here: primals are not batched, only tangents are.

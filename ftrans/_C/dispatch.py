@@ -134,8 +134,8 @@ def _choose_handler(func, tags):
     rule = tag_rule(func, tags)
     if rule is not None:
         return _rule_handler(rule), "rule"
-    if func.namespace == "prim":  # metadata queries (prim::device, prim::layout, ...)
-        return _metadata_query, "rule"
+    if func.namespace == "prim":  # metadata queries (prim::device, prim::layout, ...): read
+        return _metadata_query, "rule"  # off the physical value, exact, so reported as a rule
     if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
         return _decompose_composite, "decomposition"  # NOTE [composite ops below autograd]
     decomp = _decompositions().get(func)
@@ -210,6 +210,12 @@ def op_status(func) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def dispatch(func, args, kwargs, from_mode=False):
+    """Run aten op ``func`` on ``args``/``kwargs`` at the highest level among them.
+
+    ``from_mode``: the call came through the vmap mode, not a BatchedTensor (the two entries'
+    only difference, kept as a flag so that both share this one body): every live vmap level
+    of the thread then applies to a random op, batched arguments or not, and an unbatched op
+    must honour lazy conj/neg bits itself."""
     op = _OPS.get(func)
     if op is None:
         op = _OPS[func] = _prepare(func)

@@ -1,7 +1,7 @@
 """The torch-function fast path: ops that autograd will not record skip the C++ dispatcher.
 
 A torch call on a BatchedTensor normally runs the argument parser, ``__torch_function__`` (the
-per-use lift in ``autograd.py``), the parser again, the autograd kernel and the Python key
+per-use lift, ``torch_function.py``), the parser again, the autograd kernel and the Python key
 before it reaches :func:`~ftrans._C.dispatch.dispatch`: about 5 us of a 15 us op.  When no
 argument requires grad, autograd records nothing and the only layer that matters is the last
 one, so ``__torch_function__`` can call ``dispatch`` itself, if it knows which aten overload

@@ -19,8 +19,8 @@ Families:
 - ``factory``: copies, fills, ``new_*`` and ``*_like``;
 - ``distance``: ``cdist``/``pdist``;  ``embedding_bag``;
 - ``static_size``: static-size forms of data-dependent ops (``nonzero_static``, ``size=``);
-- ``stragglers``: ops of no family above that torch's OpInfo sweep reaches (``renorm``,
-  ``block_diag``...; the module's docstring lists them);  ``misc``: a few more of that kind;
+- ``other``: ops of no family above (``rsub.Tensor``, ``lu_unpack``, grid sampling, ``renorm``,
+  ``block_diag``...; the module's docstring lists them);
 - ``random``: randomness rules, how random ops draw under vmap's ``randomness=`` (registered
   with ``register_random_rule``; the policy is ``_C/random.py``).
 """
@@ -30,7 +30,7 @@ from .pointwise import is_pointwise, pointwise_rule
 
 # In this order (a later family's registration for the same op would win):
 from . import views, reduce, linalg, conv, nn, index, scatter, join  # noqa: F401,E402
-from . import factory, misc, fft, loss, distance, embedding_bag, stragglers  # noqa: F401,E402
+from . import factory, fft, loss, distance, embedding_bag, other  # noqa: F401,E402
 from . import static_size, random  # noqa: F401,E402
 
 

@@ -7,7 +7,7 @@ from ..ops import any_batched, pad_rank, to_front  # noqa: F401 (re-exported for
 from ..registry import register_batch_rule
 
 __all__ = ["to_front", "batched_front", "to_channels", "logical_rank", "wrap_dim", "any_batched",
-           "pad_rank"]
+           "pad_rank", "aten_op", "aten_ops", "overloads", "register_present"]
 
 
 def batched_front(x: torch.Tensor, bdim, batch_size: int) -> torch.Tensor:
@@ -47,6 +47,18 @@ def aten_op(name, overload="default"):
     if packet is None or overload not in packet.overloads():
         return None
     return getattr(packet, overload)
+
+
+def overloads(*names):
+    """``aten_op`` for a list with one string per op: the overloads among ``names``
+    (``"squeeze.dims"``; a bare ``"squeeze"`` is the whole packet) that this torch has."""
+    found = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = aten_op(packet, overload) if overload else getattr(torch.ops.aten, packet, None)
+        if op is not None:
+            found.append(op)
+    return found
 
 
 def aten_ops(*names, overload="default"):

@@ -139,7 +139,8 @@ def dot_rule(level, func, args, bdims, kwargs):
 @register_batch_rule(aten.vdot.default)
 def vdot_rule(level, func, args, bdims, kwargs):
     # conj_physical, not conj(): below the Python key the Conjugate fallback is excluded, so
-    # kernels would read a lazy conj bit as plain data (pitfall 8)
+    # kernels would read a lazy conj bit as plain data (NOTE [view bits below the Python key]
+    # in ops.py)
     return _dot(args[0].conj_physical(), bdims[0], args[1], bdims[1], level.batch_size)
 
 

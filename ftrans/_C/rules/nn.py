@@ -370,7 +370,7 @@ def embedding_dense_backward_rule(level, func, args, bdims, kwargs):
 # scaled dot product attention kernels: fold into N
 # ----------------------------------------------------------------------------------------------
 
-def attention_rule(cores, dropout_pos=None, mask_pos=None):
+def attention_rule(cores, dropout_pos=None):
     """``cores[pos]``: the logical rank of that tensor *with* its N dim (4 for q/k/v/out,
     3 for logsumexp).  Tensors of lower logical rank have no N and need no fold."""
 

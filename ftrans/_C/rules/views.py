@@ -25,24 +25,9 @@ import torch
 
 from ..errors import VmapError, call_form
 from ..registry import RULES, register_batch_rule
-from ._util import to_front, wrap_dim
+from ._util import overloads, to_front, wrap_dim
 
 aten = torch.ops.aten
-
-
-def overloads(*names):
-    """The ``aten`` overloads among ``names`` ("squeeze.dims") that this torch version has."""
-    found = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        p = getattr(aten, packet, None)
-        if p is None:
-            continue
-        if not overload:
-            found.append(p)
-        elif overload in p.overloads():
-            found.append(getattr(p, overload))
-    return found
 
 
 # ----------------------------------------------------------------------------------------------
