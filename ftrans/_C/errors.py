@@ -13,7 +13,8 @@ from .levels import SUMMING_EXITED as _SUMMING_EXITED
 
 __all__ = ["VmapError", "call_form", "DATA_DEPENDENT_HINTS", "torch_data_dependent_msg",
            "data_dependent", "refuse_data_dependent", "refuse_out_variant", "refuse_inplace_view",
-           "escaped", "ITEM_MSG", "CONTROL_FLOW_MSG", "INPLACE_UNBATCHED_MSG"]
+           "escaped", "ITEM_MSG", "CONTROL_FLOW_MSG", "INPLACE_UNBATCHED_MSG",
+           "DivergentValueError"]
 
 
 class VmapError(RuntimeError):
@@ -100,6 +101,27 @@ def data_dependent(level, op_name, what=None):
         f"{call_form(level)}: {torch_data_dependent_msg(op_name)} {op_name} is a data-dependent "
         f"operation, not supported on a batched value: {hint}."
     )
+
+
+class DivergentValueError(VmapError):
+    """A Python value (``if``, ``bool``, ``.item()``) read from a batched tensor whose examples
+    disagree.  ``level`` and ``value`` say where (``vmap(..., control_flow="split")`` groups
+    the examples by them)."""
+
+    def __init__(self, level, op_name, value):
+        hint = DATA_DEPENDENT_HINTS.get(op_name) or op_name
+        super().__init__(
+            f"{call_form(level)}: {torch_data_dependent_msg(op_name)} {op_name} is a "
+            f"data-dependent operation on a batched value whose examples disagree: {hint}. "
+            "A Python value is one value for the whole batch: it is "
+            "allowed when every example agrees, but here they differ. Branch per example with "
+            "`ftrans.cond(pred, true_fn, false_fn, operands)` (or `torch.where`), loop per "
+            "example with `ftrans.while_loop`, or let vmap run the function once per group of "
+            "agreeing examples with `vmap(f, control_flow=\"split\")` (f must be free of side "
+            "effects)."
+        )
+        self.level = level
+        self.value = value
 
 
 # ----------------------------------------------------------------------------------------------
