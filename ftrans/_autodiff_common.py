@@ -26,6 +26,7 @@ from . import _pytree
 from ._C import levels as _levels
 from ._C.autograd import _levels_of, sum_exited_levels, sum_level
 from ._C.guards import mark_input
+from ._chunking import check_chunk_args
 
 __all__ = ["check_argnums", "select_argnums", "replace_argnums", "check_callable",
            "check_jacobian_args", "jacobian_form", "refuse_inside_torch_transforms", "enter",
@@ -119,8 +120,6 @@ def check_jacobian_args(func, api: str, chunk_size, memory_budget=None):
     ``memory_budget``: one per transform, so its choice is cached across calls)."""
     check_callable(func, api)
     if chunk_size == "auto" or memory_budget is not None:
-        from ._chunking import check_chunk_args
-
         return check_chunk_args(f"{api}({_name(func)}, ...)", chunk_size, memory_budget)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise func_error(f"{api}({_name(func)}, chunk_size={chunk_size!r})",

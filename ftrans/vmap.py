@@ -21,6 +21,7 @@ from ._C.autograd import AddBatchDim, RemoveBatchDim, saved_tensor_hooks_around_
 from ._C.batched import BatchedTensor, add_batch_dim, batched_at, remove_batch_dim
 from ._C.guards import mark_input
 from ._C.dispatch import vmap_mode
+from ._chunking import check_chunk_args
 from ._split import split_call
 from ._vmap_args import _batch_size, _call_form, _check_out_dims, _flat_out_dims, \
     _flatten_in_dims, _func_name
@@ -79,7 +80,7 @@ def vmap(
             f"randomness are 'error', 'different', or 'same'. Got {randomness}"
         )
     if chunk_size == "auto" or memory_budget is not None:
-        from ._chunking import check_chunk_args  # an AutoChunk: vmap picks the chunk size
+        # an AutoChunk: vmap picks the chunk size
         chunk_size = check_chunk_args(f"vmap({_func_name(func)}, ...)", chunk_size,
                                       memory_budget)
     if control_flow not in ("error", "split"):

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _pytree
 from . import levels as _levels
 from .batched import BatchedTensor, make_batched
 from .errors import call_form
@@ -53,7 +54,6 @@ def _apply(cls, *args, **kwargs):
 
 
 def _leaves(tree):
-    from .. import _pytree
     return _pytree.tree_leaves(tree)
 
 
@@ -125,7 +125,6 @@ def _with_rule(cls):
 
 
 def _unwrap(args, level):
-    from .. import _pytree
 
     leaves, spec = _pytree.tree_flatten(args)
     values, dims = [], []
@@ -140,7 +139,6 @@ def _unwrap(args, level):
 
 
 def _run_rule(cls, args, kwargs):
-    from .. import _pytree
     level = _top_level(args)
     values, in_dims = _unwrap(args, level)
     result = cls.vmap(VmapInfo(level.batch_size, level.randomness), in_dims, *values, **kwargs)
