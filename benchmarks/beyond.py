@@ -108,6 +108,38 @@ def _if_row(device, quick):
     return row
 
 
+def _if_in_step_row(device, quick):
+    """The same agreeing ``if`` (a NaN guard) inside a real step: per-sample gradients of the
+    benchmarks' MLP (784-256-256-10), the guard on each example's loss."""
+    import torch.nn.functional as F
+
+    from . import models
+
+    model, shape, classes = models.make("mlp", device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    B = 64
+    x = torch.randn(B, *shape, device=device)
+    y = torch.randint(0, classes, (B,), device=device)
+
+    def loss(p, xb, yb, guard):
+        out = F.cross_entropy(torch.func.functional_call(model, p, (xb[None],)), yb[None])
+        if guard and out.isnan():  # every example agrees (no NaN): proceeds
+            raise ValueError("nan loss")
+        return out
+
+    def step(lib, guard):
+        return lib.vmap(lib.grad(lambda p, xb, yb: loss(p, xb, yb, guard)),
+                        in_dims=(None, 0, 0))(params, x, y)
+
+    impls = {"loop": lambda: step(ftrans, False), "ftrans": lambda: step(ftrans, True),
+             "torch.func": lambda: step(torch.func, False)}
+    row = run_row("per-sample grads with an agreeing Python if", f"mlp B={B}", impls, device,
+                  reps=5 if quick else 21)
+    row.note += ("loop = ftrans without the if (ratio loop/ftrans < 1 is the if's cost); "
+                 "torch.func column: no if (torch.func raises on it)")
+    return row
+
+
 def _auto_chunk_row(device, quick):
     # BEYOND A.5: jacrev of R^512 -> R^4096 (2-layer tanh MLP, hidden 1024)
     n, h, m = (128, 256, 1024) if quick else (512, 1024, 4096)
@@ -133,7 +165,9 @@ def _auto_chunk_row(device, quick):
 
 def rows(device, quick, only):
     makers = {"vmap(cond)": _cond_row, "vmap(while_loop)": _while_row,
-              "vmap with an agreeing Python if": _if_row, "jacrev chunk_size='auto'": _auto_chunk_row}
+              "vmap with an agreeing Python if": _if_row,
+              "per-sample grads with an agreeing Python if": _if_in_step_row,
+              "jacrev chunk_size='auto'": _auto_chunk_row}
     out = []
     for name, make in makers.items():
         if only and not any(o in name for o in only):

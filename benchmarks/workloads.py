@@ -140,6 +140,93 @@ def ensemble_rows(device, quick, only):
     return rows
 
 
+def training_rows(device, quick, only):
+    """Training steps whose backward runs outside the function (``loss.backward()``): an
+    ensemble over stacked parameters that require grad, and a fine-tuning step closing over a
+    model's parameters.  ``[ftrans.compile]`` is a differentiable replay (ftrans/_joint.py);
+    every contender returns the loss and the gradients, checked against the loop."""
+    rows = []
+    if not only or any(o in "ensemble training step" for o in only):
+        for n_models in ((8,) if quick else (8, 32)):
+            ms = [models.MLP((64, 128, 128, 10)).to(device) for _ in range(n_models)]
+            x = torch.randn(64, 64, device=device)
+            y = torch.randint(0, 10, (64,), device=device)
+            base = copy.deepcopy(ms[0]).to("meta")
+
+            def ensemble_loss(lib, p, x, y):
+                logits = lib.vmap(lambda q: lib.functional_call(base, q, (x,)))(p)
+                return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]))
+
+            params, _ = torch.func.stack_module_state(ms)
+            compiled = ftrans.compile(lambda p, x, y: ensemble_loss(ftrans, p, x, y))
+
+            def step(loss_fn):
+                for v in params.values():
+                    v.grad = None
+                loss = loss_fn()
+                loss.backward()
+                return loss.detach(), {k: v.grad for k, v in params.items()}
+
+            def loop():
+                for m in ms:
+                    m.zero_grad()
+                loss = sum(F.cross_entropy(m(x), y) for m in ms) / n_models
+                loss.backward()
+                return loss.detach(), {k: torch.stack([getattr_path(m, k).grad for m in ms])
+                                       for k in params}
+
+            impls = {"loop": loop,
+                     "ftrans": lambda: step(lambda: compiled(params, x, y)),
+                     "torch.func": lambda: step(lambda: ensemble_loss(torch.func, params, x, y))}
+            t0 = time.perf_counter()
+            step(lambda: compiled(params, x, y))
+            trace_s = time.perf_counter() - t0
+            row = run_row("ensemble training step [ftrans.compile]", f"{n_models} models", impls,
+                          device, reps=5 if quick else 15)
+            row.note += f"loss.backward() outside; first call (trace) {trace_s:.2f} s"
+            rows.append(row)
+    if not only or any(o in "fine-tuning step" for o in only):
+        model, shape, classes = models.make("transformer", device)
+        B = 16
+        x = torch.randn(B, *shape, device=device)
+        y = torch.randint(0, classes, (B,), device=device)
+        params = dict(model.named_parameters())
+
+        def finetune(lib):
+            def loss_fn(x, y):
+                if lib is None:
+                    return F.cross_entropy(model(x), y)
+                return F.cross_entropy(lib.functional_call(model, params, (x,)), y)
+            return loss_fn
+
+        compiled = ftrans.compile(finetune(None))
+
+        def step(loss_fn):
+            model.zero_grad()
+            loss = loss_fn(x, y)
+            loss.backward()
+            return loss.detach(), {k: v.grad.clone() for k, v in params.items()}
+
+        impls = {"loop": lambda: step(finetune(None)),
+                 "ftrans": lambda: step(compiled),
+                 "torch.func": lambda: step(finetune(torch.func))}
+        t0 = time.perf_counter()
+        step(compiled)
+        trace_s = time.perf_counter() - t0
+        row = run_row("fine-tuning step transformer [ftrans.compile]", f"B={B}", impls, device,
+                      reps=5 if quick else 15)
+        row.note += (f"loss.backward() outside; loop = plain module eager; first call (trace) "
+                     f"{trace_s:.2f} s")
+        rows.append(row)
+    return rows
+
+
+def getattr_path(module, dotted):
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
 def maml_rows(device, quick, only):
     if only and not any(o in "maml" for o in only):
         return []
@@ -196,6 +283,7 @@ def _compiled_row(workload, size, impls, fn, args, device, reps):
 
 def rows(device, quick, only):
     out = []
-    for fn in (per_sample_rows, jacobian_rows, nested_dot_rows, ensemble_rows, maml_rows):
+    for fn in (per_sample_rows, jacobian_rows, nested_dot_rows, ensemble_rows,
+               training_rows, maml_rows):
         out.extend(fn(device, quick, only))
     return out

@@ -29,7 +29,8 @@ from ._C.guards import mark_input
 from ._chunking import check_chunk_args
 
 __all__ = ["check_argnums", "select_argnums", "replace_argnums", "check_callable",
-           "check_jacobian_args", "jacobian_form", "refuse_inside_torch_transforms", "enter",
+           "check_jacobian_args", "jacobian_form", "refuse_inside_torch_transforms",
+           "call_watching_captures", "enter",
            "outer_needs_graph", "closes_over_grad", "zeros_for", "autograd_grad", "detach_tree",
            "torch_api", "func_error", "split_aux", "check_tensor_outputs", "refuse_complex",
            "sum_exited_per_edge", "edge_sums", "identity_basis"]
@@ -146,6 +147,51 @@ def refuse_inside_torch_transforms(form: str) -> None:
             "record, so the result would be wrong. Call the ftrans transform outside it, or use "
             "ftrans's transforms throughout (they compose with each other in any order)."
         )
+
+
+def call_watching_captures(func, args, kwargs, form):
+    """``func(*args, **kwargs)``, refusing (as torch.func does) an in-place write of a
+    differentiated value into a tensor ``func`` closes over: afterwards that tensor would carry
+    this level's autograd history (a ``grad_fn``) out of the transform.
+
+    torch.func checks every in-place op against its level; ftrans records on plain autograd
+    and has no per-op hook outside vmap, so it checks the tensors ``func`` names directly (its
+    closure cells and the globals its code reads) after the call: one that had no ``grad_fn``
+    and now has one was written with a differentiated value.  Tensors reached through objects
+    (``self.buffer``) are not watched.  The write has happened; its history is cut
+    (``detach_``) before the error propagates."""
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return func(*args, **kwargs)
+    watched = []
+    for cell in func.__closure__ or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if type(v) is torch.Tensor and v.grad_fn is None:
+            watched.append(v)
+    module = func.__globals__
+    for name in code.co_names:
+        v = module.get(name)
+        if type(v) is torch.Tensor and v.grad_fn is None:
+            watched.append(v)
+    if not watched:
+        return func(*args, **kwargs)
+    out = func(*args, **kwargs)
+    for t in watched:
+        node = t.grad_fn
+        if node is not None:
+            try:
+                t.detach_()
+            except RuntimeError:  # a view: detach_ is refused; the error below says enough
+                pass
+            raise RuntimeError(
+                f"{form}: During a grad (vjp, jvp, grad, etc) transform, the function provided "
+                f"attempted to call in-place operation ({node.name()}) that would mutate a "
+                "captured Tensor. This is not supported; please rewrite the function being "
+                "transformed to explicitly accept the mutated Tensor(s) as inputs.")
+    return out
 
 
 def enter(x, form: str):

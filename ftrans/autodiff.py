@@ -21,11 +21,12 @@ from typing import Any, Callable
 import torch
 
 from ._autodiff_common import (_differentiating, _name, _tree_flatten, _tree_unflatten,
-                               autograd_grad, check_argnums, check_callable, check_jacobian_args,
-                               check_tensor_outputs, closes_over_grad, detach_tree, edge_sums,
-                               enter, identity_basis, jacobian_form, outer_needs_graph,
-                               refuse_complex, refuse_inside_torch_transforms, replace_argnums,
-                               select_argnums, split_aux, sum_exited_per_edge)
+                               autograd_grad, call_watching_captures, check_argnums,
+                               check_callable, check_jacobian_args, check_tensor_outputs,
+                               closes_over_grad, detach_tree, edge_sums, enter, identity_basis,
+                               jacobian_form, outer_needs_graph, refuse_complex,
+                               refuse_inside_torch_transforms, replace_argnums, select_argnums,
+                               split_aux, sum_exited_per_edge)
 from ._C import levels as _levels
 from .vmap import vmap
 
@@ -64,7 +65,8 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
     grad_on, marks = torch.is_grad_enabled(), edge_sums()
     with _grad_level(select_argnums(args, argnums), form) as (entered, _, spec, need):
         args = replace_argnums(args, argnums, _tree_unflatten(spec, entered))
-        output, aux = split_aux(func(*args, **kwargs), has_aux, form)
+        output, aux = split_aux(call_watching_captures(func, args, kwargs, form), has_aux,
+                                form)
         need = need or (grad_on and closes_over_grad([output], entered))
         if not isinstance(output, torch.Tensor):
             raise RuntimeError(
@@ -206,7 +208,8 @@ def vjp_impl(func, primals, argnums, has_aux, form, kwargs=None):
     with _grad_level(diff, form) as (entered, flat_diff, spec, need):
         diff_in = _tree_unflatten(spec, entered)
         args = diff_in if argnums is None else replace_argnums(primals, argnums, diff_in)
-        output, aux = split_aux(func(*args, **(kwargs or {})), has_aux, form)
+        output, aux = split_aux(call_watching_captures(func, args, kwargs or {}, form),
+                                has_aux, form)
         flat_out, out_spec = _tree_flatten(output)
         check_tensor_outputs(flat_out, form)
         captured = not need and grad_on and closes_over_grad(flat_out, entered)

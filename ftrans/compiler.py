@@ -27,10 +27,9 @@ a tensor it cannot guard (``.item()`` of an intermediate, or of a tensor it upda
 control flow on traced values (fake tensors raise).  ``check=True`` compares each trace's first
 replay with an eager call.  docs/compile.md lists what is guarded and what is not seen.
 
-A replay is not differentiable with respect to its inputs (the trace records aten ops, not the
-autograd graph around them): differentiate *inside* the compiled function.  A signature whose
-inputs, or whose captured tensors, require grad (under grad mode) warns once and runs eagerly,
-so that gradients flowing to them stay correct.
+A signature whose inputs, or whose captured tensors, require grad (under grad mode) is traced
+with its vjp and replayed inside one autograd node (``ftrans/_joint.py``): ``.backward()`` on
+its results gives the eager ``.grad``; a double backward through it is refused.
 """
 from __future__ import annotations
 
@@ -40,7 +39,8 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _pytree
+from . import _joint, _pytree
+from ._C import levels as _levels
 from ._guards import Reads, global_state
 from ._statewatch import StateWatch
 
@@ -121,7 +121,8 @@ def compile(
     @functools.wraps(fn)
     def compiled(*args, **kwargs):
         leaves, spec = _pytree.tree_flatten((args, kwargs))
-        key = (spec, tuple(_leaf_key(x) for x in leaves), global_state())
+        key = (spec, tuple(_leaf_key(x) for x in leaves), global_state(),
+               bool(_levels.current_stack()))
         sig = cache.get(key)
         if sig is None:
             sig = cache[key] = _Signature(fn, spec, opts)
@@ -205,8 +206,7 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
     dyn = [(i, torch.float64 if type(leaves[i]) is float else torch.int64, dyn_dev)
            for i in dynamic]
     grad_on = torch.is_grad_enabled()
-    if grad_on and any(t.requires_grad for t in example):  # known before tracing
-        raise _TraceFailed(_NEEDS_GRAD)
+    diff_pos = [k for k, t in enumerate(example) if grad_on and t.requires_grad]
 
     name = getattr(fn, "__name__", "fn")
     reads = Reads()
@@ -238,7 +238,9 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
         out_box.append((out_spec, [isinstance(o, torch.Tensor) for o in out_leaves],
                         [None if isinstance(o, torch.Tensor) else o for o in out_leaves],
                         [(o.dtype, tuple(o.shape)) for o in out_leaves
-                         if isinstance(o, torch.Tensor)]))
+                         if isinstance(o, torch.Tensor)],
+                        [(tuple(o.shape), o.dtype, o.device, o.requires_grad)
+                         for o in out_leaves if isinstance(o, torch.Tensor)]))
         return [o for o in out_leaves if isinstance(o, torch.Tensor)]
 
     dyn_example = [torch.scalar_tensor(leaves[i], dtype=d, device=dev) for i, d, dev in dyn]
@@ -271,10 +273,23 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
             reads.leaf_offset(i, leaves[i].storage_offset(), _leaf_name(spec, i))
     guard = reads.compile()
 
-    out_spec, is_tensor, consts, out_meta = out_box[-1]
-    if grad_on and any(getattr(getattr(gm, n.target, None), "requires_grad", False)
-                       for n in gm.graph.nodes if n.op == "get_attr"):
-        raise _TraceFailed(_NEEDS_GRAD)
+    out_spec, is_tensor, consts, out_meta, outs_meta = out_box[-1]
+    lifted = _joint.lifted_tensors(gm) if grad_on else []
+    if (diff_pos or lifted) and _levels.current_stack():
+        # Inside ftrans's transforms an outer level may differentiate the result again
+        # (grad of grad, jvp, hessian), which a replay's backward cannot.
+        raise _TraceFailed(
+            "called inside an ftrans transform with inputs (or captured tensors) that require "
+            "grad: a replay is differentiable only once, and the transform around it may "
+            "differentiate it again; running it eagerly. Compile the outermost function.")
+    if diff_pos or lifted:
+        entry = _Replay(_differentiable(flat_fn, example + dyn_example, diff_pos, lifted,
+                                        outs_meta, watch, reads, backend),
+                        tensor_pos, dyn, out_spec, is_tensor, consts)
+        entry.guard, entry.reads, entry.numbers, entry.out_meta = guard, reads, numbers, out_meta
+        if check:
+            entry.checker = _Checker(fn, spec, reads)
+        return entry
     _simplify(gm)
     runner = gm
     if backend is not None:
@@ -302,6 +317,31 @@ _OFFSET_OPS = (torch.ops.aten.as_strided.default, torch.ops.aten.as_strided_.def
                torch.ops.aten.as_strided_scatter.default)
 
 
+def _differentiable(flat_fn, example, diff_pos, lifted, outs_meta, watch, reads, backend):
+    """The runner of a signature whose inputs or captured tensors require grad: the function
+    traced with its vjp and replayed inside one autograd node (ftrans/_joint.py)."""
+    try:
+        runner = _joint.trace_joint(flat_fn, example, diff_pos, lifted, outs_meta)
+    except _joint.JointTraceFailed as e:
+        reads.restore()
+        raise _TraceFailed(f"{e}; running it eagerly.") from None
+    except Exception as e:  # noqa: BLE001 (an op whose backward cannot be traced)
+        reads.restore()
+        raise _TraceFailed(
+            f"could not trace its backward ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}); running it eagerly.") from None
+    finally:
+        watch.undo()
+    written, _ = _written_by(runner.fwd)
+    if set(written) & set(diff_pos):
+        raise _TraceFailed("it updates an input that requires grad in place; a replay "
+                           "cannot (running it eagerly)")
+    if backend is not None:
+        runner.fwd = torch.compile(runner.fwd, backend=backend)
+        runner.bwd = torch.compile(runner.bwd, backend=backend)
+    return runner
+
+
 def _value_read(reads, t, what):
     hit = reads.tensors.get(id(t))
     name = hit[2] if hit is not None and hit[0] is t else what
@@ -326,13 +366,6 @@ _leaf_name.cache = {}
 
 def _path_str(path):
     return "".join(f"[{k!r}]" for k in path)
-
-
-_NEEDS_GRAD = (
-    "an input or a tensor the function closes over requires grad, and a replay is not "
-    "differentiable with respect to them; running this signature eagerly. Pass detached "
-    "tensors (e.g. parameters as `{k: v.detach() for k, v in model.named_parameters()}`) to "
-    "get a replay, or differentiate inside the compiled function (ftrans.grad / vjp).")
 
 
 def _eager(fn, spec, why):
@@ -534,4 +567,5 @@ def _written_by(gm):
 _VIEW_OPS = {_aten.view.default, _aten._unsafe_view.default, _aten.select.int,
              _aten.slice.Tensor, _aten.transpose.int, _aten.t.default, _aten.permute.default,
              _aten.unsqueeze.default, _aten.squeeze.dim, _aten.expand.default,
-             _aten.alias.default, _aten.as_strided.default, _aten.diagonal.default}
+             _aten.alias.default, _aten.as_strided.default, _aten.diagonal.default,
+             _aten.detach.default}

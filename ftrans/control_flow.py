@@ -195,14 +195,26 @@ def _partitioned(index, branches, operands, form):
         results.append(out)
         perms.append(idx)
     out_leaves = _same_structure(results, form)
-    perm = torch.cat(perms) if len(perms) > 1 else perms[0]
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(n, device=perm.device)
+    inverse = None
     merged = []
     for j in range(len(out_leaves[0])):
         parts = [o[j] for o in out_leaves]
         _lanes.check_not_batched(parts, levels, form)
-        merged.append(_lanes.scatter(torch.cat(parts).index_select(0, inverse), levels))
+        if all(type(p) is torch.Tensor for p in parts):
+            # Each example's result written once, in place into a fresh tensor (autograd
+            # records the writes): half the traffic of concatenating and reordering.
+            out = parts[0].new_empty((n,) + tuple(parts[0].shape[1:]))
+            if type(out) is not torch.Tensor:  # vmap's FreshTensor (``_C/fresh.py``): plain
+                out = out.as_subclass(torch.Tensor)
+            for part, idx in zip(parts, perms):
+                out.index_copy_(0, idx, part)
+        else:  # still batched at an outer level: out of place
+            if inverse is None:
+                perm = torch.cat(perms) if len(perms) > 1 else perms[0]
+                inverse = torch.empty_like(perm)
+                inverse[perm] = torch.arange(n, device=perm.device)
+            out = torch.cat(parts).index_select(0, inverse)
+        merged.append(_lanes.scatter(out, levels))
     return _pytree.tree_unflatten(_pytree.tree_structure(results[0]), merged)
 
 

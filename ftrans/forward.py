@@ -24,11 +24,12 @@ import torch
 
 from ._C import levels as _levels
 from ._autodiff_common import (_differentiating, _name, _tree_flatten, _tree_unflatten,
-                               autograd_grad, check_argnums, check_callable, check_jacobian_args,
-                               check_tensor_outputs, closes_over_grad, detach_tree, enter,
-                               func_error, identity_basis, jacobian_form, outer_needs_graph,
-                               refuse_complex, refuse_inside_torch_transforms, replace_argnums,
-                               select_argnums, split_aux, sum_exited_per_edge, edge_sums)
+                               autograd_grad, call_watching_captures, check_argnums,
+                               check_callable, check_jacobian_args, check_tensor_outputs,
+                               closes_over_grad, detach_tree, enter, func_error, identity_basis,
+                               jacobian_form, outer_needs_graph, refuse_complex,
+                               refuse_inside_torch_transforms, replace_argnums, select_argnums,
+                               split_aux, sum_exited_per_edge, edge_sums)
 from .autodiff import jacrev  # hessian is jacfwd(jacrev)
 from .vmap import vmap
 
@@ -83,7 +84,8 @@ class _Linearized:
                 entered = [enter(x, form) for x in flat_primals]
                 writable = [_writable(e, x) for e, x in zip(entered, flat_primals)]
                 versions = [w._version for w in writable]
-                out, aux = split_aux(func(*_tree_unflatten(spec, writable)), has_aux, form)
+                out, aux = split_aux(call_watching_captures(
+                    func, _tree_unflatten(spec, writable), {}, form), has_aux, form)
                 flat_out, self.out_spec = _tree_flatten(out)
                 check_tensor_outputs(flat_out, form, float_only=False)
                 self.flat_out = flat_out

@@ -105,18 +105,45 @@ def test_functionalize_outside_a_vmapped_jvp_agrees():
     torch.testing.assert_close(ours, ref)
 
 
-def test_write_into_a_captured_tensor_inside_grad_gives_the_eager_gradient():
-    # torch.func refuses `captured.copy_(x)` inside grad ("mutate a captured Tensor"); ftrans
-    # runs it as eager autograd would: the gradient of sum(x * x) and the captured value x.
+_GLOBAL_BUFFER = torch.zeros(3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("where", ["closure", "global"])
+@pytest.mark.parametrize("api", ["grad", "vjp", "jvp"])
+def test_writing_a_differentiated_value_into_a_captured_tensor_is_refused(where, api):
+    # torch.func refuses it ("mutate a captured Tensor"); ftrans used to leave the captured
+    # tensor with this level's grad_fn after the call.
     x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     captured = torch.zeros(3, dtype=torch.float64)
 
-    def foo(x):
+    def closure_fn(x):
         captured.copy_(x)
         return (x * captured).sum()
 
-    torch.testing.assert_close(ftrans.grad(foo)(x), 2 * x)
-    torch.testing.assert_close(captured.detach(), x)
+    def global_fn(x):
+        _GLOBAL_BUFFER.copy_(x)
+        return (x * _GLOBAL_BUFFER).sum()
+
+    foo, buf = (closure_fn, captured) if where == "closure" else (global_fn, _GLOBAL_BUFFER)
+    call = {"grad": lambda: ftrans.grad(foo)(x), "vjp": lambda: ftrans.vjp(foo, x),
+            "jvp": lambda: ftrans.jvp(foo, (x,), (x,))}[api]
+    with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+        call()
+    assert buf.grad_fn is None and not buf.requires_grad
+
+
+def test_captured_tensors_written_with_plain_values_and_fresh_tensors_stay_allowed():
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    counter = torch.zeros(())
+
+    def f(x):
+        counter.add_(1)                # no differentiated value: eager semantics
+        buf = torch.zeros(3, dtype=torch.float64)
+        buf.copy_(x)                   # a tensor the function made: fine
+        return (x * buf).sum()
+
+    torch.testing.assert_close(ftrans.grad(f)(x), 2 * x)
+    assert counter.item() == 1.0 and counter.grad_fn is None
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ LAYERS = _C + [
     ["ftrans._vmap_args", "ftrans._split", "ftrans._chunking", "ftrans._autodiff_common",
      "ftrans.vmap", "ftrans.autodiff", "ftrans.forward", "ftrans.nn", "ftrans.control_flow",
      "ftrans.static_shape", "ftrans.compiler", "ftrans._outpool", "ftrans._guards",
-     "ftrans._statewatch", "ftrans.dp", "ftrans.dp.*"],
+     "ftrans._statewatch", "ftrans._joint", "ftrans.dp", "ftrans.dp.*"],
     # public API
     ["ftrans", "ftrans.__main__"],
 ]

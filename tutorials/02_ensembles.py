@@ -85,14 +85,17 @@ def main(fast: bool = True, plot_dir: str | None = None) -> dict:
     # ``ftrans.compile`` traces the vmapped function once into a flat aten graph and replays it.
     ens = ftrans.vmap(one_model, in_dims=(0, 0, None))
     ens_compiled = ftrans.compile(ens)
-    # A replay is not differentiable with respect to its inputs, so it takes detached
-    # parameters (parameters that require grad would make it warn and run eagerly).
-    detached = {k: v.detach() for k, v in params.items()}
-    assert torch.allclose(ens_compiled(detached, buffers, x), same, atol=1e-6)
-    with torch.no_grad():
+    # The parameters require grad, so (under grad mode) the replay is differentiable: it was
+    # traced with its backward, and .backward() on its output reaches `params` as eager does.
+    out = ens_compiled(params, buffers, x)
+    assert torch.allclose(out, same, atol=1e-6)
+    (g_replay,) = torch.autograd.grad(out.square().sum(), [params["fc1.weight"]])
+    (g_eager,) = torch.autograd.grad(same.square().sum(), [params["fc1.weight"]])
+    assert torch.allclose(g_replay, g_eager, atol=1e-5)
+    with torch.no_grad():  # no gradient wanted: a plain replay (one more trace)
         times = {name: mean_time(fn, reps=20) for name, fn in [
             ("vmap", lambda: ens(params, buffers, x)),
-            ("compile(vmap)", lambda: ens_compiled(detached, buffers, x)),
+            ("compile(vmap)", lambda: ens_compiled(params, buffers, x)),
             ("loop", lambda: torch.stack([m(x) for m in models]))]}
     print("ensemble forward: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()))
 
