@@ -6,18 +6,19 @@ The layers, bottom to top.  A module imports only from its own row or the rows b
 
     public      ftrans/__init__.py, ftrans/__main__.py
     transforms  vmap.py  autodiff.py  forward.py  nn.py  control_flow.py  compiler.py  dp/ ...
-                _autodiff_common.py (what reverse and forward mode share), _split.py, _chunking.py
+                _autodiff_common.py (what reverse and forward mode share)  _vmap_args.py
+                _split.py  _chunking.py  _joint.py  _outpool.py ...
     ------------------------------------ ftrans/_C ------------------------------------------
     wiring      _C/__init__.py     attaches BatchedTensor's two entry points (below), loads rules
     TF entry    torch_function.py  overrides -> fast path -> per-use lift -> autograd
     routing     fastpath.py        learned signatures: calls an op's handler directly
                 dispatch.py        per-op cache, handler choice, dispatch(), the vmap mode
     handlers    rules/*  (batching rules; rules/random.py: randomness rules)
-                random.py (randomness policy)  fallback.py (loop)  custom_vmap.py  agree.py
+                random.py (randomness policy)  fallback.py (loop)  custom_vmap.py
     plumbing    ops.py (schema facts, unwrap/wrap)  registry.py  shapecheck.py  fresh.py
                 autograd.py (boundary Functions, sums, lift helpers)  aliasing.py
                 indexing.py  rnn.py  tensor_guards.py  dropout.py  (torch-level overrides)
-                function.py  guards.py  lanes.py
+                agree.py  function.py  guards.py  lanes.py
     ground      levels.py  errors.py  batched.py   (and ftrans/_pytree.py)
 
 How torch reaches ftrans: a torch call with a BatchedTensor argument runs
