@@ -226,7 +226,11 @@ def outer_needs_graph(grad_enabled: bool, tensors) -> bool:
 
     Under ``torch.no_grad()`` only a forward-mode level can: as in torch.func, ``no_grad``
     around a transform call stops the reverse-mode levels *outside* it (the call still
-    differentiates its own function), and forward mode ignores it."""
+    differentiates its own function), and forward mode ignores it.
+
+    Callers keep the answer in a local named ``need`` ("an outer level needs the graph", so
+    ``create_graph=need``); the short name is kept while autodiff.py and forward.py are being
+    edited concurrently (a rename there is a follow-up)."""
     for level in _levels.current_stack():
         if level.kind == _levels.JVP or (grad_enabled and level.kind != _levels.VMAP):
             return True

@@ -70,6 +70,8 @@ class _Linearized:
     """``f`` linearized at fixed primals: ``self(tangents) = J @ tangents`` (flat lists).
 
     Outputs that are not floating point or complex get zero tangents, as under torch.func.
+    The double-vjp trick (module docstring) keeps ``us``, the dummy cotangents ``u`` (zeros
+    that require grad), and ``gs``, the vjps ``g = J^T u``, differentiable in ``u``.
     """
 
     def __init__(self, func, flat_primals, spec, form, has_aux=False):
