@@ -44,6 +44,8 @@ def _name(func) -> str:
     return getattr(func, "__name__", None) or type(func).__name__
 
 
+# One-line pytree wrappers, kept so that the call sites in autodiff.py and forward.py stayed
+# unchanged when the helpers moved here; new code may use ``_pytree`` directly.
 def _tree_flatten(tree):
     return _pytree.tree_flatten(tree)
 

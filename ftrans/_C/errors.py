@@ -23,7 +23,11 @@ class VmapError(RuntimeError):
 
 def call_form(level) -> str:
     """The user's call form for error messages (``vmap(f, in_dims=...)(...)``), carried by
-    ``level.origin`` (a string, or a callable that builds it only when an error needs it)."""
+    ``level.origin`` (a string, or a callable that builds it only when an error needs it).
+
+    ``vmap.py`` sets ``origin`` (built by ``_vmap_args._call_form``, or taken from the mapped
+    function's ``_ftrans_origin`` when ``jacfwd`` runs the vmap for the user); the grad-family
+    transforms, which raise outside dispatch, pass the same text around as ``form``."""
     origin = getattr(level, "origin", None)
     if origin:
         return origin() if callable(origin) else origin
