@@ -183,6 +183,28 @@ def test_the_diagram_is_the_layer_table():
             assert drawn.get(name) == i, f"{name}: row {drawn.get(name)} in the diagram, {i} here"
 
 
+def test_entry_points_are_set_in_one_place():
+    """BatchedTensor's ``__torch_function__`` is attached by ``_C/__init__.py``; both
+    ``__torch_dispatch__`` hooks are written only by ``dispatch.set_dispatch_entries`` (which
+    ``_C/__init__.py`` calls, and the fast path while it records)."""
+    writers = []
+    for mod, path in sorted(modules(ROOT).items()):
+        tree = ast.parse(path.read_text())
+        for fn in [None] + [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+            body = tree.body if fn is None else fn.body
+            for node in body:
+                for sub in ast.walk(node) if fn is not None else [node]:
+                    if isinstance(sub, ast.Assign):
+                        for t in sub.targets:
+                            if isinstance(t, ast.Attribute) and t.attr in (
+                                    "__torch_function__", "__torch_dispatch__"):
+                                writers.append((mod, fn.name if fn else "<module>", t.attr))
+    assert sorted(set(writers)) == [
+        ("ftrans._C", "<module>", "__torch_function__"),
+        ("ftrans._C.dispatch", "set_dispatch_entries", "__torch_dispatch__"),
+    ]
+
+
 def _package(tmp_path, files):
     root = tmp_path / "pkg"
     for rel, text in files.items():
