@@ -9,7 +9,9 @@ from .vmap import vmap
 from .compiler import CompileCheckError, CompileWarning, compile
 from .control_flow import cond, scan, switch, while_loop
 from .static_shape import argwhere, bincount, masked_select, nonzero, unique
-from .autodiff import (functional_call, grad, grad_and_value, hessian, jacfwd, jacrev, jvp, linearize, stack_module_state, vjp)  # noqa: E501
+from .autodiff import grad, grad_and_value, jacrev, vjp
+from .forward import hessian, jacfwd, jvp, linearize
+from .nn import functional_call, stack_module_state
 
 from . import dp
 from .dp import (clipped_grad, norm_rule_stats, per_sample_grad_cross, per_sample_grad_dots,

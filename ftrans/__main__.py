@@ -10,17 +10,27 @@ reductions, indexing, linear algebra, and their backward ops).
     python -m ftrans                 # summary
     python -m ftrans --list fallback # also list the ops in one category (rule, decomposition,
                                      # fallback, error, missing)
+    python -m ftrans --where mm      # where the rule for an op lives (file:line), and which
+                                     # handler runs it; any aten op name or overload
+                                     # (mm, aten.mm.default, rand, sum.dim_IntList)
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import inspect
+import os
 import platform
 import sys
 
 import torch
 
 import ftrans
+from ftrans._C import dispatch as _dispatch, random as _random
+from ftrans._C.custom_vmap import registered_vmap_rule
+from ftrans._C.fallback import loop_fallback
+from ftrans._C.registry import RANDOM_RULES, RULES
+from ftrans._C.rules.pointwise import pointwise_rule
 
 # Aten ops (packet names) that common models and torch's OpInfo samples reach, forward and
 # backward.  Names missing from the installed torch are reported as "missing", not errors.
@@ -111,8 +121,6 @@ def _pointwise_overloads():
 
 def coverage() -> dict:
     """``{category: sorted overload names}`` over the op set the module docstring describes."""
-    from ftrans._C.registry import RULES
-
     ops = {op for op in RULES if getattr(op, "namespace", None) == "aten"}
     ops.update(_pointwise_overloads())
     missing = []
@@ -173,11 +181,119 @@ def report(list_category: str | None = None) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# --where OP
+# ----------------------------------------------------------------------------------------------
+
+def resolve(name: str) -> list:
+    """The OpOverloads a user's op name means: ``mm`` / ``aten.mm`` / ``torch.ops.aten.mm`` (every
+    overload), ``mm.default`` / ``aten.mm.default`` / ``aten::mm.default`` (one); another
+    namespace as ``ns::name`` or ``ns.name.overload``.  Empty if there is no such op."""
+    s = name.strip()
+    if s.startswith("torch.ops."):
+        s = s[len("torch.ops."):]
+    parts = s.replace("::", ".").split(".")
+    ns = "aten"
+    if parts[0] == "aten":
+        parts = parts[1:]
+    elif "::" in s or (len(parts) == 3 and parts[0] != "aten"):
+        ns, parts = parts[0], parts[1:]
+    if not parts or len(parts) > 2 or not all(parts):
+        return []
+    try:
+        packet = getattr(getattr(torch.ops, ns), parts[0])
+    except (AttributeError, RuntimeError):
+        return []
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return []
+    names = [parts[1]] if len(parts) == 2 else list(packet.overloads())
+    return [getattr(packet, o) for o in names if o in packet.overloads()]
+
+
+def _location(fn) -> str:
+    """``qualified name (path:line)``, the path relative to the checkout when it is in one."""
+    fn = inspect.unwrap(fn)
+    try:
+        path = inspect.getsourcefile(fn)
+        line = inspect.getsourcelines(fn)[1]
+    except (TypeError, OSError):
+        return getattr(fn, "__qualname__", repr(fn))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ftrans.__file__)))
+    if path and os.path.abspath(path).startswith(root + os.sep):
+        path = os.path.relpath(path, root)
+    return f"{fn.__module__}.{fn.__qualname__} ({path}:{line})"
+
+
+def where(func) -> list:
+    """Lines saying where the rule for OpOverload ``func`` lives and which handler runs it."""
+    op = _dispatch.prepared(func)
+    lines = [f"{func}: {op.status}"]
+    if op.is_random:
+        lines.append(f"  handler   {_location(_random.random_dispatch)}: the randomness policy "
+                     "(vmap's randomness= per level)")
+        if _is_out_variant(func):
+            lines.append("  refused   out= forms of random ops (torch.func refuses them too)")
+            return lines
+        for mode in ("same", "different"):
+            rule = RANDOM_RULES.get((func, mode))
+            generic = (_random.same_by_forked_generator if mode == "same"
+                       else _random.aligned_call)
+            what = (_location(rule) if rule is not None
+                    else f"no randomness rule; generic: {_location(generic)}")
+            lines.append(f"  {mode:<9} {what}")
+        return lines
+    rule = getattr(op.handler, "rule", None)
+    if op.status == "rule" and rule is not None:
+        if func in RULES:
+            how = "registered for this op (registry.RULES)"
+        elif rule is registered_vmap_rule:
+            how = "the custom op's own torch.library vmap rule"
+        elif rule is pointwise_rule:
+            how = "chosen by the op's tag: pointwise"
+        else:
+            how = "chosen by dispatch"
+        lines.append(f"  rule      {_location(rule)}, {how}")
+        lines.append(f"  handler   {_location(_dispatch._rule_handler)}: unwraps the level, "
+                     "calls the rule, wraps its outputs")
+    elif op.status == "fallback":
+        lines.append(f"  rule      none: per-example loop (FallbackWarning), "
+                     f"{_location(loop_fallback)}")
+        lines.append("  handler   register a rule with ftrans.register_batch_rule "
+                     "(docs/adding_rules.md)")
+    elif op.status == "decomposition":
+        decomp = getattr(op.handler, "decomposition", None)
+        if decomp is not None:
+            lines.append(f"  rule      none: torch's decomposition {_location(decomp)}, whose "
+                         "ops are batched in turn")
+        else:
+            lines.append("  rule      none: the op's own CompositeImplicitAutograd "
+                         "decomposition, whose ops are batched in turn")
+        lines.append(f"  handler   {_location(op.handler)}")
+    else:
+        lines.append(f"  handler   {_location(op.handler)}")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftrans", description=__doc__.splitlines()[0])
     parser.add_argument("--list", choices=CATEGORIES + ("missing",), default=None,
                         help="also list the op overloads in this category")
+    parser.add_argument("--where", metavar="OP", default=None,
+                        help="where the rule for an aten op (mm, aten.mm.default, rand) lives "
+                             "and which handler runs it")
     args = parser.parse_args(argv)
+    if args.where is not None:
+        ops = resolve(args.where)
+        if not ops:
+            print(f"python -m ftrans --where: no op named {args.where!r} (try an aten name "
+                  "such as mm, aten.mm.default or sum.dim_IntList)", file=sys.stderr)
+            return 2
+        for op in ops:
+            try:
+                print("\n".join(where(op)))
+            except RuntimeError as e:  # TorchScript-only overloads are not in the dispatcher
+                print(f"{op}: not reachable from Python ({e.__class__.__name__})")
+        return 0
     print(report(args.list))
     return 0
 

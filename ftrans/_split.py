@@ -1,7 +1,7 @@
 """``vmap(func, control_flow="split")``: run ``func`` once per group of examples that agree.
 
 By default a Python ``if`` / ``.item()`` on a value the examples disagree on raises
-(``_C/agree.py``).  Under the split policy vmap catches that error, reads the value of every
+(``_C/agree.py``, with :class:`~ftrans._C.errors.DivergentValueError`).  Under the split policy vmap catches that error, reads the value of every
 example at its own level, groups the examples with equal values, and re-runs the whole function
 on each group (each group may split again at a later ``if``), then puts the outputs back in
 example order.  The function runs more than once, so it must be free of side effects; gradients
@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from . import _pytree
-from ._C.agree import DivergentValueError
+from ._C.errors import DivergentValueError
 from ._C.batched import BatchedTensor
+from ._vmap_args import _batch_size, _flat_out_dims, _flatten_in_dims
 
 __all__ = ["split_call"]
 
@@ -49,8 +50,6 @@ def split_call(vmap_call, func, in_dims, out_dims, randomness, chunk_size, *args
     try:
         return vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs)
     except DivergentValueError as err:
-        from .vmap import _batch_size, _flat_out_dims, _flatten_in_dims
-
         leaves, treespec, flat_dims = _flatten_in_dims(func, in_dims, out_dims, args)
         batch_size = _batch_size(func, in_dims, out_dims, leaves, flat_dims)
         groups = _groups(err, batch_size)

@@ -30,8 +30,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import _pytree
-from ._C import lanes as _lanes
+from ._C import lanes as _lanes, levels as _levels
 from ._C.batched import BatchedTensor
+from .vmap import vmap
 
 __all__ = ["cond", "switch", "while_loop", "scan", "stats", "reset_stats"]
 
@@ -166,8 +167,6 @@ def _dispatch_branches(index, branches, operands, form):
 
 
 def _partitioned(index, branches, operands, form):
-    from .vmap import vmap
-
     levels = _lanes.vmap_levels(index)
     flat_index = _lanes.gather(index, levels).reshape(-1)
     leaves, spec = _pytree.tree_flatten(tuple(operands))
@@ -337,8 +336,6 @@ def _check_body(form, out, spec):
 
 def _while_partitioned(cond_fn, body_fn, carry, pred, spec, form):
     """The loop over lanes: the body runs on the lanes still looping; finished lanes retire."""
-    from .vmap import vmap
-
     leaves, _ = _pytree.tree_flatten(carry)
     body, body_cells = _with_rebound_closure(body_fn)
     test, test_cells = _with_rebound_closure(cond_fn)
@@ -479,7 +476,6 @@ def scan(combine_fn: Callable, init: Any, xs: Any, *, dim: int = 0,
 def _ftrans_active() -> bool:
     if _compiling():  # first: under dynamo this folds to a constant, no thread-local is read
         return False
-    from ._C import levels as _levels
     return bool(_levels.current_stack())
 
 

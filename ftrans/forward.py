@@ -1,7 +1,8 @@
 """Forward-mode transforms: ``jvp``, ``linearize``, ``jacfwd``, ``hessian``.
 
-torch's ``forward_ad`` cannot nest (``jvp(jvp(f))`` raises) and hit layout asserts with batched
-tangents (DESIGN.md pitfall 6), so forward mode here is built from reverse mode with the
+torch's ``forward_ad`` cannot nest (``jvp(jvp(f))`` raises), and ``jacfwd(jacrev)`` with batched
+tangents hit an internal assert on the view/tangent layout; torch.func's default ``hessian`` is
+``jacfwd(jacrev)``, which users call.  So forward mode here is built from reverse mode with the
 double-vjp trick: for a dummy cotangent ``u``, ``g(u) = J^T u`` is linear in ``u``, and the
 vjp of ``g`` with cotangent ``v`` is ``J v``::
 
@@ -22,13 +23,14 @@ from typing import Any, Callable
 import torch
 
 from ._C import levels as _levels
-from .autodiff import (_differentiating, _name, _tree_flatten, _tree_unflatten, autograd_grad,
-                       call_watching_captures,
-                       check_argnums, check_callable, check_jacobian_args, check_tensor_outputs,
-                       closes_over_grad, detach_tree, enter, func_error, identity_basis,
-                       jacobian_form, jacrev, outer_needs_graph, refuse_complex,
-                       refuse_inside_torch_transforms, replace_argnums, select_argnums, split_aux,
-                       sum_exited_per_edge, edge_sums)
+from ._autodiff_common import (_differentiating, _name, _tree_flatten, _tree_unflatten,
+                               autograd_grad, call_watching_captures, check_argnums,
+                               check_callable, check_jacobian_args, check_tensor_outputs,
+                               closes_over_grad, detach_tree, enter, func_error, identity_basis,
+                               jacobian_form, outer_needs_graph, refuse_complex,
+                               refuse_inside_torch_transforms, replace_argnums, select_argnums,
+                               split_aux, sum_exited_per_edge, edge_sums)
+from .autodiff import jacrev  # hessian is jacfwd(jacrev)
 from .vmap import vmap
 
 __all__ = ["jvp", "jacfwd", "hessian", "linearize"]
@@ -68,6 +70,8 @@ class _Linearized:
     """``f`` linearized at fixed primals: ``self(tangents) = J @ tangents`` (flat lists).
 
     Outputs that are not floating point or complex get zero tangents, as under torch.func.
+    The double-vjp trick (module docstring) keeps ``us``, the dummy cotangents ``u`` (zeros
+    that require grad), and ``gs``, the vjps ``g = J^T u``, differentiable in ``u``.
     """
 
     def __init__(self, func, flat_primals, spec, form, has_aux=False):
@@ -250,7 +254,7 @@ def jacfwd(func: Callable, argnums: Any = 0, has_aux: bool = False, *,
             return func(*replace_argnums(args, nums, _tree_unflatten(in_spec, list(flat))),
                         **kwargs)
 
-        basis, numels, total = identity_basis(flat_diff)
+        basis, numels, _ = identity_basis(flat_diff)
 
         def push(*tangents):
             # The forward pass runs once here: primals are not batched, only tangents are.

@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ftrans
-from ftrans._C import fastpath
+from ftrans._C import dispatch, fastpath
 from ftrans._C.batched import BatchedTensor
 
 from _helpers import check_vmap, run_in_threads
@@ -14,34 +14,29 @@ pytestmark = pytest.mark.skipif(not fastpath.ENABLED, reason="torch lacks the di
 
 
 class _CountEntries:
-    """Counts calls that reach BatchedTensor's dispatch entry (the fast path skips it)."""
+    """Counts calls that reach a dispatch entry (BatchedTensor's or the vmap mode's; the fast
+    path skips both), by making counting entries the normal ones for a while."""
 
     def __enter__(self):
         self.n = 0
-        self.orig = BatchedTensor.__dict__["__torch_dispatch__"]
-        inner = self.orig.__func__
+        self.orig = dict(dispatch.NORMAL_ENTRIES)
+        sub, mode = self.orig["subclass"], self.orig["mode"]
 
         def counting(cls, func, types, args=(), kwargs=None):
             self.n += 1
-            return inner(cls, func, types, args, kwargs)
+            return sub(cls, func, types, args, kwargs)
 
-        BatchedTensor.__torch_dispatch__ = classmethod(counting)
-        fastpath._entries["subclass"] = BatchedTensor.__dict__["__torch_dispatch__"]
-        self.mode_orig = fastpath._mode_type.__dict__["__torch_dispatch__"]
-
-        def counting_mode(mode, func, types, args=(), kwargs=None):
+        def counting_mode(m, func, types, args=(), kwargs=None):
             self.n += 1
-            return self.mode_orig(mode, func, types, args, kwargs)
+            return mode(m, func, types, args, kwargs)
 
-        fastpath._mode_type.__torch_dispatch__ = counting_mode
-        fastpath._entries["mode"] = counting_mode
+        dispatch.NORMAL_ENTRIES.update(subclass=counting, mode=counting_mode)
+        dispatch.set_dispatch_entries(dispatch.NORMAL_ENTRIES)
         return self
 
     def __exit__(self, *exc):
-        BatchedTensor.__torch_dispatch__ = self.orig
-        fastpath._mode_type.__torch_dispatch__ = self.mode_orig
-        fastpath._entries["subclass"] = self.orig
-        fastpath._entries["mode"] = self.mode_orig
+        dispatch.NORMAL_ENTRIES.update(self.orig)
+        dispatch.set_dispatch_entries(dispatch.NORMAL_ENTRIES)
 
 
 def _chain(x):
@@ -244,5 +239,5 @@ def test_threads_learning_and_using_signatures_concurrently():
 
     run_in_threads(work, 4)
     # the entry points are the normal ones again once every recording ended
-    assert BatchedTensor.__dict__["__torch_dispatch__"] is fastpath._entries["subclass"]
-    assert fastpath._mode_type.__dict__["__torch_dispatch__"] is fastpath._entries["mode"]
+    assert BatchedTensor.__dict__["__torch_dispatch__"].__func__ is dispatch.subclass_entry
+    assert dispatch.VmapMode.__dict__["__torch_dispatch__"] is dispatch.mode_entry

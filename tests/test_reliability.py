@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import ftrans
 from ftrans._C import levels
-from ftrans._C import random as frandom
+from ftrans._C import dispatch as fdispatch
 
 X = torch.randn(2, 3)
 
@@ -33,7 +33,7 @@ X = torch.randn(2, 3)
 def assert_clean(grad_enabled=True):
     assert levels.current_stack() == [], levels.current_stack()
     assert _get_current_dispatch_mode() is None
-    assert getattr(frandom._tls, "active", False) is False
+    assert getattr(fdispatch._tls, "active", False) is False
     assert torch.is_grad_enabled() is grad_enabled
     assert torch.autograd.forward_ad._current_level == -1
 

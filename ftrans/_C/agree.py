@@ -13,32 +13,11 @@ Python ``if`` takes one path for the whole computation.
 from __future__ import annotations
 
 from .batched import BatchedTensor
-from .dispatch import _DATA_DEPENDENT_HINTS, VmapError, _torch_data_dependent_msg, describe
+from .errors import DivergentValueError
 
-__all__ = ["agreeing_scalar", "agreeing_bool", "DivergentValueError"]
+__all__ = ["agreeing_scalar", "agreeing_bool"]
 
 _TRUTH = "aten::is_nonzero"
-
-
-class DivergentValueError(VmapError):
-    """A Python value (``if``, ``bool``, ``.item()``) read from a batched tensor whose examples
-    disagree.  ``level`` and ``value`` say where (``vmap(..., control_flow="split")`` groups
-    the examples by them)."""
-
-    def __init__(self, level, op_name, value):
-        hint = _DATA_DEPENDENT_HINTS.get(op_name) or op_name
-        super().__init__(
-            f"{describe(level)}: {_torch_data_dependent_msg(op_name)} {op_name} is a "
-            f"data-dependent operation on a batched value whose examples disagree: {hint}. "
-            "A Python value is one value for the whole batch: it is "
-            "allowed when every example agrees, but here they differ. Branch per example with "
-            "`ftrans.cond(pred, true_fn, false_fn, operands)` (or `torch.where`), loop per "
-            "example with `ftrans.while_loop`, or let vmap run the function once per group of "
-            "agreeing examples with `vmap(f, control_flow=\"split\")` (f must be free of side "
-            "effects)."
-        )
-        self.level = level
-        self.value = value
 
 
 def agreeing_scalar(op, level, args, kwargs):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .batched import BatchedTensor
+from .errors import call_form
 
 __all__ = ["mutated_inputs_epilogue", "as_input_view", "physical"]
 
@@ -187,10 +188,8 @@ def _data_get(*args):
     level = _level_of(args)
     if level is None:
         raise NotImplementedError  # not batched: torch's own getter
-    from .dispatch import describe
-
     raise RuntimeError(
-        f"{describe(level)}: accessing `data` under vmap transform is not allowed. Use the "
+        f"{call_form(level)}: accessing `data` under vmap transform is not allowed. Use the "
         "tensor itself, or `x.detach()` for a value autograd does not record on."
     )
 
@@ -199,10 +198,8 @@ def _data_set(*args):
     level = _level_of(args)
     if level is None:
         raise NotImplementedError
-    from .dispatch import describe
-
     raise RuntimeError(
-        f"{describe(level)}: mutating directly with `.data` under vmap transform is not "
+        f"{call_form(level)}: mutating directly with `.data` under vmap transform is not "
         "allowed. Write in place instead (`x.copy_(y)` under `torch.no_grad()`), or return the "
         "new value from the vmapped function."
     )

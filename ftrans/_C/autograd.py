@@ -9,14 +9,14 @@ need care at a vmap boundary:
    whose backwards call each other's ``apply``, so double backward stays differentiable.
 2. Tensors a vmapped function *closes over* (captured parameters) receive per-example
    gradients, because autograd sees only logical shapes; once their vmap has exited, such a
-   gradient must be summed over the exited level (pitfall 5).  The sum has to happen per *use*
+   gradient must be summed over the exited level (see NOTE [exited levels] in ``levels.py``).  The sum has to happen per *use*
    (per autograd edge), not per tensor: a tensor hook sees the total gradient, and when a
    captured tensor is used both inside a vmap (batched contributions) and outside it, or its
    per-example contributions were already summed on another path (MAML, ``jacfwd(jacfwd)``),
-   summing the total over the batch multiplies the unbatched part by the batch size.  So
-   :func:`batched_torch_function` (the ``__torch_function__`` of BatchedTensor, which runs
-   *above* autograd) replaces every requires-grad argument that is not batched at the op's
-   level by a fresh alias ``a.view_as(a)`` whose hook sums, out of the gradient flowing
+   summing the total over the batch multiplies the unbatched part by the batch size.  So the
+   ``__torch_function__`` of BatchedTensor (``torch_function.py``, which runs *above* autograd)
+   replaces, through :func:`lift_args` here, every requires-grad argument that is not batched
+   at the op's level by a fresh alias ``a.view_as(a)`` whose hook sums, out of the gradient flowing
    through that alias only, every exited level that ``a`` itself does not carry.  Saved
    tensors of the op's backward are the alias too, so higher-order contributions are summed
    on the same edge.  Live levels are left alone (a vjp function called under a newer vmap is
@@ -25,15 +25,14 @@ need care at a vmap boundary:
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from .batched import BatchedTensor, add_batch_dim, remove_batch_dim
-from .levels import AUTODIFF_DEPTH as _AUTODIFF_DEPTH, SUMMING_EXITED as _SUMMING_EXITED
+from .levels import SUMMING_EXITED as _SUMMING_EXITED
 
 __all__ = ["AddBatchDim", "RemoveBatchDim", "sum_level", "sum_exited_levels",
-           "batched_torch_function", "saved_tensor_hooks_around_vmap"]
+           "saved_tensor_hooks_around_vmap", "lift", "needs_lift", "lift_args", "born_before"]
 
 
 class AddBatchDim(torch.autograd.Function):
@@ -133,11 +132,8 @@ def saved_tensor_hooks_around_vmap():
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-use lift of captured tensors (runs as BatchedTensor.__torch_function__)
+# Per-use lift of captured tensors (torch_function.py decides when; these make the aliases)
 # ----------------------------------------------------------------------------------------------
-
-_DisableTF = torch._C.DisableTorchFunctionSubclass
-
 
 def _levels_of(t) -> tuple:
     out = []
@@ -151,7 +147,9 @@ def _sum_hook(keep, g):
     return sum_exited_levels(g, keep) if type(g) is BatchedTensor else g
 
 
-def _lift(a):
+def lift(a):
+    """A fresh alias of captured ``a`` whose hook sums the exited levels out of the gradient
+    that flows through this use only."""
     b = a.view_as(a)
     if not b.requires_grad:  # below autograd (a rule's own torch calls): nothing is recorded
         return a
@@ -159,12 +157,13 @@ def _lift(a):
     return b
 
 
-def _needs_lift(a, top) -> bool:
+def needs_lift(a, top) -> bool:
     return isinstance(a, torch.Tensor) and a.requires_grad and not (
-        type(a) is BatchedTensor and a.level is top) and _born_before(a, top)
+        type(a) is BatchedTensor and a.level is top) and born_before(a, top)
 
 
-def _lift_args(func, args, kwargs, top):
+def lift_args(func, args, kwargs, top):
+    """``(args, kwargs)`` with every argument that needs a lift replaced by its alias."""
     name = getattr(func, "__name__", "")
     # Never alias the tensor an in-place op writes into (the write must reach the original).
     skip0 = name.endswith("_") or name.startswith("__i") or name == "__setitem__"
@@ -174,162 +173,22 @@ def _lift_args(func, args, kwargs, top):
         if i == 0 and skip0:
             continue
         if type(a) in (list, tuple):
-            if any(_needs_lift(x, top) for x in a):
-                new_args[i] = type(a)(_lift(x) if _needs_lift(x, top) else x for x in a)
+            if any(needs_lift(x, top) for x in a):
+                new_args[i] = type(a)(lift(x) if needs_lift(x, top) else x for x in a)
                 changed = True
-        elif _needs_lift(a, top):
-            new_args[i] = _lift(a)
+        elif needs_lift(a, top):
+            new_args[i] = lift(a)
             changed = True
     if kwargs:
         for k, a in kwargs.items():
-            if k != "out" and _needs_lift(a, top):
+            if k != "out" and needs_lift(a, top):
                 kwargs = dict(kwargs)
-                kwargs[k] = _lift(a)
+                kwargs[k] = lift(a)
     return (tuple(new_args) if changed else args), kwargs
 
 
-# Autograd's own entry points take tensors to differentiate *with respect to*: aliasing those
-# would disconnect them.
-_NO_LIFT = {torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward}
-
-
-_disabled_tf = torch._C._disabled_torch_function_impl
-_grad_enabled = torch.is_grad_enabled
-_OVERRIDES: dict = {}
-_fast_call = _MISS = None
-_fast_enabled = False
-
-
-def _any_lift(args, kwargs, top) -> bool:
-    for a in args:
-        t = type(a)
-        if t is BatchedTensor:
-            # Attribute access on a BatchedTensor would re-enter this function.
-            if a.level is not top:
-                with _DisableTF():
-                    if _needs_lift(a, top):
-                        return True
-        elif t in (list, tuple):
-            with _DisableTF():
-                if any(_needs_lift(x, top) for x in a):
-                    return True
-        elif isinstance(a, torch.Tensor) and a.requires_grad and _born_before(a, top):
-            return True
-    if kwargs:
-        with _DisableTF():
-            return any(_needs_lift(a, top) for a in kwargs.values())
-    return False
-
-
-def _born_before(a, top) -> bool:
+def born_before(a, top) -> bool:
     # Inputs that a grad level made for itself inside ``top`` are differentiated while ``top``
     # is alive: their per-example gradients are wanted as they are.
     born = a.__dict__.get("_ftrans_born") if type(a) is not BatchedTensor else None
     return born is None or born < top.id
-
-
-def batched_torch_function(cls, func, types, args=(), kwargs=None):
-    """``__torch_function__`` of BatchedTensor: lift captured requires-grad args, then call.
-
-    Every torch call on a BatchedTensor pays this hop.  Calls autograd will not record take the
-    fast path (``fastpath.py``); for the rest, the common case (BatchedTensors of one level and
-    Python scalars) costs one scan of the arguments.  torch functions with an out-of-place
-    replacement under transforms (the fused RNN kernels, see ``rnn.py``; indexing, see
-    ``indexing.py``) are swapped here, above autograd.
-    """
-    if func in _OVERRIDES:
-        try:
-            return _OVERRIDES[func](*args, **(kwargs or {}))
-        except NotImplementedError:
-            pass
-        except RuntimeError as e:
-            if not _fresh_batched(e):
-                raise
-            return batched_torch_function(cls, func, types, args, kwargs)
-    if not kwargs and _fast_enabled and not _AUTODIFF_DEPTH[0]:
-        try:
-            out = _fast_call(func, types, args)
-        except RuntimeError as e:
-            if not _fresh_batched(e):
-                raise
-            return batched_torch_function(cls, func, types, args, kwargs)
-        if out is not _MISS:
-            return out
-    if _grad_enabled() and func not in _NO_LIFT:
-        top = _lift_top(args, kwargs)
-        if top is not None and _any_lift(args, kwargs, top):
-            with _DisableTF():
-                args, kwargs = _lift_args(func, args, kwargs, top)
-    try:
-        return _disabled_tf(func, types, args, kwargs or {})
-    except RuntimeError as e:
-        if not _fresh_batched(e):
-            raise
-    return batched_torch_function(cls, func, types, args, kwargs)
-
-
-def _lift_top(args, kwargs):
-    """The highest level among the arguments when some argument may need a lift, else None.
-
-    One pass: the usual op (BatchedTensors of one level and Python scalars) returns None at
-    once; ``_any_lift`` then makes the precise decision for the rest."""
-    top = None
-    maybe = bool(kwargs)
-    for a in args:
-        t = type(a)
-        if t is BatchedTensor:
-            if top is None:
-                top = a.level
-            elif a.level is not top:
-                maybe = True  # several levels: a lower one may require grad
-                if a.level.id > top.id:
-                    top = a.level
-        elif t is list or t is tuple:
-            maybe = True
-            for x in a:
-                if type(x) is BatchedTensor and (top is None or x.level.id > top.id):
-                    top = x.level
-        elif isinstance(a, torch.Tensor) and a.requires_grad:
-            maybe = True
-    if not maybe:
-        return None
-    if kwargs:
-        for a in kwargs.values():
-            if type(a) is BatchedTensor and (top is None or a.level.id > top.id):
-                top = a.level
-    return top
-
-
-def _fresh_batched(err) -> bool:
-    """A batched write into a tensor the vmapped function created: batch that tensor (the
-    caller replays the op).  See fresh.py."""
-    fresh = getattr(err, "_ftrans_fresh", None)
-    if fresh is None:
-        return False
-    err.__traceback__ = None  # its frames hold the view written through (swap needs it gone)
-    from .fresh import materialize
-
-    if materialize(*fresh):
-        return True
-    err.args = (err.args[0] + " (The tensor was created inside the vmapped function, but a "
-                "view of it is alive, so it cannot become batched in place: write into the "
-                "tensor itself, e.g. `out[i] = v`, `out.copy_(v)`.)",)
-    return False
-
-
-def _install_overrides():
-    from . import aliasing, indexing, rnn, tensor_guards
-    from .fastpath import ENABLED, MISS, fast_call
-
-    global _fast_call, _MISS, _fast_enabled
-    # FTRANS_NO_FASTPATH=1 turns the fast path off (to compare timings or rule it out).
-    _fast_call, _MISS, _fast_enabled = fast_call, MISS, ENABLED and not os.environ.get(
-        "FTRANS_NO_FASTPATH")
-
-    _OVERRIDES.update(rnn.OVERRIDES)
-    _OVERRIDES.update(indexing.OVERRIDES)
-    _OVERRIDES.update(tensor_guards.OVERRIDES)
-    _OVERRIDES.update(aliasing.OVERRIDES)
-
-
-_install_overrides()

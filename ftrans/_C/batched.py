@@ -10,7 +10,12 @@ what user code and autograd see) is one example's shape; it holds
 Invariant: a wrapper's level is higher than any level inside its ``value`` (nested vmaps give
 nested wrappers, innermost level outermost).  The wrapper's strides mirror the physical strides
 minus the batch dim, so that torch's own view-vs-copy decisions (``reshape``) made on the logical
-tensor agree with what the physical tensor allows (pitfall 4).
+tensor agree with what the physical tensor allows: on fake (contiguous) strides ``reshape``
+would pick a view where only a copy is right.
+
+This module holds the data type only.  Its two entry points (``__torch_function__``, which runs
+above autograd, and ``__torch_dispatch__``, which runs below it) are attached in one place,
+``ftrans/_C/__init__.py``.
 
 ``add_batch_dim`` / ``remove_batch_dim`` are the only ways in and out; they understand nesting,
 so a level can be added *under* a higher one (needed when a cotangent batched by an inner vmap
@@ -28,19 +33,12 @@ _PYTHON_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.Python)
 class BatchedTensor(torch.Tensor):
     __slots__ = ("value", "bdim", "level")
 
-    # Runs above autograd: lifts captured requires-grad tensors per use (see _C/autograd.py).
-    # Installed at the end of this module as a classmethod of the function itself: no
-    # extra Python frame per op.
-
     @staticmethod
     def __new__(cls, value: torch.Tensor, bdim: int, level):
         return make_batched(value, bdim, level)
 
     def __init__(self, *args, **kwargs):
         pass
-
-    # __torch_dispatch__ is installed by dispatch.py (``BatchedTensor.__torch_dispatch__ =
-    # classmethod(...)``): a function bound at import, with no per-op import statement.
 
     def __repr__(self) -> str:
         # Printing a batched value is legitimate debugging; show the physical tensor.
@@ -56,8 +54,11 @@ class BatchedTensor(torch.Tensor):
         )
 
     def _sync_metadata(self) -> None:
-        """After an in-place view op changed ``value``'s layout, make the wrapper agree
-        (pitfall 3)."""
+        """After an in-place view op changed ``value``'s layout, make the wrapper agree.
+
+        In-place view ops (``squeeze_``, ``t_``; ``matmul`` of 1-D by 2-D under autograd emits
+        ``squeeze_``) change the physical value's sizes; a wrapper that kept its old ones would
+        fail the next shape check."""
         value, bdim = self.value, self.bdim
         shape, strides = value.shape, value.stride()
         with torch._C._ExcludeDispatchKeyGuard(_PYTHON_KEY):
@@ -174,10 +175,6 @@ def _rewrap_after_remove(t, level, batch_size, out_dim):
 
 
 _POSITIONAL = _positional_ok()
-
-from .autograd import batched_torch_function as _batched_torch_function  # noqa: E402,I001
-
-BatchedTensor.__torch_function__ = classmethod(_batched_torch_function)
 
 
 def batched_at(t, level) -> bool:

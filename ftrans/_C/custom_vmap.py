@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-try:  # torch >= 2.4
-    from torch._library.custom_ops import OPDEFS as _OPDEFS
-except ImportError:  # pragma: no cover - older torch
-    _OPDEFS = {}
+from torch._library.custom_ops import OPDEFS as _OPDEFS  # torch >= 2.4 (pyproject: >= 2.6)
+
+from .. import _pytree
+from .batched import make_batched
 
 __all__ = ["vmap_fn_for", "registered_vmap_rule"]
 
@@ -54,9 +54,6 @@ def registered_vmap_rule(level, func, args, bdims, kwargs):
 
 
 def _wrap_nested(out, out_dims, func, level):
-    from .. import _pytree
-    from .batched import make_batched
-
     leaves, spec = _pytree.tree_flatten(out)
     try:
         dims = _pytree.tree_leaves(_pytree.tree_broadcast_prefix(out_dims, out))

@@ -1,145 +1,99 @@
-"""The one dispatch mechanism: every aten op on a BatchedTensor lands in :func:`dispatch`.
+"""Routing: every aten op on a BatchedTensor (or inside a vmap) lands in :func:`dispatch`.
 
 ``dispatch`` takes the highest level among the arguments, unwraps only that level (tensors
 batched at lower levels are plain values here: the physical call dispatches them again), applies
-the op's batching rule and re-wraps the result.  Per ``OpOverload`` it caches an :class:`_Op`
-holding what the schema says (which argument positions can hold tensors, which are written in
-place) and which handler applies, so the hot path does no schema work and no pytree work:
-aten arguments are flat except ``Tensor[]`` lists, whose positions are cached too.
+the op's handler and re-wraps the result.  Per ``OpOverload`` it caches an :class:`~ops.Op`
+holding the schema facts (``ops.py``) and the handler chosen for it, so the hot path does no
+schema work and no pytree work.
 
-Handler order for an op: a registered rule; a rule by tag (``pointwise``); the op's own
-CompositeImplicitAutograd decomposition (pitfall 1: composite ops reach us when called below
-autograd, from inside rules); a decomposition from ``torch._decomp.decompositions`` (not the
-whole table: most of it lowers to ``prims.*``, pitfall 2); and last a correct but slow
-per-example loop that warns once per op (:class:`FallbackWarning`) and is counted in
-:func:`fallback_stats`.
+Handler order for an op: a registered rule (or a custom op's own ``torch.library`` vmap rule);
+a rule by tag (``pointwise``); the op's own CompositeImplicitAutograd decomposition; a
+decomposition from ``torch._decomp.decompositions``; and last a correct but slow per-example
+loop that warns once per op (:class:`FallbackWarning`) and is counted in
+:func:`fallback_stats`.  Random ops (tagged ``nondeterministic_seeded``) go to the randomness
+policy (``random.py``) and its rules (``rules/random.py``) instead.
+
+NOTE [composite ops below autograd]: composite ops (``matmul``, ``reshape``, ``to``) normally
+decompose above autograd and never reach a tensor subclass, but code that runs *below* autograd
+(a rule, a decomposition) calls them with the Python key still on, so they do arrive here: they
+are decomposed with ``OpOverload.decompose()``.
+
+NOTE [prims decompositions]: most of ``torch._decomp.decomposition_table`` lowers to
+``prims.*``, which have no batching rules (every prim would then take the loop); only the
+entries written in ``torch._decomp.decompositions`` (which lower to aten ops) are used.
+
+Three ways in, all defined here: BatchedTensor's ``__torch_dispatch__``
+(:func:`subclass_entry`), and :class:`VmapMode`, the dispatch mode the outermost vmap of a thread
+pushes (:func:`mode_entry`), which also sees random factory calls with no tensor argument
+(``torch.randn(3)``) and factory results that may become batched (``fresh.py``).  The fast path
+(``fastpath.py``) calls an op's handler directly.  :func:`set_dispatch_entries` is the one
+writer of the two ``__torch_dispatch__`` hooks (``_C/__init__.py`` installs them at import).
 """
 from __future__ import annotations
 
-import torch
+import contextlib
+import threading
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import aliasing as _aliasing
+from .agree import agreeing_scalar
 from .batched import BatchedTensor, make_batched
+from .custom_vmap import registered_vmap_rule, vmap_fn_for
+from .dropout import DropoutMode
+from .errors import DATA_DEPENDENT_HINTS, VmapError, escaped as _escaped, \
+    graph_task_id as _graph_task_id, refuse_data_dependent, refuse_inplace_view, \
+    refuse_out_variant
 from .fallback import (FallbackWarning, fallback_stats,  # noqa: F401 (re-exported)
                        loop_fallback as _loop_fallback, reset_fallback_stats)
-from . import aliasing as _aliasing, fastpath as _fastpath
-from .custom_vmap import registered_vmap_rule, vmap_fn_for
-from .random import _VmapMode, random_dispatch
+from .fresh import FACTORIES as _FACTORIES, make_fresh as _make_fresh
+from .ops import BDims, check_mutation as _check_mutation, needs_view_bits as _needs_view_bits, \
+    read_schema, unwrap_args, wrap_result
+from .random import random_dispatch
 from .registry import RULES, on_change
-from . import shapecheck as _shapecheck
-from .levels import SUMMING_EXITED as _SUMMING_EXITED
+from .rules import tag_rule
 from .shapecheck import check as _check_shapes, explain as _explain_shapes
 
-__all__ = ["dispatch", "FallbackWarning", "fallback_stats", "reset_fallback_stats", "op_status",
-           "VmapError"]
+__all__ = ["dispatch", "op_status", "prepared", "FallbackWarning", "fallback_stats",
+           "reset_fallback_stats", "VmapError", "VmapMode", "vmap_mode", "subclass_entry",
+           "mode_entry", "NORMAL_ENTRIES", "set_dispatch_entries"]
 
 aten = torch.ops.aten
 _Tensor = torch.Tensor
 _SetExclude = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
 _DK = torch._C.DispatchKey
-
-
-class VmapError(RuntimeError):
-    """An operation that vmap cannot batch (data-dependent control flow, unsafe in-place)."""
-
-
-_shapecheck._VmapError = VmapError
+_DisableTF = torch._C.DisableTorchFunctionSubclass
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-op cache
+# Per-op cache: schema facts plus the chosen handler
 # ----------------------------------------------------------------------------------------------
 
-_TensorType = torch._C.TensorType
-_OptionalType = torch._C.OptionalType
-_ListType = torch._C.ListType
-
-
-def _is_tensor_type(t) -> bool:
-    if isinstance(t, _OptionalType):
-        t = t.getElementType()
-    return isinstance(t, _TensorType)
-
-
-def _is_tensor_list_type(t) -> bool:
-    if isinstance(t, _OptionalType):
-        t = t.getElementType()
-    return isinstance(t, _ListType) and _is_tensor_type(t.getElementType())
-
-
-# Ops whose *result* depends on tensor values in a way no batched kernel can express.
-_DATA_DEPENDENT_HINTS = {
-    "aten::_local_scalar_dense": "`.item()`, `float(x)`, `int(x)`, `bool(x)` or a Python `if` "
-    "on a per-example value. Use tensor ops instead: `torch.where(cond, a, b)` for a branch, "
-    "keep scalars as 0-dim tensors",
-    "aten::is_nonzero": "a Python `if`/`while` or `bool()` on a per-example value. Use "
-    "`torch.where(cond, a, b)` to select per example",
-    "aten::equal": "`torch.equal` returns one Python bool; compare with `torch.eq(a, b).all()` "
-    "(a per-example 0-dim tensor) instead",
-    "aten::nonzero": "`nonzero` / boolean-mask indexing returns a different number of elements "
-    "per example. Use `torch.where(mask, x, 0)` or multiply by the mask instead",
-    "aten::masked_select": "`masked_select` / `x[mask]` returns a different number of elements per "
-    "example. Use `torch.where(mask, x, 0)` instead",
-    "aten::unique": "`unique` returns a different number of elements per example",
-    "aten::_unique": "`unique` returns a different number of elements per example",
-    "aten::_unique2": "`unique` returns a different number of elements per example",
-    "aten::unique_dim": "`unique` returns a different number of elements per example",
-    "aten::unique_consecutive": "`unique_consecutive` returns a different number of elements per "
-    "example",
-    "aten::unique_dim_consecutive": "`unique_consecutive` returns a different number of elements "
-    "per example",
-    "aten::allclose": "`allclose` returns one Python bool; use `torch.isclose(a, b).all()`",
-    "aten::is_same_size": None,
-}
-
-
-class _Op:
-    __slots__ = ("func", "name", "tensor_pos", "list_pos", "kw_tensor", "mutable_pos",
-                 "returns_self", "inplace_view", "random", "handler", "kind", "general",
-                 "ok_shapes", "explains")
-
-
-def _prepare(func) -> _Op:
-    from .rules import tag_rule  # late: rules import this module
-
-    op = _Op()
-    schema = func._schema
-    op.func = func
-    op.name = schema.name
-    op.tensor_pos, op.list_pos, op.kw_tensor, op.mutable_pos = [], [], [], []
-    for i, arg in enumerate(schema.arguments):
-        is_t, is_l = _is_tensor_type(arg.type), _is_tensor_list_type(arg.type)
-        if arg.kwarg_only:
-            if is_t or is_l:
-                op.kw_tensor.append(arg.name)
-            continue
-        if is_t:
-            op.tensor_pos.append(i)
-        elif is_l:
-            op.list_pos.append(i)
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            op.mutable_pos.append(i)
-    rets = schema.returns
-    op.returns_self = bool(
-        op.mutable_pos == [0] and len(rets) == 1 and rets[0].alias_info is not None
-        and rets[0].alias_info.is_write
-    )
-    # Tensor lists, in-place writes or keyword tensors take the general (slower) path.
-    op.general = bool(op.list_pos or op.mutable_pos or op.kw_tensor)
+def _prepare(func):
+    op = read_schema(func)
     tags = func.tags
-    op.inplace_view = torch.Tag.inplace_view in tags
     # A rule marked `handles_randomness` (attention with dropout_p=0 is deterministic) decides.
-    op.random = (torch.Tag.nondeterministic_seeded in tags
-                 and not getattr(RULES.get(func), "handles_randomness", False))
-    op.handler, op.kind = _choose_handler(func, tags, tag_rule)
+    op.is_random = (torch.Tag.nondeterministic_seeded in tags
+                    and not getattr(RULES.get(func), "handles_randomness", False))
+    if op.is_random:
+        # dispatch() hands random ops to the randomness policy before any handler could run;
+        # every draw is checked per example (shapecheck.py), none is explained by a rule.  The
+        # policy refuses out= forms (as torch.func does).
+        op.handler, op.ok_shapes, op.explains = None, {}, False
+        op.status = "error" if _writes_out(func) else "rule"
+        return op
+    op.handler, op.status = _choose_handler(func, tags)
     # Per-example shape validity (shapecheck.py): the signatures found valid, for rules that
-    # do not raise exactly where the op does (and random ops); every rule's errors are
-    # explained by eager on one example.
-    rule = getattr(op.handler, "rule", None) if op.kind == "rule" else None
+    # do not raise exactly where the op does; every rule's errors are explained by eager on
+    # one example.
+    rule = getattr(op.handler, "rule", None) if op.status == "rule" else None
     faithful = getattr(rule, "checks_shapes", False)
-    op.ok_shapes = {} if (rule is not None and not faithful) or op.random else None
+    op.ok_shapes = {} if rule is not None and not faithful else None
     op.explains = rule is not None
-    if op.kind == "rule" and _SetExclude is not None and not op.inplace_view and any(
-            r.alias_info is not None and not r.alias_info.is_write for r in rets):
+    if op.status == "rule" and _SetExclude is not None and not op.inplace_view and any(
+            r.alias_info is not None and not r.alias_info.is_write
+            for r in func._schema.returns):
         op.handler = _tracking_views(op.handler)
     return op
 
@@ -159,7 +113,12 @@ def _tracking_views(handle):
     return handle_view
 
 
-def _choose_handler(func, tags, tag_rule):
+def _writes_out(func) -> bool:
+    return any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
+               for a in func._schema.arguments)
+
+
+def _choose_handler(func, tags):
     name = func._schema.name
     rule = RULES.get(func)
     if rule is not None:  # a rule may handle the static cases of a data-dependent op
@@ -167,29 +126,27 @@ def _choose_handler(func, tags, tag_rule):
     if vmap_fn_for(func) is not None:  # a custom op's own torch.library vmap rule
         return _rule_handler(registered_vmap_rule), "rule"
     if name in ("aten::is_nonzero", "aten::_local_scalar_dense"):
-        from .agree import agreeing_scalar  # one value when the whole batch agrees on it
-        return agreeing_scalar, "error"
-    if name in _DATA_DEPENDENT_HINTS:
-        return _data_dependent, "error"
-    if any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
-           for a in func._schema.arguments):  # out=: a loop would return a new tensor, not out
-        return _out_variant_unsupported, "error"
+        return agreeing_scalar, "error"  # one value when the whole batch agrees on it
+    if name in DATA_DEPENDENT_HINTS:
+        return refuse_data_dependent, "error"
+    if _writes_out(func):  # out=: a loop would return a new tensor, not out
+        return refuse_out_variant, "error"
     rule = tag_rule(func, tags)
     if rule is not None:
         return _rule_handler(rule), "rule"
-    if func.namespace == "prim":  # metadata queries (prim::device, prim::layout, ...)
-        return _metadata_query, "rule"
+    if func.namespace == "prim":  # metadata queries (prim::device, prim::layout, ...): read
+        return _metadata_query, "rule"  # off the physical value, exact, so reported as a rule
     if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
-        return _decompose_composite, "decomposition"
+        return _decompose_composite, "decomposition"  # NOTE [composite ops below autograd]
     decomp = _decompositions().get(func)
     if decomp is not None:
         return _decomp_handler(decomp), "decomposition"
     if torch.Tag.data_dependent_output in tags:
-        return _data_dependent, "error"
+        return refuse_data_dependent, "error"
     # dynamic_output_shape ops without a hint above (bincount, nonzero_static, lstsq...) run per
     # example: correct when every example's output has the same shape, a clear error otherwise.
     if torch.Tag.inplace_view in tags:  # a loop would resize each example's view, not the batch
-        return _inplace_view_unsupported, "error"
+        return refuse_inplace_view, "error"
     return _rule_handler(_loop_or_registered_vmap), "fallback"
 
 
@@ -204,18 +161,15 @@ _DECOMPS = None
 
 
 def _decompositions() -> dict:
-    """Entries of torch's decomposition table written in ``torch._decomp.decompositions``.
-
-    The rest of the table lowers to ``prims.*`` (pitfall 2), which have no batching rules.
-    """
+    """Entries of torch's decomposition table written in ``torch._decomp.decompositions`` (see
+    NOTE [prims decompositions])."""
     global _DECOMPS
     if _DECOMPS is None:
-        from torch._decomp import decomposition_table
+        from torch._decomp import decomposition_table  # torch's table: loaded on first need
 
-        mods = ("torch._decomp.decompositions", "torch._refs.nn.functional")
         _DECOMPS = {
             op: fn for op, fn in decomposition_table.items()
-            if getattr(fn, "__module__", "") in mods[:1]
+            if getattr(fn, "__module__", "") == "torch._decomp.decompositions"
         }
     return _DECOMPS
 
@@ -224,8 +178,19 @@ _OPS: dict = {}
 on_change(_OPS.clear)
 
 
+def prepared(func):
+    """The cached :class:`~ops.Op` of ``func`` (an OpOverload), with its handler."""
+    op = _OPS.get(func)
+    if op is None:
+        op = _OPS[func] = _prepare(func)
+    return op
+
+
 def op_status(func) -> str:
     """How vmap handles ``func`` (an OpOverload): 'rule', 'decomposition', 'fallback', 'error'.
+
+    Random ops report 'rule': the randomness policy and its rules (``rules/random.py``) run
+    them.
 
     Example:
         >>> import torch, ftrans
@@ -233,9 +198,11 @@ def op_status(func) -> str:
         'rule'
         >>> ftrans.op_status(torch.ops.aten.nonzero.default)
         'error'
+        >>> ftrans.op_status(torch.ops.aten.rand.default)
+        'rule'
     """
     op = _OPS.get(func) or _prepare(func)
-    return op.kind
+    return op.status
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +210,12 @@ def op_status(func) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def dispatch(func, args, kwargs, from_mode=False):
+    """Run aten op ``func`` on ``args``/``kwargs`` at the highest level among them.
+
+    ``from_mode``: the call came through the vmap mode, not a BatchedTensor (the two entries'
+    only difference, kept as a flag so that both share this one body): every live vmap level
+    of the thread then applies to a random op, batched arguments or not, and an unbatched op
+    must honour lazy conj/neg bits itself."""
     op = _OPS.get(func)
     if op is None:
         op = _OPS[func] = _prepare(func)
@@ -267,7 +240,7 @@ def dispatch(func, args, kwargs, from_mode=False):
         _escaped(op, level)
     if op.ok_shapes is not None and level is not None:
         _check_shapes(op, level, args, kwargs or {})
-    if op.random:
+    if op.is_random:
         return random_dispatch(op, level, args, kwargs or {}, from_mode)
     if level is None:
         if from_mode and _needs_view_bits(args):
@@ -284,109 +257,68 @@ def dispatch(func, args, kwargs, from_mode=False):
         raise
 
 
-def _torch_dispatch(cls, func, types, args=(), kwargs=None):
+# ----------------------------------------------------------------------------------------------
+# The entries: BatchedTensor's __torch_dispatch__ and the vmap mode
+# ----------------------------------------------------------------------------------------------
+
+def subclass_entry(cls, func, types, args=(), kwargs=None):
+    """``BatchedTensor.__torch_dispatch__``."""
     return dispatch(func, args, kwargs)
 
 
-BatchedTensor.__torch_dispatch__ = classmethod(_torch_dispatch)
-_fastpath.install(dispatch, BatchedTensor.__dict__["__torch_dispatch__"], _VmapMode)
+def mode_entry(self, func, types, args=(), kwargs=None):
+    """``VmapMode.__torch_dispatch__``: every op while a vmap is live in this thread."""
+    # As inside a subclass's __torch_dispatch__ (which torch runs with subclass
+    # __torch_function__ off), so that rules reading lower levels' wrappers do not re-enter it.
+    with _DisableTF():
+        if func in _FACTORIES:  # may become batched on its first batched write (fresh.py)
+            return _make_fresh(dispatch(func, args, kwargs, True))
+        return dispatch(func, args, kwargs, True)
 
 
-def _unwrap_flat(op, level, args):
-    """Physical values for the single-tensor positions batched at ``level``; (args, bdims)."""
-    args = list(args)
-    n = len(args)
-    bdims = [None] * n
-    for i in op.tensor_pos:
-        if i < n:
-            a = args[i]
-            if type(a) is BatchedTensor and a.level is level:
-                args[i] = a.value
-                bdims[i] = a.bdim
-    return args, bdims
+class VmapMode(TorchDispatchMode):
+    """The dispatch mode of a live vmap (its ``__torch_dispatch__`` is set by
+    :func:`set_dispatch_entries`)."""
 
 
-def unwrap_args(op, level, args):
-    """Replace tensors batched at ``level`` by their physical values; return (args, bdims)."""
-    args, bdims = _unwrap_flat(op, level, args)
-    n = len(args)
-    for i in op.list_pos:
-        if i < n and args[i] is not None:
-            lst = args[i]
-            if any(type(a) is BatchedTensor and a.level is level for a in lst):
-                vals, bds = [], []
-                for a in lst:
-                    if type(a) is BatchedTensor and a.level is level:
-                        vals.append(a.value)
-                        bds.append(a.bdim)
-                    else:
-                        vals.append(a)
-                        bds.append(None)
-                args[i] = vals
-                bdims[i] = tuple(bds)
-    return args, bdims
+# The entries installed while no fast-path signature is being learned (fastpath.py swaps in
+# recording ones; tests swap in counting ones).
+NORMAL_ENTRIES = {"subclass": subclass_entry, "mode": mode_entry}
 
 
-def wrap_result(out, out_bdims, level):
-    if out_bdims is None:
-        return out
-    if type(out_bdims) is int:
-        return make_batched(out, out_bdims, level)
-    wrapped = [o if b is None else make_batched(o, b, level) for o, b in zip(out, out_bdims)]
-    return wrapped if isinstance(out, list) else tuple(wrapped)
+def set_dispatch_entries(entries) -> None:
+    """Install ``entries["subclass"]`` as ``BatchedTensor.__torch_dispatch__`` and
+    ``entries["mode"]`` as ``VmapMode.__torch_dispatch__``: the only code that sets them.
+
+    Both are plain functions bound at install time, so an op pays no extra frame.
+    (TorchDispatchMode would wrap a handler defined in the class body in a dynamo-disable shim
+    that costs microseconds per op; this mode never runs under dynamo.)"""
+    BatchedTensor.__torch_dispatch__ = classmethod(entries["subclass"])
+    VmapMode.__torch_dispatch__ = entries["mode"]
 
 
-# torch.func's message for the same refusal (after ftrans's call form, before its hint).
-_INPLACE_UNBATCHED = (
-    "vmap: inplace arithmetic(self, *extra_args) is not possible because there exists a Tensor "
-    "`other` in extra_args that has more elements than `self`. This happened due to `other` "
-    "being vmapped over but `self` not being vmapped over in a vmap. Please try to use "
-    "out-of-place operators instead of inplace arithmetic. If said operator is being called "
-    "inside the PyTorch framework, please file a bug report instead."
-)
+_tls = threading.local()
 
 
-def _check_mutation(op, level, args, bdims):
-    for i in op.mutable_pos:
-        if i < len(bdims) and bdims[i] is None and args[i] is not None and any(
-            b is not None for b in bdims
-        ):
-            err = VmapError(
-                f"{describe(level)}: {_INPLACE_UNBATCHED} {op.name} writes in place into an "
-                "argument that is not "
-                "batched (it has no per-example dimension) from a batched value; the result "
-                "cannot fit. Write into a batched tensor instead, e.g. replace "
-                "`y.add_(x)` by `y = y + x`, or pass `y` to vmap as a mapped input.\n"
-                # torch.func's words, so that code matching torch.func's message keeps working.
-                "(vmap: inplace arithmetic(self, *extra_args) is not possible because there "
-                "exists a Tensor `other` in extra_args that has more elements than `self`.)"
-            )
-            from .fresh import fresh_base  # made inside the function: it can become batched
-            base = fresh_base(args[i], level)
-            if base is not None:  # caught above autograd, which batches it (fresh.py)
-                err._ftrans_fresh = (base, level)
-            raise err
+@contextlib.contextmanager
+def vmap_mode(randomness: str = "error"):
+    """Push the vmap mode unless this thread already has it (nested vmaps share one); push the
+    dropout mode (``dropout.py``) for the first level that may draw random numbers."""
+    with contextlib.ExitStack() as stack:
+        if not getattr(_tls, "active", False):
+            _tls.active = True
+            stack.callback(setattr, _tls, "active", False)
+            stack.enter_context(VmapMode())
+        if randomness != "error" and not getattr(_tls, "dropout", False):
+            _tls.dropout = True
+            stack.callback(setattr, _tls, "dropout", False)
+            stack.enter_context(DropoutMode())
+        yield
 
 
-def _needs_view_bits(args) -> bool:
-    """Pitfall 8: below the Python key (and under any dispatch mode) torch turns the
-    Conjugate/Negative fallbacks off, so a kernel handed a lazy ``conj()``/``neg()`` view, or a
-    complex kernel that makes such views internally (``linalg_pinv``'s ``mH``), reads them as
-    plain data: silently wrong complex results.  True when an op must run with them back on
-    (the guard costs about a microsecond, so real-valued ops without view bits skip it)."""
-    if _SetExclude is None:
-        return False
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            # A lower level's BatchedTensor: its physical bits are unknown here, be safe.
-            if type(a) is BatchedTensor or a.is_complex() or a.is_conj() or a.is_neg():
-                return True
-        elif type(a) in (list, tuple) and any(
-                isinstance(x, torch.Tensor) and (type(x) is BatchedTensor or x.is_complex()
-                                                 or x.is_neg()) for x in a):
-            return True
-    return False
-
+# ----------------------------------------------------------------------------------------------
+# Handlers: rules, and the other ways an op can be lowered
+# ----------------------------------------------------------------------------------------------
 
 def _call_rule(rule, level, func, args, bdims, kwargs):
     if _needs_view_bits(args):
@@ -397,11 +329,12 @@ def _call_rule(rule, level, func, args, bdims, kwargs):
 
 def _rule_handler(rule):
     def handle(op, level, args, kwargs):
-        if op.general:
+        if op.needs_general_path:
             return _general_rule_call(rule, op, level, args, kwargs)
         # Fast path (most ops): flat tensor arguments, nothing written in place.  One pass
         # unwraps the arguments batched at ``level`` and decides whether the rule must run with
-        # the conj/neg view bits honoured (what ``_needs_view_bits`` does for the general path).
+        # the conj/neg view bits honoured (NOTE [view bits below the Python key] in ops.py;
+        # ``needs_view_bits`` there decides it for the general path).
         args = list(args)
         n = len(args)
         bdims = [None] * n
@@ -432,15 +365,6 @@ def _rule_handler(rule):
 
     handle.rule = rule
     return handle
-
-
-class BDims(list):
-    """``bdims`` for a rule marked ``kw_bdims = True``: also ``.kw``, the batch dims of the
-    keyword-only tensor arguments batched at this level (their physical values are in kwargs)."""
-
-    def __init__(self, bdims):
-        super().__init__(bdims)
-        self.kw = {}
 
 
 def _general_rule_call(rule, op, level, args, kwargs):
@@ -481,7 +405,7 @@ def _metadata_query(op, level, args, kwargs):
 def _decompose_composite(op, level, args, kwargs):
     out = op.func.decompose(*args, **kwargs)
     if out is NotImplemented:  # pragma: no cover - kernel table said it had one
-        return _rule_handler(_loop_fallback)(op, level, args, kwargs)
+        return _LOOP(op, level, args, kwargs)
     return out
 
 
@@ -489,81 +413,8 @@ def _decomp_handler(fn):
     def handle(op, level, args, kwargs):
         return fn(*args, **kwargs)
 
+    handle.decomposition = fn  # for ``python -m ftrans --where``
     return handle
 
 
-# torch.func's own words for these refusals (code written against torch.func matches them).
-_ITEM_MSG = (
-    "vmap: It looks like you're calling .item() on a Tensor. We don't support vmap over calling "
-    ".item() on a Tensor, please try to rewrite what you're doing with other operations. If "
-    "error is occurring somewhere inside PyTorch internals, please file a bug report."
-)
-
-
-def _torch_data_dependent_msg(name) -> str:
-    if name in ("aten::_local_scalar_dense", "aten::allclose"):
-        return _ITEM_MSG
-    if name == "aten::is_nonzero":
-        from .tensor_guards import CONTROL_FLOW_MSG
-        return CONTROL_FLOW_MSG
-    if name in ("aten::equal", "aten::is_same_size"):
-        return f"Batching rule not implemented for {name}. We could not generate a fallback."
-    return (f"vmap: We do not support batching operators that can output dynamic shape. "
-            f"Attempted to vmap over {name}. Please file an issue at "
-            "https://github.com/pytorch/pytorch/issues if you need this feature.")
-
-
-def _data_dependent(op, level, args, kwargs):
-    hint = _DATA_DEPENDENT_HINTS.get(op.name) or (
-        f"{op.name} has an output whose shape or value depends on the data of each example"
-    )
-    raise VmapError(
-        f"{describe(level)}: {_torch_data_dependent_msg(op.name)} {op.name} is a data-dependent "
-        f"operation, not supported on a batched value: {hint}."
-    )
-
-
-def _out_variant_unsupported(op, level, args, kwargs):
-    raise VmapError(
-        f"{describe(level)}: Batching rule not implemented for "
-        f"{op.name}.{op.func._overloadname}; the fallback path doesn't work on out= or view "
-        "ops. Call the op without `out=` and use its result (`y = torch.abs(x)` "
-        "instead of `torch.abs(x, out=y)`)."
-    )
-
-
-def _inplace_view_unsupported(op, level, args, kwargs):
-    raise VmapError(
-        f"{describe(level)}: {op.name} changes the shape or storage of a batched value in place, "
-        "which vmap does not support; use the out-of-place op (e.g. `x = x.reshape(...)` or "
-        "`torch.empty(...)` instead of `x.resize_(...)`)."
-    )
-
-
-# Outside a backward pass, a value batched at an exited vmap escaped it (stored in a global or a
-# closure): batching it again would hand out per-example values with no batch in sight.  Inside
-# a backward pass (graph task id >= 0) exited levels are legitimate: autograd replays the vmap's
-# ops on its saved BatchedTensors.  Without the query (old torch), never refuse.
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)
-# Harmless on an escaped value (the next real op still refuses), and what ftrans itself does to
-# gradients that carry an exited level before summing it out (sum_exited_levels).
-_ESCAPE_OK = frozenset({"aten::detach", "aten::alias"})
-
-
-def _escaped(op, level):
-    if op.name in _ESCAPE_OK or _SUMMING_EXITED[0]:
-        return
-    raise VmapError(
-        f"{describe(level)}: {op.name} was called on a per-example value (BatchedTensor) that "
-        "escaped its vmap, which has already returned (it was saved to a global, a list or an "
-        "attribute inside the vmapped function). Return the value from the vmapped function "
-        "instead, so that vmap stacks it over the batch."
-    )
-
-
-def describe(level) -> str:
-    """The user's call form for error messages (``vmap(f, in_dims=...)(...)``)."""
-    origin = getattr(level, "origin", None)
-    if origin:
-        return origin() if callable(origin) else origin
-    return "vmap"
+_LOOP = _rule_handler(_loop_fallback)

@@ -14,6 +14,8 @@ import warnings
 import torch
 
 from .batched import BatchedTensor
+from .errors import VmapError, call_form
+from .ops import select_example
 
 __all__ = ["FallbackWarning", "fallback_stats", "reset_fallback_stats", "loop_fallback"]
 
@@ -55,17 +57,11 @@ def reset_fallback_stats() -> None:
 
 
 
-def _select(x, bdim, i):
-    return x if bdim is None else x.select(bdim, i)
-
-
 def loop_fallback(level, func, args, bdims, kwargs):
     name = str(func)
     if level.batch_size == 0:  # no example to run: the output's shape is unknown
-        from .dispatch import VmapError, describe
-
         raise VmapError(
-            f"{describe(level)}: Batching rule not implemented for {func._schema.name}. The "
+            f"{call_form(level)}: Batching rule not implemented for {func._schema.name}. The "
             "fallback path does not support vmap over dims of size 0. The op has no "
             "batching rule and runs per example; register one with ftrans.register_batch_rule."
         )
@@ -85,9 +81,9 @@ def loop_fallback(level, func, args, bdims, kwargs):
         call_args = []
         for a, bd in zip(args, bdims):
             if isinstance(bd, tuple):
-                call_args.append([_select(x, d, b) for x, d in zip(a, bd)])
+                call_args.append([select_example(x, d, b) for x, d in zip(a, bd)])
             else:
-                call_args.append(_select(a, bd, b))
+                call_args.append(select_example(a, bd, b))
         # Keyword-only tensors batched at this level (segment_reduce's `lengths=`): per example
         # too, or the call would re-dispatch here forever.
         call_kwargs = {k: v.value.select(v.bdim, b) if type(v) is BatchedTensor and v.level is level
@@ -108,10 +104,8 @@ def loop_fallback(level, func, args, bdims, kwargs):
         return (list(outs) if isinstance(first_out, list) else tuple(outs)), tuple(obds)
     if first_out is None:
         return None, None
-    from .dispatch import VmapError, describe
-
     raise VmapError(
-        f"{describe(level)}: {func} returns a Python {type(first_out).__name__} that depends on "
+        f"{call_form(level)}: {func} returns a Python {type(first_out).__name__} that depends on "
         "each example's data; vmap cannot batch it."
     )
 
@@ -119,10 +113,8 @@ def loop_fallback(level, func, args, bdims, kwargs):
 def _stack(results, func, level):
     shape = results[0].shape
     if any(r.shape != shape for r in results):
-        from .dispatch import VmapError, describe
-
         raise VmapError(
-            f"{describe(level)}: {func} returned outputs of different shapes for different "
+            f"{call_form(level)}: {func} returned outputs of different shapes for different "
             "examples; vmap needs every example to produce the same shape."
         )
     return torch.stack(results)

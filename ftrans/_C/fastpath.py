@@ -1,7 +1,7 @@
 """The torch-function fast path: ops that autograd will not record skip the C++ dispatcher.
 
 A torch call on a BatchedTensor normally runs the argument parser, ``__torch_function__`` (the
-per-use lift in ``autograd.py``), the parser again, the autograd kernel and the Python key
+per-use lift, ``torch_function.py``), the parser again, the autograd kernel and the Python key
 before it reaches :func:`~ftrans._C.dispatch.dispatch`: about 5 us of a 15 us op.  When no
 argument requires grad, autograd records nothing and the only layer that matters is the last
 one, so ``__torch_function__`` can call ``dispatch`` itself, if it knows which aten overload
@@ -31,7 +31,10 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from .batched import BatchedTensor, make_batched
+from .dispatch import NORMAL_ENTRIES, VmapMode, dispatch as _dispatch, prepared, \
+    set_dispatch_entries
 from .registry import on_change
+from .rules.pointwise import pointwise_rule
 from .shapecheck import check as _check_shapes, explain as _explain_shapes
 
 __all__ = ["fast_call", "MISS", "stats"]
@@ -58,8 +61,6 @@ _CACHE: dict = {}
 on_change(_CACHE.clear)  # a new rule changes the handler a learned signature holds
 _counts = {"recorded": 0}  # signatures learned (tests check that learning happened)
 
-_dispatch = None
-_mode_type = None
 _tls = threading.local()
 
 
@@ -119,7 +120,7 @@ def _fast_call(func, types, args, entry):
     if hit is None or not level.alive:  # an escaped value: the normal path explains
         return MISS
     n = _stack_len()
-    if n and (n != 1 or type(_stack_at(0)) is not _mode_type):
+    if n and (n != 1 or type(_stack_at(0)) is not VmapMode):
         return MISS  # another dispatch mode must see this op
     op, pointwise = hit
     if pointwise:
@@ -194,18 +195,16 @@ def _cacheable(record, args, out, key):
     if any(r.alias_info is not None for r in schema.returns) or any(
             a.alias_info is not None for a in schema.arguments):
         return None
-    from .dispatch import _OPS, _prepare
-    from .rules.pointwise import pointwise_rule
-
-    prepared = _OPS.get(op) or _prepare(op)
+    cached = prepared(op)
     # Only ops with a rule: a decomposition or the loop fallback runs torch calls of its own,
     # which (called from here, above the dispatcher) would come back through this path.
-    if prepared.kind != "rule" or prepared.general or prepared.random or prepared.inplace_view:
+    if cached.status != "rule" or cached.needs_general_path or cached.is_random or \
+            cached.inplace_view:
         return None
-    return prepared, _simple_pointwise(prepared, key, pointwise_rule)
+    return cached, _simple_pointwise(cached, key)
 
 
-def _simple_pointwise(prepared, key, pointwise_rule):
+def _simple_pointwise(prepared, key):
     """Whether calls with this signature may take ``_run``'s direct pointwise path."""
     if getattr(prepared.handler, "rule", None) is not pointwise_rule:
         return False
@@ -219,10 +218,10 @@ def _simple_pointwise(prepared, key, pointwise_rule):
 
 
 # While some thread records, both dispatch entry points (BatchedTensor's and vmap mode's) are
-# swapped for recording ones; the normal entries have no recording check on the hot path.
+# swapped for recording ones (through dispatch.set_dispatch_entries, the one writer of both);
+# the normal entries have no recording check on the hot path.
 _lock = threading.Lock()
 _active = 0
-_entries = {}
 
 
 def _recorded(func, args, kwargs, from_mode):
@@ -246,21 +245,14 @@ def _rec_mode(self, func, types, args=(), kwargs=None):
     return _recorded(func, args, kwargs, True)
 
 
+_RECORDING_ENTRIES = {"subclass": _rec_subclass, "mode": _rec_mode}
+
+
 def _recording_entries(on):
     global _active
     with _lock:
         _active += 1 if on else -1
         if on and _active == 1:
-            BatchedTensor.__torch_dispatch__ = classmethod(_rec_subclass)
-            _mode_type.__torch_dispatch__ = _rec_mode
+            set_dispatch_entries(_RECORDING_ENTRIES)
         elif not on and _active == 0:
-            BatchedTensor.__torch_dispatch__ = _entries["subclass"]
-            _mode_type.__torch_dispatch__ = _entries["mode"]
-
-
-def install(dispatch, subclass_entry, mode_type):
-    """Called once by dispatch.py: the dispatch function and the two normal entry points."""
-    global _dispatch, _mode_type
-    _dispatch, _mode_type = dispatch, mode_type
-    _entries["subclass"] = subclass_entry
-    _entries["mode"] = mode_type.__dict__["__torch_dispatch__"]
+            set_dispatch_entries(NORMAL_ENTRIES)

@@ -6,7 +6,7 @@ tensor the vmapped function *created itself* from a factory (``zeros``, ``ones``
 ``full``, ``*_like`` / ``new_*`` of unbatched values) has no history the caller could see: it
 can simply become batched, as if it had been created per example.
 
-The vmap dispatch mode (``random.py``) hands such factory results back as a
+The vmap dispatch mode (``dispatch.py``) hands such factory results back as a
 :class:`FreshTensor`, a plain tensor (torch-function disabled, no dispatch hook: it costs
 nothing) tagged with the innermost live vmap level.  When an in-place op writes a value batched
 at a level into an unbatched tensor, dispatch's usual error carries ``_ftrans_fresh = (tensor,
@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 
 from . import levels as _levels
+from .autograd import AddBatchDim
+from .batched import add_batch_dim
 
 __all__ = ["FreshTensor", "FACTORIES", "make_fresh", "fresh_base", "materialize"]
 
@@ -78,9 +80,6 @@ def fresh_base(t, level):
 def materialize(t, level) -> bool:
     """Make fresh ``t`` batched at ``level`` in place (the same Python object); False if torch
     cannot swap it (it has views or weak references): the caller re-raises."""
-    from .autograd import AddBatchDim
-    from .batched import add_batch_dim
-
     born = t.__dict__.get("_ftrans_fresh")
     with torch._C.DisableTorchFunctionSubclass():
         shape = tuple(t.shape)

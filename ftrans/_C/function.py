@@ -25,8 +25,10 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _pytree
 from . import levels as _levels
 from .batched import BatchedTensor, make_batched
+from .errors import call_form
 
 __all__ = ["VmapInfo", "install"]
 
@@ -52,7 +54,6 @@ def _apply(cls, *args, **kwargs):
 
 
 def _leaves(tree):
-    from .. import _pytree
     return _pytree.tree_leaves(tree)
 
 
@@ -74,19 +75,17 @@ def _apply_under_transforms(cls, args, kwargs):
     bound.apply_defaults()
     args, kwargs = bound.args, bound.kwargs
     level = _top_level((args, kwargs))
-    from .dispatch import describe
-
     name = cls.__name__
     if any(isinstance(v, torch.Tensor) for v in _leaves(kwargs)):
         raise NotImplementedError(
-            f"{describe(level)}: Run vmap on autograd.Function with kwarg-only Tensor args. "
+            f"{call_form(level)}: Run vmap on autograd.Function with kwarg-only Tensor args. "
             f"Please do not pass kwarg-only Tensors to autograd.Function. Got: {kwargs}"
         )
     has_rule = cls.vmap is not _BASE_VMAP
     if getattr(cls, "generate_vmap_rule", False):
         if has_rule:
             raise RuntimeError(
-                f"{describe(level)}: You tried to vmap over {name}, but it has both "
+                f"{call_form(level)}: You tried to vmap over {name}, but it has both "
                 "generate_vmap_rule=True and an overridden vmap staticmethod. Please set "
                 "generate_vmap_rule=False or delete the overridden vmap staticmethod to avoid "
                 f"ambiguity. {_DOCS}"
@@ -101,7 +100,7 @@ def _apply_under_transforms(cls, args, kwargs):
         return _orig_apply(cls, *args, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the cause attached
         raise RuntimeError(
-            f"{describe(level)}: You tried to vmap over {name}, but it does not have vmap "
+            f"{call_form(level)}: You tried to vmap over {name}, but it does not have vmap "
             "support. Please override and implement the vmap staticmethod or set "
             f"generate_vmap_rule=True. {_DOCS} (ftrans ran {name}.forward on the batched "
             f"values and it raised {type(e).__name__}: {e})"
@@ -126,7 +125,6 @@ def _with_rule(cls):
 
 
 def _unwrap(args, level):
-    from .. import _pytree
 
     leaves, spec = _pytree.tree_flatten(args)
     values, dims = [], []
@@ -141,13 +139,10 @@ def _unwrap(args, level):
 
 
 def _run_rule(cls, args, kwargs):
-    from .. import _pytree
-    from .dispatch import describe
-
     level = _top_level(args)
     values, in_dims = _unwrap(args, level)
     result = cls.vmap(VmapInfo(level.batch_size, level.randomness), in_dims, *values, **kwargs)
-    form = describe(level)
+    form = call_form(level)
     base = ("Expected the vmap staticmethod to have two returns, an output and out_dims with "
             "pytree structure compatible with the output. ")
     if not isinstance(result, tuple):

@@ -27,6 +27,7 @@ import sys
 import torch
 
 from . import levels as _levels
+from .errors import call_form
 
 __all__ = ["install", "mark_input"]
 
@@ -60,8 +61,7 @@ def _refuse(name: str, tensor) -> None:
         return
     level = stack[-1]
     if level.kind == _levels.VMAP:
-        from .dispatch import describe
-        where = describe(level)
+        where = call_form(level)
     else:
         where = f"a {level.kind} transform"
     raise RuntimeError(

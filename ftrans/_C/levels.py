@@ -4,12 +4,21 @@ Every active transform (a ``vmap`` or a ``grad``-family call) is a :class:`Level
 stack for the duration of the call.  Level ids come from one global, ever-increasing counter, so
 an inner transform always has a higher id than any live outer one, and an id is never reused:
 a tensor tagged with a level can always tell which transform made it, even after that transform
-has returned (``alive`` is then False: pitfall 5 of DESIGN.md, "exited levels").
+has returned (``alive`` is then False: see NOTE [exited levels]).
 
-The stack itself is thread-local (two threads running transforms never see each other's levels),
-but nothing in dispatch reads it: a batched tensor carries its :class:`Level` object, so the
-backward passes that autograd runs on its own device threads dispatch from the tensors' tags
-alone (pitfall 7).
+NOTE [exited levels]: tensors a vmapped function closes over (captured parameters) get
+per-example gradients, because autograd only sees logical shapes.  A gradient that leaves
+``torch.autograd.grad`` still carrying the batch dim of a vmap that has returned must be summed
+over that level (``autograd.sum_exited_levels``; per use, ``autograd.py`` says why).  Whether a
+level still applies is decided by ``alive``, never by comparing ids with the grad level: a vjp
+function may legitimately be called later under a *newer* vmap, whose per-example results are
+wanted as they are.  The same flag lets dispatch refuse a value that escaped its vmap
+(``errors.escaped``).
+
+NOTE [threads]: the stack itself is thread-local (two threads running transforms never see each
+other's levels), but nothing in dispatch reads it: a batched tensor carries its :class:`Level`
+object, so the backward passes that autograd runs on its own device threads (every CUDA
+backward) dispatch from the tensors' tags alone.
 """
 from __future__ import annotations
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 import torch
 
 from .batched import BatchedTensor
+from .errors import VmapError, call_form
 
 __all__ = ["check", "explain", "signature"]
 
 _Tensor = torch.Tensor
 _NoPythonDispatch = torch._C._DisableTorchDispatch
-_VmapError = None  # dispatch.VmapError, set by dispatch.py (it imports this module)
 _MAX_SIGNATURES = 1024  # per op; varying float arguments must not grow the cache without bound
 
 
@@ -83,7 +83,7 @@ def explain(op, level, args, kwargs, exc) -> None:
     Also where the meta kernel let a signature through that eager refuses.  Every level the
     exception passes explains it again, so the user's own (highest) level has the last word.
     """
-    if isinstance(exc, _VmapError):  # ftrans's own refusals say what to do instead
+    if isinstance(exc, VmapError):  # ftrans's own refusals say what to do instead
         return
     error = _eager_error(op, args, kwargs)
     if error is not None:
@@ -186,11 +186,9 @@ def _tensors(args, kwargs):
 
 
 def _raise(op, level, args, error):
-    from .dispatch import describe
-
     shapes = ", ".join(
         str(list(a.shape)) for a in args if isinstance(a, _Tensor)) or "no tensors"
-    hint = (f"\n\n{describe(level)}: {op.name} rejects the shapes of one example ({shapes}); "
+    hint = (f"\n\n{call_form(level)}: {op.name} rejects the shapes of one example ({shapes}); "
             "under vmap each example is checked as the op checks it eagerly.")
     try:
         new = _as_runtime_error(type(error))(f"{error}{_torch_func_wording(op, args)}{hint}")

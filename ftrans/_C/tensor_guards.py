@@ -3,21 +3,19 @@
 ``if x:`` never reaches ``__torch_dispatch__`` as itself: ``Tensor.__bool__`` arrives as
 ``aten::_local_scalar_dense`` (the same op as ``.item()``).  It is caught where it is still
 recognisable, as a ``__torch_function__`` override of BatchedTensor (see
-``autograd.batched_torch_function``), with torch.func's message.  (``.data`` is refused the same
+``torch_function.batched_torch_function``), with torch.func's message.  (``.data`` is refused the same
 way, in ``aliasing.py``.)
 """
 from __future__ import annotations
 
 import torch
 
+from .agree import agreeing_bool
 from .batched import BatchedTensor
+from .errors import VmapError, call_form, torch_data_dependent_msg
 
-__all__ = ["OVERRIDES", "CONTROL_FLOW_MSG"]
+__all__ = ["OVERRIDES"]
 
-CONTROL_FLOW_MSG = (
-    "vmap: It looks like you're attempting to use a Tensor in some data-dependent control flow. "
-    "We don't support that yet, please file an issue at https://github.com/pytorch/pytorch/issues ."
-)
 _DisableTF = torch._C.DisableTorchFunctionSubclass
 
 
@@ -32,8 +30,7 @@ def _bool(x, *args, **kwargs):
         if x.numel() != 1:  # eager's own error comes first
             what = "no values" if x.numel() == 0 else "more than one value"
             raise RuntimeError(f"Boolean value of Tensor with {what} is ambiguous")
-    from .agree import agreeing_bool  # the truth value when every example agrees on it
-    return agreeing_bool(x)
+    return agreeing_bool(x)  # the truth value when every example agrees on it
 
 
 def _where(*args, **kwargs):
@@ -45,10 +42,8 @@ def _where(*args, **kwargs):
     x = args[0] if args else next(iter(kwargs.values()))
     if not _live(x):
         raise NotImplementedError
-    from .dispatch import VmapError, _torch_data_dependent_msg, describe
-
     raise VmapError(
-        f"{describe(x.level)}: {_torch_data_dependent_msg('aten::where')} `torch.where(condition)` "
+        f"{call_form(x.level)}: {torch_data_dependent_msg('aten::where')} `torch.where(condition)` "
         "returns the indices of each example's nonzero entries, a data-dependent size. Use "
         "`torch.where(condition, a, b)` to select per example, or `ftrans.nonzero(condition, "
         "size=...)` for a static-size result."

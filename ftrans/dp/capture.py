@@ -33,9 +33,9 @@ from torch.overrides import TorchFunctionMode
 
 from .. import _pytree
 from .._C import levels as _levels
-from .._C.autograd import _OVERRIDES
-from ..autodiff import (_grad_level, check_argnums, replace_argnums, select_argnums,
-                        split_aux)
+from .._C.torch_function import OVERRIDES as _OVERRIDES
+from .._autodiff_common import check_argnums, replace_argnums, select_argnums, split_aux
+from ..autodiff import _grad_level
 from ..vmap import vmap
 from .factors import Dense, Outer, combine
 from .norm_rules import Call, count_fallback, get_norm_rule

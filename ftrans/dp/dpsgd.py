@@ -152,7 +152,7 @@ class DPSGD:
 
     def step(self, *args):
         """The noisy gradient for one (Poisson) batch ``args``; an empty batch gives noise only."""
-        from ..autodiff import check_argnums, select_argnums
+        from .._autodiff_common import check_argnums, select_argnums
         form = "DPSGD.step(*args)"
         argnums = check_argnums(self.argnums, len(args), form)
         dims = normalize_in_dims(self.in_dims, argnums, len(args), form)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .. import _pytree
-from ..autodiff import _name
+from .._autodiff_common import _name
 from .capture import run
 
 __all__ = ["per_sample_grad_norms", "clipped_grad", "per_sample_grad_dots",

@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import any_batched, pad_rank, to_front  # noqa: F401 (re-exported for rule files)
+from ..registry import register_batch_rule
+
 __all__ = ["to_front", "batched_front", "to_channels", "logical_rank", "wrap_dim", "any_batched",
-           "pad_rank"]
-
-
-def to_front(x: torch.Tensor, bdim):
-    """``x`` with its batch dim moved to 0 (a view); unbatched tensors are returned as they are."""
-    if bdim is None or bdim == 0:
-        return x
-    return x.movedim(bdim, 0)
+           "pad_rank", "aten_op", "aten_ops", "overloads", "register_present"]
 
 
 def batched_front(x: torch.Tensor, bdim, batch_size: int) -> torch.Tensor:
@@ -45,32 +41,24 @@ def wrap_dim(dim: int, rank: int) -> int:
     return dim + r if dim < 0 else dim
 
 
-def any_batched(bdims) -> bool:
-    for b in bdims:
-        if b is not None:
-            if isinstance(b, tuple):
-                if any(x is not None for x in b):
-                    return True
-            else:
-                return True
-    return False
-
-
-def pad_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
-    """A front-batched ``x`` viewed with size-1 dims after the batch dim up to logical ``rank``."""
-    missing = rank - (x.dim() - 1)
-    if missing <= 0:
-        return x
-    shape = x.shape
-    return x.view((shape[0],) + (1,) * missing + tuple(shape[1:]))
-
-
 def aten_op(name, overload="default"):
     """``aten.<name>.<overload>`` if this torch has it (older releases lack some), else None."""
     packet = getattr(torch.ops.aten, name, None)
     if packet is None or overload not in packet.overloads():
         return None
     return getattr(packet, overload)
+
+
+def overloads(*names):
+    """``aten_op`` for a list with one string per op: the overloads among ``names``
+    (``"squeeze.dims"``; a bare ``"squeeze"`` is the whole packet) that this torch has."""
+    found = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = aten_op(packet, overload) if overload else getattr(torch.ops.aten, packet, None)
+        if op is not None:
+            found.append(op)
+    return found
 
 
 def aten_ops(*names, overload="default"):
@@ -80,7 +68,5 @@ def aten_ops(*names, overload="default"):
 
 def register_present(*ops):
     """``register_batch_rule`` for the ops of ``ops`` that exist (None entries are skipped)."""
-    from ..registry import register_batch_rule
-
     present = [op for op in ops if op is not None]
     return register_batch_rule(*present) if present else (lambda fn: fn)

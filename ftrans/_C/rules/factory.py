@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_batch_rule
-from ._util import pad_rank, to_front
-from .views import overloads
+from ._util import overloads, pad_rank, to_front
 
 aten = torch.ops.aten
 

@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from ..errors import data_dependent
 from ..registry import register_batch_rule
 from ._util import batched_front, logical_rank, pad_rank, to_front, wrap_dim
 
@@ -43,16 +44,6 @@ def lift0(x, logical_rank_):
     return x.unsqueeze(1) if logical_rank_ == 0 else x
 
 
-def _data_dependent(level, func, what):
-    from ..dispatch import VmapError, describe
-
-    raise VmapError(
-        f"{describe(level)}: data-dependent operation {func._schema.name} on a batched value is "
-        f"not supported: {what} selects a different number of elements per example. Use "
-        "`torch.where(mask, x, 0)` or multiply by the mask instead."
-    )
-
-
 def _expand_masks(level, func, indices, ibd):
     """Bool/uint8 masks -> long indices (unbatched masks only: batched ones are data dependent)."""
     if not any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in indices):
@@ -61,7 +52,7 @@ def _expand_masks(level, func, indices, ibd):
     for t, b in zip(indices, ibd):
         if t is not None and t.dtype in (torch.bool, torch.uint8):
             if b is not None:
-                _data_dependent(level, func, "boolean-mask indexing `x[mask]`")
+                data_dependent(level, func._schema.name, "boolean-mask indexing `x[mask]`")
             if t.dim() == 0:
                 # x[True] / x[False]: inserts a dim of size 1 / 0; rare enough to go the slow way.
                 raise NotImplementedError("vmap: indexing with a 0-dim boolean mask")
@@ -160,8 +151,8 @@ def _batched_mask_put(level, func, args, bdims, mask_pos):
     vbd = bdims[2]
     v_rank = logical_rank(values, vbd)
     if any(t is not None for i, t in enumerate(indices) if i != mask_pos) or v_rank > rest:
-        _data_dependent(level, func, "boolean-mask indexing `x[mask] = v` with more than one "
-                        "value per selected element")
+        data_dependent(level, func._schema.name, "boolean-mask indexing `x[mask] = v` with more "
+                       "than one value per selected element")
     inplace = is_inplace(func)
     xf = to_front(x, bdims[0]) if inplace else batched_front(x, bdims[0], B)
     m = to_front(mask, mbd).to(torch.bool)

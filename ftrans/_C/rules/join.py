@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from ..errors import data_dependent
 from ..registry import register_batch_rule
 from ._util import batched_front, logical_rank, pad_rank, to_front, wrap_dim
 from .index import is_inplace
@@ -132,12 +133,10 @@ if hasattr(aten, "masked_scatter_backward"):
 @register_batch_rule(aten.masked_select.default)
 def masked_select_rule(level, func, args, bdims, kwargs):
     """Static only when the mask is unbatched: every example then selects the same positions."""
-    from ..dispatch import _data_dependent, _OPS
-
     x, mask = args
     xb, mb = bdims
     if mb is not None:
-        _data_dependent(_OPS[func], level, args, kwargs)
+        data_dependent(level, func._schema.name)
     B = level.batch_size
     x = to_front(x, xb)
     shape = torch.broadcast_shapes(tuple(x.shape[1:]), tuple(mask.shape))

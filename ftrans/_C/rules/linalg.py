@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ..batched import BatchedTensor
+from ..errors import VmapError, call_form
 from ..registry import register_batch_rule
 from ._util import aten_ops, batched_front, pad_rank, to_front, wrap_dim
 
@@ -137,7 +139,8 @@ def dot_rule(level, func, args, bdims, kwargs):
 @register_batch_rule(aten.vdot.default)
 def vdot_rule(level, func, args, bdims, kwargs):
     # conj_physical, not conj(): below the Python key the Conjugate fallback is excluded, so
-    # kernels would read a lazy conj bit as plain data (pitfall 8)
+    # kernels would read a lazy conj bit as plain data (NOTE [view bits below the Python key]
+    # in ops.py)
     return _dot(args[0].conj_physical(), bdims[0], args[1], bdims[1], level.batch_size)
 
 
@@ -366,8 +369,6 @@ if hasattr(aten, "linalg_lstsq"):
         """Batched lstsq.  The op is tagged dynamic-shape because residuals are empty unless
         every matrix is full rank with m > n: a batch mixing full-rank and rank-deficient
         examples has no stacked answer, so that case raises instead."""
-        from ..dispatch import VmapError, describe
-
         A, b = args[0], args[1]
         B = level.batch_size
         # lstsq does not broadcast batch dims, and a front batch dim keeps torch's vector-rhs
@@ -377,13 +378,11 @@ if hasattr(aten, "linalg_lstsq"):
         m, n = A.shape[-2], A.shape[-1]
         # With a lower level's BatchedTensor the check below runs when that level dispatches
         # this physical call (on plain tensors): here it would be a Python `if` on a batch.
-        from ..batched import BatchedTensor
-
         if (m > n and type(rank) is not BatchedTensor and res.numel() == 0
                 and rank.numel() > 0):
             deficient = rank < n
             if bool(deficient.any()) and not bool(deficient.all()):
-                raise VmapError(f"{describe(level)}: linalg.lstsq residuals exist only for the "
+                raise VmapError(f"{call_form(level)}: linalg.lstsq residuals exist only for the "
                                 "full-rank examples of this batch, so they have no batched form")
 
         def per_example(o):

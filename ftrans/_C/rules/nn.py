@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import VmapError, call_form
 from ..registry import register_batch_rule
 from ._util import (aten_op, aten_ops, batched_front, logical_rank, pad_rank, register_present,
                     to_channels, to_front, wrap_dim)
@@ -157,8 +158,6 @@ def batch_norm_rule(acts, chans, training, stats=()):
     the kernel updates in place when training."""
 
     def rule(level, func, args, bdims, kwargs):
-        from ..dispatch import VmapError, describe
-
         B = level.batch_size
         args = list(args)
         train = args[training] if isinstance(training, int) else training
@@ -169,7 +168,7 @@ def batch_norm_rule(acts, chans, training, stats=()):
         if train and acts_batched and any(p < len(args) and args[p] is not None
                                           and bdims[p] is None for p in stats):
             raise VmapError(
-                f"{describe(level)}: batch norm in training mode would update its running "
+                f"{call_form(level)}: batch norm in training mode would update its running "
                 "statistics in place, but they are not batched while the input is: one running "
                 "mean cannot hold a different update per example. Use eval mode, pass "
                 "`track_running_stats=False` (for modules: "
@@ -371,18 +370,16 @@ def embedding_dense_backward_rule(level, func, args, bdims, kwargs):
 # scaled dot product attention kernels: fold into N
 # ----------------------------------------------------------------------------------------------
 
-def attention_rule(cores, dropout_pos=None, mask_pos=None):
+def attention_rule(cores, dropout_pos=None):
     """``cores[pos]``: the logical rank of that tensor *with* its N dim (4 for q/k/v/out,
     3 for logsumexp).  Tensors of lower logical rank have no N and need no fold."""
 
     def rule(level, func, args, bdims, kwargs):
-        from ..dispatch import VmapError, describe
-
         B = level.batch_size
         p = args[dropout_pos] if dropout_pos is not None and dropout_pos < len(args) else 0.0
         if p and p > 0 and level.randomness != "different":
             raise VmapError(
-                f"{describe(level)}: attention with dropout_p={p} draws random values; use "
+                f"{call_form(level)}: attention with dropout_p={p} draws random values; use "
                 "vmap(..., randomness='different') (randomness='same' is not supported for "
                 "fused attention), or dropout_p=0."
             )

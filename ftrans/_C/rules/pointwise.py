@@ -90,15 +90,12 @@ def _fix_promotion(func, args, bdims, kwargs, new_args):
             new_args[i] = new_args[i].to(expected)
 
 
-_EXCLUDED = set()
 # Elementwise ops torch forgot to tag ``pointwise`` (found by the ModuleInfo sweep).
 _UNTAGGED = {getattr(aten, n).default for n in ("hardshrink_backward", "softshrink_backward",
                                                 "complex", "polar") if hasattr(aten, n)}
 
 
 def is_pointwise(func, tags) -> bool:
-    if func in _EXCLUDED:
-        return False
     if torch.Tag.pointwise in tags or func in _UNTAGGED:
         return True
     return _inplace_of_pointwise(func)

@@ -17,8 +17,8 @@ import math
 import torch
 
 from ..registry import register_batch_rule
-from ._util import to_front, wrap_dim
-from .views import finish, get_arg, overloads, set_arg
+from ._util import overloads, to_front, wrap_dim
+from .views import finish, get_arg, set_arg
 
 aten = torch.ops.aten
 

@@ -23,25 +23,11 @@ import math
 
 import torch
 
+from ..errors import VmapError, call_form
 from ..registry import RULES, register_batch_rule
-from ._util import to_front, wrap_dim
+from ._util import overloads, to_front, wrap_dim
 
 aten = torch.ops.aten
-
-
-def overloads(*names):
-    """The ``aten`` overloads among ``names`` ("squeeze.dims") that this torch version has."""
-    found = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        p = getattr(aten, packet, None)
-        if p is None:
-            continue
-        if not overload:
-            found.append(p)
-        elif overload in p.overloads():
-            found.append(getattr(p, overload))
-    return found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,9 +357,7 @@ def _check_as_strided_slice(level, x, b, size, stride, off):
             msg = (head + f"`result` can access some memory in range [{off}, {span + off}], but "
                    f"`tensor` can only access some memory in range [{base}, {own + base}]. " + tail)
     if msg is not None:
-        from ..dispatch import VmapError, describe
-
-        raise VmapError(f"{describe(level)}: {msg}")
+        raise VmapError(f"{call_form(level)}: {msg}")
 
 
 @register_batch_rule(aten.as_strided.default)
