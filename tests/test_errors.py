@@ -25,6 +25,7 @@ from ftrans._C import levels
 
 X = torch.randn(2, 3)
 XD = torch.tensor([[1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]])  # examples whose sums disagree in sign
+XZ = torch.tensor([[1.0, 0.0, 3.0], [0.0, 0.0, 3.0]])  # examples with different nonzero counts
 
 # Mistakes where torch.func's exception is an accident of its implementation and ours is
 # deliberately the documented, more specific one: {case id: (our type, why)}.
@@ -170,7 +171,7 @@ _DATA_DEPENDENT = [
     ("bool", lambda L: L.vmap(lambda x: x if bool(x.sum() > 0) else -x)(XD), r"bool|if"),
     ("if", lambda L: L.vmap(lambda x: x if x.sum() > 0 else -x)(XD), r"if"),
     ("float", lambda L: L.vmap(lambda x: x * float(x[0]))(X), r"float"),
-    ("nonzero", lambda L: L.vmap(torch.nonzero)(X), r"nonzero"),
+    ("nonzero", lambda L: L.vmap(torch.nonzero)(XZ), r"nonzero"),
     ("mask_index", lambda L: L.vmap(lambda x: x[x > 0])(X), r"mask|nonzero"),
     ("nested_item", lambda L: L.vmap(L.vmap(lambda x: x * x.item()))(torch.arange(6.0).view(2, 3)),
      r"item"),

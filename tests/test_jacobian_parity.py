@@ -97,8 +97,17 @@ def test_jacrev_chunk_size_one_is_a_loop():
         got = ftrans.jacrev(DynamicBackward.apply, chunk_size=1,
                             _preallocate_and_copy=preallocate)(x)
         assert_close(got, expected)
-    with pytest.raises(RuntimeError):
-        ftrans.jacrev(DynamicBackward.apply, chunk_size=2)(x)
+    # Batched, each basis row of the chunk has one nonzero: the counts agree, nonzero is batched
+    # (torch.func refuses it) and the Jacobian is the loop's.
+    assert_close(ftrans.jacrev(DynamicBackward.apply, chunk_size=2)(x), expected)
+
+    class DisagreeingBackward(DynamicBackward):
+        @staticmethod
+        def backward(ctx, g):  # a count that differs between basis rows
+            return g * g.cumsum(0).nonzero().shape[0]
+
+    with pytest.raises(RuntimeError, match="dynamic shape"):
+        ftrans.jacrev(DisagreeingBackward.apply, chunk_size=2)(x)
     assert levels.current_stack() == []
 
 

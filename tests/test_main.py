@@ -38,7 +38,8 @@ def test_coverage_agrees_with_op_status():
     # Known classifications: a rule, a pointwise op by tag, data-dependent ops that raise.
     assert str(aten.mm.default) in cov["rule"]
     assert str(aten.add.Tensor) in cov["rule"]
-    assert str(aten.nonzero.default) in cov["error"]
+    assert str(aten.unique_consecutive.default) in cov["error"]
+    assert str(aten.nonzero.default) in cov["rule"]  # batched when the counts agree
     assert str(aten._local_scalar_dense.default) in cov["error"]
     # Every listed op is classified as op_status says, and out= overloads are left out.
     for kind in cli.CATEGORIES:
@@ -53,7 +54,7 @@ def test_coverage_agrees_with_op_status():
 def test_list_option(capsys):
     assert cli.main(["--list", "error"]) == 0
     out = capsys.readouterr().out
-    assert "error:" in out and "aten.nonzero.default" in out
+    assert "error:" in out and "aten.unique_consecutive.default" in out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,8 +95,8 @@ def test_where_tells_rule_by_tag_decomposition_fallback_error(capsys):
     out = _where(capsys, "matmul.default")
     assert out.startswith("aten.matmul.default: decomposition")
     assert "CompositeImplicitAutograd" in out
-    out = _where(capsys, "nonzero.default")
-    assert out.startswith("aten.nonzero.default: error")
+    out = _where(capsys, "unique_consecutive.default")
+    assert out.startswith("aten.unique_consecutive.default: error")
     assert "refuse_data_dependent (ftrans/_C/errors.py:" in out
     fallback = cli.coverage()["fallback"][0]
     out = _where(capsys, fallback)

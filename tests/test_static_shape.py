@@ -114,4 +114,27 @@ def test_static_size_outside_vmap_and_errors():
     with pytest.raises(RuntimeError, match="1-d"):
         ftrans.bincount(torch.tensor([[1]]), length=2)
     with pytest.raises(ftrans.VmapError, match="data-dependent"):  # without size: refused
-        ftrans.vmap(ftrans.nonzero)(torch.ones(2, 3))
+        ftrans.vmap(ftrans.nonzero)(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))  # (counts differ)
+
+
+@pytest.mark.parametrize("fn", [torch.nonzero, torch.argwhere], ids=["nonzero", "argwhere"])
+@pytest.mark.parametrize("shape", [(4, 5), (3, 2, 4), (6,), (0, 3), (3, 0)])
+def test_nonzero_with_agreeing_counts_is_batched_like_a_loop(fn, shape):
+    # every example has the same number of nonzero entries: what a loop stacks (torch.func's
+    # argwhere does the same through its per-example fallback), from one nonzero of the batch
+    g = torch.Generator().manual_seed(0)
+    base = (torch.rand(shape, generator=g) > 0.5).float()
+    perms = [torch.randperm(base.numel(), generator=g) for _ in range(5)]
+    x = torch.stack([base.reshape(-1)[p].reshape(shape) for p in perms])  # same count each
+    with no_fallback():
+        got = ftrans.vmap(fn)(x)
+    torch.testing.assert_close(got, torch.stack([fn(e) for e in x]))
+    scalars = torch.tensor([1.0, 2.0, 3.0])  # 0-dim examples
+    torch.testing.assert_close(ftrans.vmap(fn)(scalars), torch.stack([fn(e) for e in scalars]))
+    with pytest.raises(RuntimeError, match="output dynamic shape"):
+        ftrans.vmap(fn)(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+
+
+def test_nonzero_static_of_an_empty_example():
+    out = ftrans.vmap(lambda t: torch.nonzero_static(t, size=3))(torch.zeros(2, 0, 5))
+    torch.testing.assert_close(out, torch.full((2, 3, 2), -1, dtype=torch.long))

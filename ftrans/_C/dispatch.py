@@ -196,7 +196,7 @@ def op_status(func) -> str:
         >>> import torch, ftrans
         >>> ftrans.op_status(torch.ops.aten.mm.default)
         'rule'
-        >>> ftrans.op_status(torch.ops.aten.nonzero.default)
+        >>> ftrans.op_status(torch.ops.aten.unique_consecutive.default)
         'error'
         >>> ftrans.op_status(torch.ops.aten.rand.default)
         'rule'

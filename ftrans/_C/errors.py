@@ -47,8 +47,9 @@ DATA_DEPENDENT_HINTS = {
     "`torch.where(cond, a, b)` to select per example",
     "aten::equal": "`torch.equal` returns one Python bool; compare with `torch.eq(a, b).all()` "
     "(a per-example 0-dim tensor) instead",
-    "aten::nonzero": "`nonzero` / boolean-mask indexing returns a different number of elements "
-    "per example. Use `torch.where(mask, x, 0)` or multiply by the mask instead",
+    "aten::nonzero": "`nonzero` / `argwhere` / boolean-mask indexing returns a different number "
+    "of elements per example here (it is batched when every example has the same count). Use "
+    "`torch.where(mask, x, 0)`, multiply by the mask, or pad with `ftrans.nonzero(x, size=...)`",
     "aten::masked_select": "`masked_select` / `x[mask]` returns a different number of elements per "
     "example. Use `torch.where(mask, x, 0)` instead",
     "aten::unique": "`unique` returns a different number of elements per example",
@@ -185,6 +186,8 @@ def escaped(op, level):
     raise VmapError(
         f"{call_form(level)}: {op.name} was called on a per-example value (BatchedTensor) that "
         "escaped its vmap, which has already returned (it was saved to a global, a list or an "
-        "attribute inside the vmapped function). Return the value from the vmapped function "
-        "instead, so that vmap stacks it over the batch."
+        "attribute inside the vmapped function): your tensor may have escaped from inside a "
+        "function being vmapped and this is a user error (see "
+        "https://pytorch.org/functorch/stable/ux_limitations.html). Return the value from the "
+        "vmapped function instead, so that vmap stacks it over the batch."
     )

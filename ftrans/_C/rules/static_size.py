@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import data_dependent
 from ..registry import register_batch_rule
 from ._util import to_front
 
@@ -45,7 +46,7 @@ def nonzero_padded(x: torch.Tensor, size: int, fill_value: int = -1, lead: int =
     coords = []
     stride = 1
     for s in reversed(shape):
-        coords.append((idx // stride) % s)
+        coords.append((idx // stride) % max(s, 1))  # a size-0 dim: no entry, every slot filled
         stride *= s
     coords = torch.stack(coords[::-1], dim=-1) if coords else idx.new_zeros(idx.shape + (0,))
     out = torch.where(valid.unsqueeze(-1), coords, torch.full((), fill_value, dtype=coords.dtype,
@@ -101,3 +102,19 @@ if _nonzero_static is not None:
         x = to_front(args[0], bdims[0])
         out, _ = nonzero_padded(x, kwargs["size"], kwargs.get("fill_value", -1), lead=1)
         return out, 0
+
+
+@register_batch_rule(aten.nonzero.default)
+def nonzero_rule(level, func, args, bdims, kwargs):
+    """``nonzero`` (and ``argwhere``, which calls it) when every example has the same number of
+    nonzero entries: what a loop stacks, from one ``nonzero`` of the physical tensor (its rows
+    come grouped by example, in order).  Examples that disagree get torch.func's refusal;
+    ``ftrans.nonzero(x, size=)`` pads instead."""
+    x = to_front(args[0], bdims[0])
+    b = x.shape[0]
+    counts = (x != 0).reshape(b, -1).sum(1)
+    if b and bool((counts != counts[0]).any()):
+        data_dependent(level, "aten::nonzero")  # torch.func's message and ftrans's hint
+    coords = torch.nonzero(x)
+    k = int(counts[0]) if b else 0
+    return coords[:, 1:].reshape(b, k, x.dim() - 1), 0
