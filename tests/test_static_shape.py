@@ -136,5 +136,6 @@ def test_nonzero_with_agreeing_counts_is_batched_like_a_loop(fn, shape):
 
 
 def test_nonzero_static_of_an_empty_example():
-    out = ftrans.vmap(lambda t: torch.nonzero_static(t, size=3))(torch.zeros(2, 0, 5))
-    torch.testing.assert_close(out, torch.full((2, 3, 2), -1, dtype=torch.long))
+    for shape in ((0, 5), (5, 0), (2, 0, 3)):
+        out = ftrans.vmap(lambda t: torch.nonzero_static(t, size=3))(torch.zeros(2, *shape))
+        torch.testing.assert_close(out, torch.full((2, 3, len(shape)), -1, dtype=torch.long))

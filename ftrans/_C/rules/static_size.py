@@ -46,8 +46,9 @@ def nonzero_padded(x: torch.Tensor, size: int, fill_value: int = -1, lead: int =
     coords = []
     stride = 1
     for s in reversed(shape):
-        coords.append((idx // stride) % max(s, 1))  # a size-0 dim: no entry, every slot filled
-        stride *= s
+        # (a size-0 dim: no entry at all, every slot is filled; only avoid dividing by 0)
+        coords.append((idx // stride) % max(s, 1))
+        stride *= max(s, 1)
     coords = torch.stack(coords[::-1], dim=-1) if coords else idx.new_zeros(idx.shape + (0,))
     out = torch.where(valid.unsqueeze(-1), coords, torch.full((), fill_value, dtype=coords.dtype,
                                                               device=coords.device))
