@@ -58,13 +58,18 @@ class _PeakMemory(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live = {}
-        self.current = self.peak = 0
+        self.current = self.peak = self.total = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = None
         for t in _pytree.tree_leaves(out):
             if type(t) is torch.Tensor:
-                self._track(t)
+                if inputs is None:
+                    inputs = {_storage_ptr(a) for a in _pytree.tree_leaves((args, kwargs))
+                              if isinstance(a, torch.Tensor)}
+                if _storage_ptr(t) not in inputs:  # a view of an input allocates nothing
+                    self._track(t)
         return out
 
     def _track(self, t):
@@ -77,6 +82,7 @@ class _PeakMemory(TorchDispatchMode):
             self.live[key][1] += 1
         else:
             self.live[key] = [nbytes, 1]
+            self.total += nbytes
             self.current += nbytes
             self.peak = max(self.peak, self.current)
         weakref.finalize(t, self._release, key)
@@ -89,6 +95,13 @@ class _PeakMemory(TorchDispatchMode):
         if entry[1] == 0:
             del self.live[key]
             self.current -= entry[0]
+
+
+def _storage_ptr(t):
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -149,18 +162,26 @@ class AutoChunk:
                 n = min(n, batch_size - start)
                 if n <= 0:
                     break
-                peak, out = self._measure(run_chunk, start, n, device)
-                peaks.append((n, peak, _out_bytes(out)))
+                peak, total, out = self._measure(run_chunk, start, n, device)
+                peaks.append((n, peak, total, _out_bytes(out)))
                 outs.append(out)
                 start += n
             if start >= batch_size:
                 self.last = (batch_size, None)
                 return outs
-            (n1, p1, o1), (n2, p2, o2) = peaks
-            b = max((p2 - p1) / (n2 - n1), p2 / n2 / 256, 1.0)  # bytes per example
+            (n1, p1, t1, o1), (n2, p2, t2, o2) = peaks
+            # Bytes per example: the slope of the peak or of everything the chunk allocated,
+            # and at least the second probe's allocations per example (the first probe pays
+            # one-time costs, a weight's transposed copy, which can make both slopes read 0 or
+            # less) and each example's share of the result.  Views of inputs are not counted.
+            b = max((p2 - p1) / (n2 - n1), (t2 - t1) / (n2 - n1), t2 / n2,
+                    (o1 + o2) / (n1 + n2), 1.0)
             a = max(p1 - b * n1, 0.0)
             result = 2 * (o1 + o2) / (n1 + n2) * batch_size
-            room = self._budget(device) - a - (result if self.memory_budget is not None else 0)
+            # An explicit budget is a hard limit: fixed costs and the result come out of it.
+            # Plain "auto" sizes the workspace that grows with the chunk (cache-friendly): a
+            # fixed cost (a basis, a captured weight's transpose) is paid at any chunk size.
+            room = self._budget(device) - (a + result if self.memory_budget is not None else 0)
             chunk = max(1, int(room // b))
             chunk = 1 << int(math.log2(chunk)) if chunk < batch_size else batch_size
             self.cache[key] = chunk
@@ -187,8 +208,9 @@ class AutoChunk:
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             out = run_chunk(start, n)
-            return torch.cuda.max_memory_allocated(device) - base, out
+            peak = torch.cuda.max_memory_allocated(device) - base
+            return peak, peak, out
         meter = _PeakMemory()
         with meter:
             out = run_chunk(start, n)
-        return meter.peak, out
+        return meter.peak, meter.total, out
