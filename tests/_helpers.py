@@ -142,3 +142,18 @@ def run_in_threads(work, n=4):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+@pytest.fixture(autouse=True)
+def float64_norm_rules():
+    """float64 by default and fresh norm-rule counters: autouse in the test modules that import
+    it by name (the clipping tests)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    ftrans.reset_norm_rule_stats()
+    yield
+    torch.set_default_dtype(old)
+
+
+def close(a, b, tol=1e-10):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)

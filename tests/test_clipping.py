@@ -12,21 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ftrans
+from _helpers import close, float64_norm_rules  # noqa: F401 (autouse fixture)
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    ftrans.reset_norm_rule_stats()
-    yield
-    torch.set_default_dtype(old)
-
-
-def close(a, b, tol=1e-10):
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def reference(loss, params, args, in_dims=None, loop=False):
