@@ -22,6 +22,10 @@ NOTE [prims decompositions]: most of ``torch._decomp.decomposition_table`` lower
 ``prims.*``, which have no batching rules (every prim would then take the loop); only the
 entries written in ``torch._decomp.decompositions`` (which lower to aten ops) are used.
 
+Pointwise ops whose batched arguments all sit along dim 0 at the full logical rank skip the
+handler: :func:`direct_pointwise` makes the one physical call the rule would make, and across
+nested or mixed levels makes it once on the innermost values instead of once per level.
+
 Three ways in, all defined here: BatchedTensor's ``__torch_dispatch__``
 (:func:`subclass_entry`), and :class:`VmapMode`, the dispatch mode the outermost vmap of a thread
 pushes (:func:`mode_entry`), which also sees random factory calls with no tensor argument
