@@ -110,6 +110,11 @@ def make_batched(value: torch.Tensor, bdim: int, level) -> BatchedTensor:
                                 value.device)
         else:
             out = _make_wrapper(BatchedTensor, shape[1:], dtype=value.dtype, device=value.device)
+    elif _POSITIONAL:
+        strides = value.stride()
+        out = _make_wrapper(BatchedTensor, shape[:bdim] + shape[bdim + 1:],
+                            strides[:bdim] + strides[bdim + 1:], value.storage_offset(), None,
+                            value.dtype, value.layout, value.device)
     else:
         strides = value.stride()
         out = _make_wrapper(

@@ -22,6 +22,10 @@ NOTE [prims decompositions]: most of ``torch._decomp.decomposition_table`` lower
 ``prims.*``, which have no batching rules (every prim would then take the loop); only the
 entries written in ``torch._decomp.decompositions`` (which lower to aten ops) are used.
 
+Pointwise ops whose batched arguments all sit along dim 0 at the full logical rank skip the
+handler: :func:`direct_pointwise` makes the one physical call the rule would make, and across
+nested or mixed levels makes it once on the innermost values instead of once per level.
+
 Three ways in, all defined here: BatchedTensor's ``__torch_dispatch__``
 (:func:`subclass_entry`), and :class:`VmapMode`, the dispatch mode the outermost vmap of a thread
 pushes (:func:`mode_entry`), which also sees random factory calls with no tensor argument
@@ -35,6 +39,7 @@ import contextlib
 import threading
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import aliasing as _aliasing
@@ -53,6 +58,7 @@ from .ops import BDims, check_mutation as _check_mutation, needs_view_bits as _n
 from .random import random_dispatch
 from .registry import RULES, on_change
 from .rules import tag_rule
+from .rules.pointwise import pointwise_rule
 from .shapecheck import check as _check_shapes, explain as _explain_shapes
 
 __all__ = ["dispatch", "op_status", "prepared", "FallbackWarning", "fallback_stats",
@@ -72,6 +78,7 @@ _DisableTF = torch._C.DisableTorchFunctionSubclass
 
 def _prepare(func):
     op = read_schema(func)
+    op.direct = False
     tags = func.tags
     # A rule marked `handles_randomness` (attention with dropout_p=0 is deterministic) decides.
     op.is_random = (torch.Tag.nondeterministic_seeded in tags
@@ -95,6 +102,9 @@ def _prepare(func):
             r.alias_info is not None and not r.alias_info.is_write
             for r in func._schema.returns):
         op.handler = _tracking_views(op.handler)
+    # Pointwise ops with one result may take the direct physical call (_direct_pointwise).
+    op.direct = (rule is pointwise_rule and not op.needs_general_path
+                 and len(func._schema.returns) == 1)
     return op
 
 
@@ -249,12 +259,139 @@ def dispatch(func, args, kwargs, from_mode=False):
             with _SetExclude(_DK.Conjugate, False), _SetExclude(_DK.Negative, False):
                 return func(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
+    if op.direct:
+        out = direct_pointwise(op.func._op, level, args, op.tensor_pos, kwargs or {})
+        if out is not MISS:
+            return out
     try:
         return op.handler(op, level, args, kwargs or {})
     except Exception as e:
         if op.explains:
             _explain_shapes(op, level, args, kwargs or {}, e)
         raise
+
+
+MISS = object()
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_NoPythonDispatch = torch._C._DisableTorchDispatch
+_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+_grad_enabled = torch.is_grad_enabled
+
+
+def direct_pointwise(call, level, args, tensor_pos, kwargs, above=False):
+    """A pointwise op's result as ONE physical call, or :data:`MISS` (the caller then runs the
+    handler, which raises and explains any error the usual way).
+
+    Taken when the pointwise rule's physical call would be the op itself on the values: every
+    batched argument is batched along dim 0 with the full logical rank (>= 1, so type promotion
+    cannot differ), values and other tensors are real with no neg bit, other tensors are plain.
+    When arguments are wrapped by lower levels too (nested vmaps, or a value of an outer vmap
+    meeting one of an inner vmap), all along dim 0, the call goes to the innermost values at
+    once, with size-1 dims for the levels an argument lacks: each level's dispatch would run
+    exactly that broadcast, one level at a time.  That shortcut is taken only when no one else
+    could see the intermediate calls (autograd, autocast, forward AD, another dispatch mode).
+    ``call``: the op's C++ callable.  ``above``: called from the torch-function fast path,
+    which checked those conditions and whose vmap mode is still pushed."""
+    vals = list(args)
+    n = len(args)
+    nested = None  # [(position, levels of the argument outermost first)] once any is nested
+    brank = -1
+    rank = 0
+    for i in tensor_pos:
+        if i >= n:
+            continue
+        a = args[i]
+        t = type(a)
+        if t is BatchedTensor:
+            if a.bdim != 0:
+                return MISS
+            r = a.dim()
+            if brank < 0:
+                brank = r
+            elif r != brank:
+                return MISS
+            v = a.value
+            if a.level is level and type(v) is not BatchedTensor:
+                lv = None
+            else:  # wrappers of lower levels: their own ops would see these calls
+                if a.level is not level:
+                    v = a
+                lv = [level] if v is not a else []
+                while type(v) is BatchedTensor:
+                    if v.bdim != 0 or not v.level.alive or (v.requires_grad
+                                                             and _grad_enabled()):
+                        return MISS
+                    lv.append(v.level)
+                    v = v.value
+                if nested is None:
+                    nested = []
+                nested.append((i, lv))
+            if type(v) is not _Tensor or v.is_complex() or v.is_neg():
+                return MISS
+            vals[i] = v
+        elif t in _PLAIN:
+            if a.is_complex() or a.is_neg():
+                return MISS
+            r = a.dim()
+        elif isinstance(a, _Tensor):
+            return MISS
+        else:
+            continue
+        if r > rank:
+            rank = r
+    if brank != rank or rank < 1:
+        return MISS
+    if nested is not None:
+        if not above and (
+                _stack_len is None or _stack_len() or _autocast() or _fwad._current_level >= 0
+                or (_grad_enabled() and any(type(a) in _PLAIN and a.requires_grad
+                                            for a in args))):
+            return MISS
+        chain = _level_chain(level, args, tensor_pos, nested, vals)
+        try:
+            with _NoPythonDispatch():
+                out = call(*vals, **kwargs)
+        except Exception:
+            return MISS
+        for lv in chain:
+            out = make_batched(out, 0, lv)
+        return out
+    try:
+        if above:
+            with _NoPythonDispatch():
+                out = call(*vals, **kwargs)
+        else:
+            out = call(*vals, **kwargs)
+    except Exception:
+        return MISS
+    return make_batched(out, 0, level)
+
+
+def _level_chain(level, args, tensor_pos, nested, vals):
+    """All levels of the arguments, lowest first; ``vals`` get size-1 dims for those they lack
+    (an innermost value's batch dims are its levels', lowest first)."""
+    chain = {level.id: level}
+    for _, lv in nested:
+        for x in lv:
+            chain[x.id] = x
+    chain = [chain[k] for k in sorted(chain)]
+    full = len(chain)
+    lists = dict(nested)
+    for i in tensor_pos:
+        if i < len(args) and type(args[i]) is BatchedTensor:
+            lv = lists.get(i)
+            if lv is None:
+                lv = (level,)
+            if len(lv) == full:
+                continue
+            v = vals[i]
+            have = {x.id for x in lv}
+            for d, x in enumerate(chain):
+                if x.id not in have:
+                    v = v.unsqueeze(d)
+            vals[i] = v
+    return chain
 
 
 # ----------------------------------------------------------------------------------------------

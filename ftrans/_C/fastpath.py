@@ -31,8 +31,8 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from .batched import BatchedTensor, make_batched
-from .dispatch import NORMAL_ENTRIES, VmapMode, dispatch as _dispatch, prepared, \
-    set_dispatch_entries
+from .dispatch import MISS as _DMISS, NORMAL_ENTRIES, VmapMode, dispatch as _dispatch, \
+    direct_pointwise as _direct_pointwise, prepared, set_dispatch_entries
 from .registry import on_change
 from .rules.pointwise import pointwise_rule
 from .shapecheck import check as _check_shapes, explain as _explain_shapes
@@ -133,6 +133,11 @@ def _fast_call(func, types, args, entry):
             if type(a) is BatchedTensor:
                 v = a.value
                 if a.level is not level or a.bdim != 0 or type(v) is not _Tensor or v.is_neg():
+                    if type(v) is BatchedTensor:  # nested levels: maybe one call on the values
+                        out = _direct_pointwise(op.func._op, level, args, range(len(args)), {},
+                                                True)
+                        if out is not _DMISS:
+                            return out
                     break
                 vals[i] = v
         else:
