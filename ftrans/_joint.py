@@ -74,17 +74,17 @@ class _Lift(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def trace_joint(flat_fn, example, diff_pos, lifted, outs_meta):
+def trace_joint(flat_fn, example, diff_pos, lifted, out_meta):
     """Trace ``flat_fn`` (tensors -> list of tensors) with its vjp and split the result.
 
     ``example``: the tensor inputs; ``diff_pos``: which of them require grad; ``lifted``: real
-    tensors ``flat_fn`` closes over that require grad; ``outs_meta``: per output (shape, dtype,
+    tensors ``flat_fn`` closes over that require grad; ``out_meta``: per output (shape, dtype,
     device, requires_grad) from a plain trace.  Returns the runner (tensors -> outputs).
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
     n_in, n_lift = len(example), len(lifted)
-    out_diff = [m[3] for m in outs_meta]
+    out_diff = [m[3] for m in out_meta]
     d_out = [i for i, d in enumerate(out_diff) if d]
     grad_mask: list = []
 
@@ -105,7 +105,7 @@ def trace_joint(flat_fn, example, diff_pos, lifted, outs_meta):
         return [*outs, *(g for g in grads if g is not None)]
 
     cots = [torch.zeros(shape, dtype=dtype, device=device)
-            for shape, dtype, device, _ in (outs_meta[i] for i in d_out)]
+            for shape, dtype, device, _ in (out_meta[i] for i in d_out)]
     gm = make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True)(
         *example, *lifted, *cots)
     fwd, bwd = split(gm, n_in, n_lift, len(out_diff))
@@ -184,27 +184,7 @@ def split(gm, n_in, n_lift, n_out):
             benv[n] = bg.node_copy(n, lambda a: benv[a])
     bg.output([benv[a] if isinstance(a, Node) else a for a in grad_outs])
 
-    fwd, bwd = GraphModule(gm, fg), GraphModule(gm, bg)
-    for m in (fwd, bwd):
-        _drop_detach(m.graph)
-        m.graph.eliminate_dead_code()
-        m.recompile()
-    return fwd, bwd
-
-
-_DETACH = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)
-
-
-def _drop_detach(graph):
-    """``detach``/``alias`` cost a call each and mean nothing in a replay (no autograd graph
-    is recorded inside it); one whose result is returned stays (an output must not be the very
-    tensor object of an input or of another output)."""
-    returned = set(a for a in next(reversed(graph.nodes)).args[0] if isinstance(a, Node))
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in _DETACH and node not in returned:
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-
+    return GraphModule(gm, fg), GraphModule(gm, bg)  # (ftrans.compile simplifies both)
 
 _DOUBLE = (
     "ftrans.compile: a replay's backward is not differentiable (double backward, or "

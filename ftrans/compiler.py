@@ -196,7 +196,7 @@ class _Signature:
 def _trace(fn, leaves, spec, opts, dynamic=()):
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    cuda_graph, backend, clone_outputs, reuse_outputs, check = opts
+    backend, check = opts[1], opts[4]
     tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     example = [leaves[i] for i in tensor_pos]
     # On the inputs' device when they share one CUDA device: a CPU scalar would be read on the
@@ -237,8 +237,6 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
         out_leaves, out_spec = _pytree.tree_flatten(out)
         out_box.append((out_spec, [isinstance(o, torch.Tensor) for o in out_leaves],
                         [None if isinstance(o, torch.Tensor) else o for o in out_leaves],
-                        [(o.dtype, tuple(o.shape)) for o in out_leaves
-                         if isinstance(o, torch.Tensor)],
                         [(tuple(o.shape), o.dtype, o.device, o.requires_grad)
                          for o in out_leaves if isinstance(o, torch.Tensor)]))
         return [o for o in out_leaves if isinstance(o, torch.Tensor)]
@@ -273,7 +271,7 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
             reads.leaf_offset(i, leaves[i].storage_offset(), _leaf_name(spec, i))
     guard = reads.compile()
 
-    out_spec, is_tensor, consts, out_meta, outs_meta = out_box[-1]
+    out_spec, is_tensor, consts, out_meta = out_box[-1]
     lifted = _joint.lifted_tensors(gm) if grad_on else []
     if (diff_pos or lifted) and _levels.current_stack():
         # Inside ftrans's transforms an outer level may differentiate the result again
@@ -283,13 +281,21 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
             "grad: a replay is differentiable only once, and the transform around it may "
             "differentiate it again; running it eagerly. Compile the outermost function.")
     if diff_pos or lifted:
-        entry = _Replay(_differentiable(flat_fn, example + dyn_example, diff_pos, lifted,
-                                        outs_meta, watch, reads, backend),
-                        tensor_pos, dyn, out_spec, is_tensor, consts)
-        entry.guard, entry.reads, entry.numbers, entry.out_meta = guard, reads, numbers, out_meta
-        if check:
-            entry.checker = _Checker(fn, spec, reads)
-        return entry
+        runner = _differentiable(flat_fn, example + dyn_example, diff_pos, lifted, out_meta,
+                                 watch, reads, backend)
+    else:
+        runner = _plain_runner(gm, example + dyn_example, opts)
+    entry = _Replay(runner, tensor_pos, dyn, out_spec, is_tensor, consts)
+    entry.guard, entry.reads, entry.numbers, entry.out_meta = guard, reads, numbers, out_meta
+    if check:
+        entry.checker = _Checker(fn, spec, reads)
+    return entry
+
+
+def _plain_runner(gm, example, opts):
+    """The runner of a signature nothing differentiates: the flat graph, compiled by
+    ``backend``, captured in a CUDA graph, or writing into pooled outputs on CPU."""
+    cuda_graph, backend, clone_outputs, reuse_outputs, _ = opts
     _simplify(gm)
     runner = gm
     if backend is not None:
@@ -299,29 +305,24 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
     if use_graph is None:
         use_graph = devices == {"cuda"}
     if use_graph:
-        runner = _CudaGraphReplay(runner, gm, example + dyn_example, clone_outputs)
+        runner = _CudaGraphReplay(runner, gm, example, clone_outputs)
     elif reuse_outputs and backend is None and devices <= {"cpu"}:
         from ._outpool import OutputPool, plan
 
         planned = plan(gm)
         if planned is not None:
             runner = OutputPool(*planned)
-    entry = _Replay(runner, tensor_pos, dyn, out_spec, is_tensor, consts)
-    entry.guard, entry.reads, entry.numbers, entry.out_meta = guard, reads, numbers, out_meta
-    if check:
-        entry.checker = _Checker(fn, spec, reads)
-    return entry
-
+    return runner
 
 _OFFSET_OPS = (torch.ops.aten.as_strided.default, torch.ops.aten.as_strided_.default,
                torch.ops.aten.as_strided_scatter.default)
 
 
-def _differentiable(flat_fn, example, diff_pos, lifted, outs_meta, watch, reads, backend):
+def _differentiable(flat_fn, example, diff_pos, lifted, out_meta, watch, reads, backend):
     """The runner of a signature whose inputs or captured tensors require grad: the function
     traced with its vjp and replayed inside one autograd node (ftrans/_joint.py)."""
     try:
-        runner = _joint.trace_joint(flat_fn, example, diff_pos, lifted, outs_meta)
+        runner = _joint.trace_joint(flat_fn, example, diff_pos, lifted, out_meta)
     except _joint.JointTraceFailed as e:
         reads.restore()
         raise _TraceFailed(f"{e}; running it eagerly.") from None
@@ -336,6 +337,8 @@ def _differentiable(flat_fn, example, diff_pos, lifted, outs_meta, watch, reads,
     if set(written) & set(diff_pos):
         raise _TraceFailed("it updates an input that requires grad in place; a replay "
                            "cannot (running it eagerly)")
+    _simplify(runner.fwd)
+    _simplify(runner.bwd)
     if backend is not None:
         runner.fwd = torch.compile(runner.fwd, backend=backend)
         runner.bwd = torch.compile(runner.bwd, backend=backend)
