@@ -393,8 +393,141 @@ def _simplify(gm):
                 and node.args[0].op != "placeholder"):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+    _drop_zero_adds(graph)
+    _fold_views(graph)
     graph.eliminate_dead_code()
     gm.recompile()
+
+
+_VIEW_OPS = frozenset((
+    _aten.view.default, _aten._unsafe_view.default, _aten.unsqueeze.default,
+    _aten.squeeze.dim, _aten.squeeze.dims, _aten.squeeze.default, _aten.transpose.int,
+    _aten.t.default, _aten.permute.default, _aten.expand.default, _aten.slice.Tensor,
+    _aten.select.int, _aten.alias.default))
+# Ops that change a tensor's metadata in place: a graph holding one keeps its views as written.
+_META_WRITES = frozenset((
+    _aten.squeeze_.default, _aten.squeeze_.dim, _aten.unsqueeze_.default,
+    _aten.transpose_.default, _aten.t_.default, _aten.as_strided_.default,
+    _aten.resize_.default, _aten.set_.source_Tensor, _aten.swapdims_.default,
+    _aten.swapaxes_.default))
+
+
+def _static_layout(v):
+    if not isinstance(v, torch.Tensor) or v.layout is not torch.strided:
+        return None
+    try:
+        return (tuple(int(s) for s in v.shape), tuple(int(s) for s in v.stride()),
+                int(v.storage_offset()))
+    except Exception:  # symbolic sizes
+        return None
+
+
+def _fold_views(graph):
+    """A chain of view ops (the reshapes, transposes and unit dims the batching rules leave
+    between two kernels) becomes ONE ``view`` of the chain's earliest tensor whose plain
+    ``view`` gives exactly the same shape, strides and offset; a view whose layout equals its
+    input's is dropped (unless it is an output: an output must stay a tensor of its own).
+    Each view is a Python-level call on replay."""
+    if any(n.op == "call_function" and n.target in _META_WRITES for n in graph.nodes):
+        return
+    outputs = {a for n in graph.nodes if n.op == "output" for a in _flat_nodes(n.args)}
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in _VIEW_OPS:
+            continue
+        want = _static_layout(n.meta.get("val"))
+        if want is None:
+            continue
+        shape, stride, offset = want
+        chain, src = [], n.args[0]
+        while isinstance(src, torch.fx.Node):
+            chain.append(src)
+            if not (src.op == "call_function" and src.target in _VIEW_OPS):
+                break
+            src = src.args[0]
+        best = None
+        for cand in chain:  # nearest first; keep the earliest that works
+            have = _static_layout(cand.meta.get("val"))
+            if have is None or have[2] != offset or cand.meta["val"].dtype != \
+                    n.meta["val"].dtype:
+                continue
+            if have[:2] == (shape, stride):
+                best = (cand, None)
+                continue
+            try:
+                probe = torch.empty_strided(have[0], have[1], device="meta").view(shape)
+            except RuntimeError:
+                continue
+            if tuple(probe.stride()) == stride:
+                best = (cand, shape)
+        if best is None:
+            continue
+        cand, view_shape = best
+        if view_shape is None and n not in outputs:
+            n.replace_all_uses_with(cand)
+            graph.erase_node(n)
+        elif not (n.target is _aten.view.default and n.args[0] is cand):
+            with graph.inserting_before(n):
+                new = graph.call_function(_aten.view.default, (cand, list(shape)))
+            new.meta = dict(n.meta)
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+
+
+def _flat_nodes(args):
+    out = []
+    torch.fx.node.map_arg(args, out.append)
+    return out
+
+
+def _alias_roots(graph):
+    """``{node: root}``: the node whose storage each node's result shares (itself unless it
+    is a view), and the set of roots some op writes in place."""
+    root, written = {}, set()
+    for n in graph.nodes:
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        base = n.args[0] if schema is not None and n.args else None
+        aliases = (schema is not None and len(schema.returns) == 1
+                   and schema.returns[0].alias_info is not None
+                   and isinstance(base, torch.fx.Node))
+        root[n] = root[base] if aliases else n
+        if schema is not None:
+            for a, v in zip(schema.arguments, n.args):
+                if a.alias_info is not None and a.alias_info.is_write \
+                        and isinstance(v, torch.fx.Node):
+                    written.add(root[v])
+            for k, v in n.kwargs.items():
+                a = next((a for a in schema.arguments if a.name == k), None)
+                if a is not None and a.alias_info is not None and a.alias_info.is_write \
+                        and isinstance(v, torch.fx.Node):
+                    written.add(root[v])
+    return root, written
+
+
+def _drop_zero_adds(graph):
+    """``x + zeros(())`` -> ``x`` where nothing can tell them apart: same shape, strides, dtype
+    and device, ``x`` not an input, and neither written in place anywhere in the graph (the
+    clipping transforms offset a first layer's output by a zero leaf so that its gradient hook
+    fires; a replay need not pay a pass over that output)."""
+    adds = [n for n in graph.nodes if n.op == "call_function"
+            and n.target is _aten.add.Tensor and len(n.args) == 2 and not n.kwargs
+            and isinstance(n.args[1], torch.fx.Node)
+            and n.args[1].target is _aten.zeros.default
+            and tuple(n.args[1].args[0]) == () and isinstance(n.args[0], torch.fx.Node)
+            and n.args[0].op != "placeholder"]
+    if not adds:
+        return
+    root, written = _alias_roots(graph)
+    for n in adds:
+        x, xv, v = n.args[0], n.args[0].meta.get("val"), n.meta.get("val")
+        if not (isinstance(xv, torch.Tensor) and isinstance(v, torch.Tensor)):
+            continue
+        if (xv.shape, xv.stride(), xv.dtype, xv.device) != (v.shape, v.stride(), v.dtype,
+                                                              v.device):
+            continue
+        if root[x] in written or root[n] in written:  # (views of n share its root)
+            continue
+        n.replace_all_uses_with(x)
+        graph.erase_node(n)
 
 
 class _Replay:
