@@ -62,11 +62,12 @@ def test_rows_are_built_per_span(tiny_spans):
     tc.close(f.weighted(c), torch.einsum("b,bpd->pd", c, (g.mT @ a)[:, 0]))
 
 
-@pytest.mark.parametrize("name,bound", [("mlp-a3", 1.08), ("cnn", 1.2)])
+@pytest.mark.parametrize("name,bound", [("mlp-a3", 1.02), ("cnn", 1.05), ("transformer", 1.22)])
 def test_graph_peak_near_the_nonprivate_step(name, bound):
     """The clipped step's peak of live tensors (its aten graph run in order, storages freed
     after their last use) against the non-private step's: 1.33x for both before the clipped
-    sums were ordered and split, the bias sums made views and conv unfolds built per span."""
+    sums were ordered and split, the bias sums made views and conv unfolds built per span;
+    1.06x / 1.15x / 1.29x before long-row layers were instantiated during the backward."""
     from benchmarks import dp
     peaks = dp.graph_peak_mb(name, dp.SIZES[name])
     assert peaks["clipped"] <= bound * peaks["nonprivate"], peaks

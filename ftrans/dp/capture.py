@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import _pytree
 from .._C import levels as _levels
+from .._C.batched import remove_batch_dim
 from .._C.torch_function import OVERRIDES as _OVERRIDES
 from .._autodiff_common import check_argnums, replace_argnums, select_argnums, split_aux
 from ..autodiff import _grad_level
@@ -44,10 +45,12 @@ __all__ = ["run", "Captured"]
 
 
 class _Tap:
-    __slots__ = ("names", "saved", "factors", "out", "g", "anchored")
+    __slots__ = ("names", "saved", "factors", "out", "g", "anchored", "made", "early")
 
     def __init__(self, names, saved, factors, out):
         self.names, self.saved, self.factors, self.out, self.g = names, saved, factors, out, None
+        self.made = None   # the factors, when formed in the backward (see _form_early)
+        self.early = None  # the vmap level to form them at, if they may be
 
 
 class _Tape(TorchFunctionMode):
@@ -63,6 +66,7 @@ class _Tape(TorchFunctionMode):
         self.via: list = []
         self.derived: dict = {}  # id(transposed view of a leaf) -> leaf index
         self._keep: list = []
+        self.early = None  # the vmap level, when factors may be formed in the backward
 
     def _anchor(self, dtype, device):
         key = (dtype, device)
@@ -158,6 +162,7 @@ class _Tape(TorchFunctionMode):
             factors = functools.partial(_flip, factors, flipped)
         tap = _Tap(names, tuple(saved), factors, out)
         tap.anchored = not via
+        tap.early = self.early
         out.register_hook(lambda g, tap=tap: _store(tap, g))
         self.taps.append(tap)
         return out
@@ -271,7 +276,29 @@ class _BatchNormOnly(_Tape):
 
 
 def _store(tap, g):
+    if tap.made is not None:  # (a tensor's hook runs once per backward; never sum into it)
+        raise RuntimeError("ftrans.dp internal error: a tap's gradient hook ran twice after its "
+                           "factors were formed")
     tap.g = g if tap.g is None else tap.g + g
+    if tap.early is not None:
+        _form_early(tap)
+
+
+def _form_early(tap):
+    """Form the tap's factors as its gradient arrives, and instantiate the per-example gradients
+    of the layers whose norms are not taken by the Gram identity (long rows: ``2 T^2 > p d``):
+    ``[B, p, d]`` is then usually smaller than the layer input and output gradient it replaces,
+    which the step would otherwise hold until the end of the backward (its peak: the
+    transformer's FFN hidden activation, the CNN's second convolution)."""
+    level = tap.early
+    B = level.batch_size
+    phys = [remove_batch_dim(t, level, B, 0) if isinstance(t, torch.Tensor) else t
+            for t in (*tap.saved, tap.g)]
+    made = tap.factors(*phys)
+    for f in made.values():
+        if isinstance(f, Outer) and not f.use_ghost() and f.raw_bytes() <= f.held_bytes():
+            f._instantiated()
+    tap.made, tap.saved, tap.g, tap.factors = made, (), None, None
 
 
 class _Unreached(Exception):
@@ -327,7 +354,7 @@ def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error")
             # collector cannot see.  Break it, or every call keeps its batch's activations.
             for tape in tapes:
                 for tap in tape.taps:
-                    tap.out = tap.g = None
+                    tap.out = tap.g = tap.early = None
                 tape.via, tape.anchors, tape.derived, tape._keep = [], {}, {}, []
 
     def _per_example(tapes, *ex):
@@ -336,6 +363,8 @@ def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error")
             stack = _levels.current_stack()
             tape = _Tape(entered, stack[-1].id, batch_norm, stack[-2])
             tape.force_anchor = state.get("force_anchor", False)
+            if not need:  # (a differentiable result keeps every factor on the vmap's path)
+                tape.early = stack[-2]
             tapes.append(tape)
             with tape:
                 out = func(*ex, **kwargs)
@@ -353,15 +382,17 @@ def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error")
                 grads = torch.autograd.grad(loss, wrt, allow_unused=True, create_graph=need)
             else:
                 grads = [None] * len(wrt)
-            if any(tap.g is None and not tap.anchored for tap in tape.taps):
+            if any(tap.g is None and tap.made is None and not tap.anchored
+                   for tap in tape.taps):
                 # Not reached (the input was written in place after the op, or the output is
                 # unused): only an anchored run can tell zero from unreached.
                 raise _Unreached
             fb = list(grads[len(tape.anchors):len(tape.anchors) + len(entered)])
             state["tape"] = tape
             state["fallback"] = [g is not None for g in fb]
-            gs = [tap.g if tap.g is not None else torch.zeros_like(tap.out) for tap in tape.taps]
-            saved = [s for tap in tape.taps for s in tap.saved]
+            late = [tap for tap in tape.taps if tap.made is None]
+            gs = [tap.g if tap.g is not None else torch.zeros_like(tap.out) for tap in late]
+            saved = [s for tap in late for s in tap.saved]
             if not need:
                 loss, aux = loss.detach(), _pytree.tree_map(
                     lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
@@ -385,11 +416,15 @@ def run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm="error")
     B = losses.shape[0]
     parts = [[] for _ in flat_diff]
     pos = 0
-    for tap, g in zip(tape.taps, gs):
-        n = len(tap.saved)
-        made = tap.factors(*saved[pos:pos + n], g)
-        pos += n
-        tap.saved, tap.factors = (), None  # (see per_example: hooks outlive the call)
+    gs = iter(gs)
+    for tap in tape.taps:
+        if tap.made is not None:
+            made, tap.made = tap.made, None  # (see per_example: hooks outlive the call)
+        else:
+            n = len(tap.saved)
+            made = tap.factors(*saved[pos:pos + n], next(gs))
+            pos += n
+            tap.saved, tap.factors = (), None
         for name, i in tap.names.items():
             if name in made:
                 parts[i].append(made[name])

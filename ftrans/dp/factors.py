@@ -156,6 +156,11 @@ class Outer(Factor):
     def dims(self):
         return self._dims
 
+    def raw_bytes(self) -> int:
+        """Bytes of the instantiated per-example gradients ``[B, n, p, d]``."""
+        B, n, _, d, p = self.dims
+        return B * n * p * d * self.g.element_size()
+
     def held_bytes(self) -> int:
         """Bytes this factor keeps alive until its clipped sum is formed."""
         if self._raw is not None:
