@@ -22,6 +22,7 @@ Opacus's times, and with ``--mem`` three memory measurements (``python -m benchm
 """
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -85,6 +86,13 @@ def setup(name, B, device="cpu"):
 
     clipped = ftrans.clipped_grad(loss, C)
     compiled = ftrans.compile(clipped)
+    # The whole DP step: clipped sum + Gaussian noise (sigma = 1), compiled; its noise drawn
+    # ahead in a worker thread (the default) or inline.  Noisy: not compared with the loop.
+    dpsgd = {k: ftrans.dp.DPSGD(loss, max_norm=C, noise_multiplier=1.0, sample_rate=0.01,
+                                num_examples=100 * B, compile=True, accountant=None,
+                                generator=torch.Generator().manual_seed(0),
+                                prefetch_noise=k == "dpsgd")
+             for k in ("dpsgd", "dpsgd inline")}
     impls = {
         "loop": loop,
         "ftrans": lambda: clipped(params, x, y),
@@ -92,6 +100,7 @@ def setup(name, B, device="cpu"):
                                                         in_dims=(None, 0, 0))(params, x, y)),
         "compiled": lambda: compiled(params, x, y),
         "nonprivate": nonprivate,
+        **{k: functools.partial(d.step, params, x, y) for k, d in dpsgd.items()},
     }
     impls.update(_opacus(model, x, y))
     return impls
@@ -157,6 +166,9 @@ def rows(device, quick, only):
         ref = impls["loop"]()
         from .common import same
         for k, fn in extra.items():
+            if k.startswith("dpsgd"):
+                checked[k] = fn  # (noisy; DPSGD is tested in tests/test_clipping_dpsgd.py)
+                continue
             try:
                 res = fn()
             except Exception as e:
@@ -172,6 +184,11 @@ def rows(device, quick, only):
         row.note += (f"non-private {base:.2f} ms; ftrans {ms['ftrans'] / base:.2f}x non-private")
         if "compiled" in ms:
             row.note += f"; compiled {ms['compiled']:.2f} ms ({ms['compiled'] / base:.2f}x)"
+        for k in ("dpsgd", "dpsgd inline"):
+            if k in ms:
+                what = "noise drawn ahead" if k == "dpsgd" else "noise drawn inline"
+                row.note += (f"; DPSGD.step compiled, {what} {ms[k]:.2f} ms "
+                             f"({ms[k] / base:.2f}x)")
         if row.torch_func_ms and row.ftrans_ms:
             row.note += f"; vmap(grad)+clip / ftrans {row.torch_func_ms / row.ftrans_ms:.1f}x"
         for k in ("opacus hooks", "opacus ghost"):

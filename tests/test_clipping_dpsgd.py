@@ -115,3 +115,51 @@ def test_refuses_non_private_batchnorm_and_bad_arguments():
     with pytest.raises(ValueError, match="noise_multiplier"):
         DPSGD(loss, max_norm=1.0, noise_multiplier=-1.0, sample_rate=0.1, num_examples=10,
               accountant=None)
+
+
+def _noise_only_steps(dp, w, n):
+    return [dp.step(w, torch.zeros(0, 50))["w"].clone() for _ in range(n)]
+
+
+def _lin(p, x):
+    return (p["w"] @ x).sum()
+
+
+def test_prefetched_noise_is_the_same_sequence_each_draw_used_once():
+    """The next step's noise is drawn ahead in a worker thread: the sequence is the one drawn
+    inline (a seeded run does not depend on the threads' timing), consecutive steps never share
+    a draw, and the caller's generator is read once, at construction."""
+    w = {"w": torch.zeros(20, 50)}
+    runs = []
+    for prefetch in (True, False):
+        gen = torch.Generator().manual_seed(5)
+        dp = DPSGD(_lin, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.5, num_examples=2,
+                   accountant=None, generator=gen, prefetch_noise=prefetch)
+        state = gen.get_state()
+        runs.append(_noise_only_steps(dp, w, 4))
+        assert torch.equal(gen.get_state(), state)  # the worker draws from its own generator
+        dp.close()
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(runs[0][i], runs[0][j])
+
+
+def test_prefetched_noise_follows_a_changed_multiplier_and_shape():
+    gen = torch.Generator().manual_seed(7)
+    dp = DPSGD(_lin, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.5, num_examples=2,
+               accountant=None, generator=gen)
+    w = {"w": torch.zeros(100, 50)}
+    first = dp.step(w, torch.zeros(0, 50))["w"]  # noise only, scale 1 / expected = 1
+    assert abs(first.std().item() - 1.0) < 0.05
+    dp.noise_multiplier = 3.0  # the draw made ahead at std 1 must not be used
+    second = dp.step(w, torch.zeros(0, 50))["w"]
+    assert abs(second.std().item() - 3.0) < 0.15
+    other = dp.step({"w": torch.zeros(7, 50)}, torch.zeros(0, 50))["w"]
+    assert other.shape == (7, 50) and abs(other.std().item() - 3.0) < 0.6
+    dp.close()
+    dp.close()  # (twice is fine)
+    again = dp.step(w, torch.zeros(0, 50))["w"]  # a closed object still steps (inline draws)
+    assert again.shape == (100, 50)
+    dp.close()

@@ -12,7 +12,12 @@ this is 2-3 traces in all.
 
 The noise is ``N(0, (noise_multiplier * max_norm)^2)`` per coordinate of the clipped sum; the
 result is divided by the *expected* batch size (the unbiased scale under Poisson sampling, as
-Opacus does).  Accounting uses Opacus's RDP accountant (``pip install 'ftrans[dp]'``); nothing
+Opacus does).  Drawing it costs about as much as a third of a small model's step on one CPU
+core (the A.3 MLP: 0.67 M normals, 1.6 ms against a 4.9 ms step), so on CPU the next step's
+noise is drawn ahead, in a worker thread, while the caller computes (``prefetch_noise``): from
+a generator of the step's own, seeded once from ``generator`` (or from torch's global
+generator), so that a seeded run gives the same noise whatever the threads' timing, each draw
+is used once, and the worker never shares a generator with the caller.  Accounting uses Opacus's RDP accountant (``pip install 'ftrans[dp]'``); nothing
 here implements an accountant.
 """
 from __future__ import annotations
@@ -104,7 +109,9 @@ class DPSGD:
         compile: run the clipped sum through :func:`ftrans.compile` (one trace per bucket).
         ladder: bucket multiples of the expected batch size (see the module docstring).
         accountant: ``"rdp"`` (default), ``"prv"``, ``"gdp"`` or None (no accounting).
-        generator: a ``torch.Generator`` for the noise (seeded runs).
+        generator: a ``torch.Generator`` seeding the noise (seeded runs).
+        prefetch_noise: draw the next step's noise in a worker thread while the caller
+            computes (CPU tensors only; see the module docstring).
 
     ``step(*args)`` takes the real (variable-size) batch and returns the noisy gradient,
     shaped like the ``argnums`` inputs; ``epsilon(delta)`` the privacy spent so far.
@@ -126,7 +133,7 @@ class DPSGD:
                  sample_rate: float, num_examples: int, argnums: Any = 0, in_dims: Any = 0,
                  groups: Any = None, batch_norm: str = "error", compile: bool = False,
                  ladder: Sequence[float] = (1.0, 1.5, 2.0), accountant: Optional[str] = "rdp",
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, prefetch_noise: bool = True):
         if batch_norm == "batch":
             raise ValueError("DPSGD: batch_norm='batch' is not differentially private (each "
                              "example's contribution depends on the others); use 'eval' or "
@@ -139,6 +146,13 @@ class DPSGD:
         self.max_norm, self.noise_multiplier = max_norm, noise_multiplier
         self.sample_rate, self.expected = sample_rate, sample_rate * num_examples
         self.ladder, self.generator = tuple(ladder), generator
+        # The noise's own generator, seeded once: draws in a worker thread never race with the
+        # caller's use of ``generator`` or of the global generator (dropout, sampling).
+        seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
+        self._noise_gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.prefetch_noise = prefetch_noise
+        self._pending = None  # (key, future) of the next step's noise
+        self._pool = None
         bounds = max_norm.values() if isinstance(max_norm, dict) else [max_norm]
         self.sensitivity = math.sqrt(sum(float(b) ** 2 for b in bounds))
         fn = clipped_grad(func, max_norm, argnums, in_dims=in_dims, groups=groups,
@@ -167,20 +181,55 @@ class DPSGD:
             summed = self._clipped(*padded, sample_weights=weights)
         std = self.noise_multiplier * self.sensitivity
         scale = 1.0 / max(self.expected, 1.0)
-
-        def noisy(g):
-            if std > 0:
-                noise = torch.randn(g.shape, generator=self.generator, dtype=g.dtype,
-                                    device="cpu" if self.generator is None else
-                                    self.generator.device).to(g.device)
-                g = g + std * noise
-            return g * scale
-        out = _pytree.tree_map(noisy, summed)
+        leaves, spec = _pytree.tree_flatten(summed)
+        if std > 0:
+            noise = self._noise(leaves, std)
+            # (std * N) + g, then the scale: the same floating-point operations as
+            # (g + std * N) * scale, in the noise's own buffers.
+            out = [n.to(g.device).add_(g).mul_(scale) if n.device == g.device
+                   else (g + n.to(g.device)) * scale for n, g in zip(noise, leaves)]
+        else:
+            out = [g * scale for g in leaves]
+        out = _pytree.tree_unflatten(spec, out)
         self.steps += 1
         if self.accountant is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier,
                                  sample_rate=self.sample_rate)
         return out
+
+    def _noise(self, leaves, std):
+        """``std * N(0, 1)`` shaped like each leaf: the draw made ahead for this step if it
+        fits, else drawn now; then the next step's is started in the worker."""
+        key = (float(std),) + tuple((tuple(g.shape), g.dtype) for g in leaves)
+        pending, self._pending = self._pending, None
+        noise = None
+        if pending is not None:
+            made = pending[1].result()  # (waits: one thread at a time uses the generator)
+            if pending[0] == key:
+                noise = made  # (a draw that does not fit is dropped, never reused)
+        if noise is None:
+            noise = _draw(key, self._noise_gen)
+        if self.prefetch_noise and all(g.device.type == "cpu" for g in leaves):
+            if self._pool is None:
+                import concurrent.futures
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="ftrans-dp-noise")
+            self._pending = (key, self._pool.submit(_draw, key, self._noise_gen))
+        return noise
+
+    def close(self):
+        """Stop the noise worker (it also stops when the object is collected)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[1].cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def epsilon(self, delta: float) -> float:
         """Privacy spent so far (``(epsilon, delta)``-DP) by the accountant."""
@@ -192,6 +241,12 @@ class DPSGD:
     def traces(self) -> int:
         """How many signatures ``compile`` traced (0 when not compiled)."""
         return len(getattr(self._clipped, "cache", {}))
+
+
+def _draw(key, generator):
+    std, shapes = key[0], key[1:]
+    return [torch.randn(shape, generator=generator, dtype=dtype).mul_(std)
+            for shape, dtype in shapes]
 
 
 def _batch_of(args, dims) -> int:
