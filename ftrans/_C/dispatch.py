@@ -59,6 +59,7 @@ from .random import random_dispatch
 from .registry import RULES, on_change
 from .rules import tag_rule
 from .rules.pointwise import pointwise_rule
+from .rules.views import direct_view as _direct_view_fn
 from .shapecheck import check as _check_shapes, explain as _explain_shapes
 
 __all__ = ["dispatch", "op_status", "prepared", "FallbackWarning", "fallback_stats",
@@ -88,6 +89,7 @@ def _prepare(func):
         # every draw is checked per example (shapecheck.py), none is explained by a rule.  The
         # policy refuses out= forms (as torch.func does).
         op.handler, op.ok_shapes, op.explains = None, {}, False
+        op.view = None
         op.status = "error" if _writes_out(func) else "rule"
         return op
     op.handler, op.status = _choose_handler(func, tags)
@@ -98,10 +100,15 @@ def _prepare(func):
     faithful = getattr(rule, "checks_shapes", False)
     op.ok_shapes = {} if rule is not None and not faithful else None
     op.explains = rule is not None
-    if op.status == "rule" and _SetExclude is not None and not op.inplace_view and any(
-            r.alias_info is not None and not r.alias_info.is_write
-            for r in func._schema.returns):
+    is_view = _SetExclude is not None and not op.inplace_view and any(
+        r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+    if op.status == "rule" and is_view:
         op.handler = _tracking_views(op.handler)
+    # The hot view ops of backward graphs may take one physical call (direct_view).
+    op.view = _direct_view_fn(func, rule) if (
+        rule is not None and _SetExclude is not None and len(op.tensor_pos) == 1
+        and not op.needs_general_path) else None
+    op.view_tracks = is_view
     # Pointwise ops with one result may take the direct physical call (_direct_pointwise).
     op.direct = (rule is pointwise_rule and not op.needs_general_path
                  and len(func._schema.returns) == 1)
@@ -248,6 +255,10 @@ def dispatch(func, args, kwargs, from_mode=False):
                 level = a.level
     if level is not None and not level.alive and _graph_task_id() < 0:
         _escaped(op, level)
+    if op.view is not None and level is not None and not kwargs:
+        out = direct_view(op, level, args)
+        if out is not MISS:
+            return out
     if op.ok_shapes is not None and level is not None:
         _check_shapes(op, level, args, kwargs or {})
     if op.is_random:
@@ -366,6 +377,35 @@ def direct_pointwise(call, level, args, tensor_pos, kwargs, above=False):
     except Exception:
         return MISS
     return make_batched(out, 0, level)
+
+
+def direct_view(op, level, args):
+    """A view op's result as ONE physical call on the value (``rules/views.py``'s ``DIRECT``
+    table says how, per op), or :data:`MISS` (the shape check and the rule then run, and raise
+    and explain any error the usual way).
+
+    Taken when the one tensor argument is batched at ``level`` with a real value free of the neg
+    bit (a plain tensor, or a lower level's wrapper, whose own dispatch handles its value), and
+    the op's direct call accepts the arguments.  As in the rule (``_tracking_views``), the
+    physical result is a real view of the physical input."""
+    a = args[0]
+    if type(a) is not BatchedTensor or a.level is not level:
+        return MISS
+    v = a.value
+    t = type(v)
+    if t is not BatchedTensor and (t not in _PLAIN or v.is_complex() or v.is_neg()):
+        return MISS
+    try:
+        if op.view_tracks:
+            with _SetExclude(_DK.ADInplaceOrView, False):
+                res = op.view(v, a.bdim, args)
+        else:
+            res = op.view(v, a.bdim, args)
+    except Exception:
+        return MISS
+    if res is None:
+        return MISS
+    return make_batched(res[0], res[1], level)
 
 
 def _level_chain(level, args, tensor_pos, nested, vals):
