@@ -206,3 +206,13 @@ def test_complex_and_neg_bit_values():
     for f in (lambda v: v.t() * 1, lambda v: v.view(-1) + 0, lambda v: v.expand(2, 3, 4) * 1):
         torch.testing.assert_close(ftrans.vmap(f)(n), f(-x[0]).unsqueeze(0) * 0 +
                                    torch.stack([f(-xi) for xi in x]))
+
+
+def test_unsafe_view_of_a_batch_dim_elsewhere_needs_no_earlier_call():
+    # kron's composite _unsafe_views a product that is contiguous eagerly but not under vmap
+    # when the batch dim is not at 0; first call with these shapes (nothing cached).
+    b = torch.randn(3, 5)
+    x = torch.randn(2, 7, 3, 4)[..., 0]  # per example [2, 3] after in_dims=1
+    got = ftrans.vmap(torch.kron, in_dims=(1, None))(x, b)
+    torch.testing.assert_close(got, torch.stack([torch.kron(x[:, i], b) for i in range(7)]))
+    torch.testing.assert_close(got, torch.func.vmap(torch.kron, in_dims=(1, None))(x, b))

@@ -26,6 +26,13 @@ Pointwise ops whose batched arguments all sit along dim 0 at the full logical ra
 handler: :func:`direct_pointwise` makes the one physical call the rule would make, and across
 nested or mixed levels makes it once on the innermost values instead of once per level.
 
+The view ops backward graphs are mostly made of (``t``, ``transpose``, ``permute``,
+``unsqueeze``, ``view``, ``_unsafe_view``, ``expand``, ``detach``, ``alias``) skip the shape check
+and the rule too: :func:`direct_view` makes their one physical call (``rules/views.py``'s
+``DIRECT`` table), a real view of the physical input as in the rule, and only for arguments
+whose per-example validity that call decides exactly as eager would; anything else (and any
+error) goes the usual way.
+
 Three ways in, all defined here: BatchedTensor's ``__torch_dispatch__``
 (:func:`subclass_entry`), and :class:`VmapMode`, the dispatch mode the outermost vmap of a thread
 pushes (:func:`mode_entry`), which also sees random factory calls with no tensor argument
