@@ -26,6 +26,13 @@ Pointwise ops whose batched arguments all sit along dim 0 at the full logical ra
 handler: :func:`direct_pointwise` makes the one physical call the rule would make, and across
 nested or mixed levels makes it once on the innermost values instead of once per level.
 
+The view ops backward graphs are mostly made of (``t``, ``transpose``, ``permute``,
+``unsqueeze``, ``view``, ``_unsafe_view``, ``expand``, ``detach``, ``alias``) skip the shape check
+and the rule too: :func:`direct_view` makes their one physical call (``rules/views.py``'s
+``DIRECT`` table), a real view of the physical input as in the rule, and only for arguments
+whose per-example validity that call decides exactly as eager would; anything else (and any
+error) goes the usual way.
+
 Three ways in, all defined here: BatchedTensor's ``__torch_dispatch__``
 (:func:`subclass_entry`), and :class:`VmapMode`, the dispatch mode the outermost vmap of a thread
 pushes (:func:`mode_entry`), which also sees random factory calls with no tensor argument
@@ -59,6 +66,7 @@ from .random import random_dispatch
 from .registry import RULES, on_change
 from .rules import tag_rule
 from .rules.pointwise import pointwise_rule
+from .rules.views import direct_view as _direct_view_fn
 from .shapecheck import check as _check_shapes, explain as _explain_shapes
 
 __all__ = ["dispatch", "op_status", "prepared", "FallbackWarning", "fallback_stats",
@@ -70,6 +78,11 @@ _Tensor = torch.Tensor
 _SetExclude = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
 _DK = torch._C.DispatchKey
 _DisableTF = torch._C.DisableTorchFunctionSubclass
+_ADIOV = _DK.ADInplaceOrView
+_is_excluded = getattr(torch._C, "_dispatch_tls_is_dispatch_key_excluded", None)
+_set_excluded = getattr(torch._C, "_dispatch_tls_set_dispatch_key_excluded", None)
+if _is_excluded is None:
+    _set_excluded = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,6 +101,7 @@ def _prepare(func):
         # every draw is checked per example (shapecheck.py), none is explained by a rule.  The
         # policy refuses out= forms (as torch.func does).
         op.handler, op.ok_shapes, op.explains = None, {}, False
+        op.view = None
         op.status = "error" if _writes_out(func) else "rule"
         return op
     op.handler, op.status = _choose_handler(func, tags)
@@ -98,10 +112,15 @@ def _prepare(func):
     faithful = getattr(rule, "checks_shapes", False)
     op.ok_shapes = {} if rule is not None and not faithful else None
     op.explains = rule is not None
-    if op.status == "rule" and _SetExclude is not None and not op.inplace_view and any(
-            r.alias_info is not None and not r.alias_info.is_write
-            for r in func._schema.returns):
+    is_view = _SetExclude is not None and not op.inplace_view and any(
+        r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+    if op.status == "rule" and is_view:
         op.handler = _tracking_views(op.handler)
+    # The hot view ops of backward graphs may take one physical call (direct_view).
+    op.view = _direct_view_fn(func, rule) if (
+        rule is not None and _SetExclude is not None and len(op.tensor_pos) == 1
+        and not op.needs_general_path) else None
+    op.view_tracks = is_view
     # Pointwise ops with one result may take the direct physical call (_direct_pointwise).
     op.direct = (rule is pointwise_rule and not op.needs_general_path
                  and len(func._schema.returns) == 1)
@@ -116,8 +135,15 @@ def _tracking_views(handle):
     for the outer level's autograd, and vmap's outputs are views of the caller's tensors (see
     ``aliasing.py``).  Autograd itself stays off: nothing is recorded below the logical level."""
     def handle_view(op, level, args, kwargs):
-        with _SetExclude(_DK.ADInplaceOrView, False):
+        if _set_excluded is None:
+            with _SetExclude(_ADIOV, False):
+                return handle(op, level, args, kwargs)
+        was = _is_excluded(_ADIOV)  # (as the guard above, at a third of its cost)
+        _set_excluded(_ADIOV, False)
+        try:
             return handle(op, level, args, kwargs)
+        finally:
+            _set_excluded(_ADIOV, was)
 
     handle_view.rule = getattr(handle, "rule", None)
     return handle_view
@@ -248,6 +274,10 @@ def dispatch(func, args, kwargs, from_mode=False):
                 level = a.level
     if level is not None and not level.alive and _graph_task_id() < 0:
         _escaped(op, level)
+    if op.view is not None and level is not None and not kwargs:
+        out = direct_view(op, level, args)
+        if out is not MISS:
+            return out
     if op.ok_shapes is not None and level is not None:
         _check_shapes(op, level, args, kwargs or {})
     if op.is_random:
@@ -366,6 +396,48 @@ def direct_pointwise(call, level, args, tensor_pos, kwargs, above=False):
     except Exception:
         return MISS
     return make_batched(out, 0, level)
+
+
+def direct_view(op, level, args):
+    """A view op's result as ONE physical call on the value (``rules/views.py``'s ``DIRECT``
+    table says how, per op), or :data:`MISS` (the shape check and the rule then run, and raise
+    and explain any error the usual way).
+
+    Taken when the one tensor argument is batched at ``level`` with a real value free of the neg
+    bit (a plain tensor, or a lower level's wrapper, whose own dispatch handles its value), and
+    the op's direct call accepts the arguments.  As in the rule (``_tracking_views``), the
+    physical result is a real view of the physical input."""
+    a = args[0]
+    if type(a) is not BatchedTensor or a.level is not level:
+        return MISS
+    v = a.value
+    t = type(v)
+    if t is not BatchedTensor and (t not in _PLAIN or v.is_complex() or v.is_neg()):
+        return MISS
+    if op.view_tracks and _set_excluded is not None:
+        # As ``with _SetExclude(ADInplaceOrView, False)``, at a third of its cost.
+        was = _is_excluded(_ADIOV)
+        _set_excluded(_ADIOV, False)
+        try:
+            res = op.view(v, a.bdim, args)
+        except Exception:
+            return MISS
+        finally:
+            _set_excluded(_ADIOV, was)
+    elif op.view_tracks:
+        try:
+            with _SetExclude(_ADIOV, False):
+                res = op.view(v, a.bdim, args)
+        except Exception:
+            return MISS
+    else:
+        try:
+            res = op.view(v, a.bdim, args)
+        except Exception:
+            return MISS
+    if res is None:
+        return MISS
+    return make_batched(res[0], res[1], level)
 
 
 def _level_chain(level, args, tensor_pos, nested, vals):

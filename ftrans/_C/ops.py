@@ -30,14 +30,15 @@ _ListType = torch._C.ListType
 class Op:
     """One ``OpOverload``: its schema facts (set by :func:`read_schema`) and the routing fields
     the dispatcher fills in (``handler``, ``status``, ``is_random``, ``ok_shapes``,
-    ``explains``, ``direct``)."""
+    ``explains``, ``direct``, ``view``, ``view_tracks``)."""
 
     __slots__ = (
         # schema facts
         "func", "name", "tensor_pos", "list_pos", "kw_tensor", "mutable_pos", "returns_self",
         "inplace_view", "needs_general_path",
         # routing (dispatch.py)
-        "is_random", "handler", "status", "ok_shapes", "explains", "direct",
+        "is_random", "handler", "status", "ok_shapes", "explains", "direct", "view",
+        "view_tracks",
     )
 
 

@@ -167,15 +167,25 @@ def expand_rule(level, func, args, bdims, kwargs):
     return x.expand([x.shape[0]] + size, **kwargs), 0
 
 
-@register_batch_rule(*overloads("view.default", "_unsafe_view.default", "reshape.default",
-                                "_reshape_copy.default"))
+@register_batch_rule(*overloads("view.default", "reshape.default", "_reshape_copy.default"))
 def view_rule(level, func, args, bdims, kwargs):
     x = to_front(args[0], bdims[0])
-    if func is aten._unsafe_view.default:
-        # Composites (kron, ...) _unsafe_view a fresh result they assume is contiguous; the
-        # physical one may not be (batch dim elsewhere), and a copy is allowed here.
-        return aten.reshape.default(x, [x.shape[0]] + list(args[1])), 0
     return func(x, [x.shape[0]] + list(args[1])), 0
+
+
+@register_batch_rule(aten._unsafe_view.default)
+def unsafe_view_rule(level, func, args, bdims, kwargs):
+    # Composites (kron, ...) _unsafe_view a fresh result they assume is contiguous; the
+    # physical one may not be (batch dim elsewhere), and a copy is allowed here.  So an
+    # example's validity is its numel's alone, which reshape checks exactly as eager does: no
+    # shape check on the example's strides (under vmap they are not eager's, and a check by
+    # them refused vmap(kron) over a batch dim other than 0 unless a contiguous call with the
+    # same shapes had come first).
+    x = to_front(args[0], bdims[0])
+    return aten.reshape.default(x, [x.shape[0]] + list(args[1])), 0
+
+
+unsafe_view_rule.checks_shapes = True
 
 
 @register_batch_rule(aten._reshape_alias.default)
@@ -444,3 +454,125 @@ for _name in ("expand", "permute", "squeeze", "unsqueeze", "select", "slice", "t
         _view_op = getattr(_view_packet, _ov)
         if _view_op in RULES:
             register_batch_rule(getattr(_copy_packet, _ov))(_copy_variant(_view_op))
+
+
+# ----------------------------------------------------------------------------------------------
+# Direct physical calls: the view ops backward graphs are made of (dispatch.py, "direct view")
+# ----------------------------------------------------------------------------------------------
+# ``direct(v, b, args)``: the op's ONE physical call on ``v`` (the value, batch dim ``b``) as
+# (out, out_bdim), or None when the call is not one of the plain cases below; the rule then runs
+# (after the per-example shape check).  Each takes only calls whose per-example validity it can
+# read off the arguments, and where the physical call raises exactly when eager raises on one
+# example, so that skipping the shape check changes no verdict: an error goes the rule's way.
+# Only a batch dim at 0 (where the rule's ``to_front`` is a no-op): the result has the very
+# layout the rule gives, so later ops see what they saw before (a batch dim left elsewhere
+# would change the layout of every result computed from it, and take ops off their fast paths).
+
+def _t_direct(v, b, args):
+    if b or v.dim() != 3:  # logical rank 2 only (rank < 2 is an alias; > 2 raises: the rule's)
+        return None
+    return v.transpose(1, 2), 0
+
+
+def _phys_dim(d, r):
+    """Logical dim ``d`` of rank ``r`` (0 < r) -> physical (batch dim 0), or None."""
+    if type(d) is not int or d < -r or d >= r:
+        return None
+    return d + r + 1 if d < 0 else d + 1
+
+
+def _transpose_direct(v, b, args):
+    r = v.dim() - 1
+    if b or r == 0 or len(args) != 3:
+        return None
+    p0, p1 = _phys_dim(args[1], r), _phys_dim(args[2], r)
+    if p0 is None or p1 is None:
+        return None
+    return v.transpose(p0, p1), 0
+
+
+def _permute_direct(v, b, args):
+    r = v.dim() - 1
+    dims = args[1] if len(args) == 2 else ()
+    if b or len(dims) != r or r == 0:
+        return None
+    perm = [_phys_dim(d, r) for d in dims]
+    if None in perm or len(set(perm)) != r:
+        return None
+    return v.permute([0, *perm]), 0
+
+
+def _unsqueeze_direct(v, b, args):
+    r = v.dim()  # the output's logical rank
+    d = args[1] if len(args) == 2 else None
+    if b or type(d) is not int or d < -r or d >= r:
+        return None
+    return v.unsqueeze(d + r + 1 if d < 0 else d + 1), 0
+
+
+def _view_direct(v, b, args):
+    # A logically contiguous example views as any size of its numel, and so does the batch
+    # (its dim 0 in front, B > 0): the physical view fails exactly when eager's would.
+    if b or len(args) != 2 or not v.shape[0] or not _logically_contiguous(v):
+        return None
+    return v.view([v.shape[0], *args[1]]), 0
+
+
+def _unsafe_view_direct(v, b, args):
+    if b or len(args) != 2 or not v.shape[0] or not _logically_contiguous(v):
+        return None
+    return aten._unsafe_view.default(v, [v.shape[0], *args[1]]), 0
+
+
+def _logically_contiguous(v):
+    """Whether one example of ``v`` (batch dim 0) is contiguous: its dims are one chunk."""
+    if v.is_contiguous():
+        return True
+    expected = 1
+    for n, s in zip(reversed(v.shape[1:]), reversed(v.stride()[1:])):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _expand_direct(v, b, args):
+    if b or len(args) != 2:
+        return None
+    size = args[1]
+    extra = len(size) - (v.dim() - 1)
+    if extra < 0:
+        return None
+    for s in size[:extra]:
+        if type(s) is not int or s < 0:  # eager refuses -1 in a new leading dim
+            return None
+    for _ in range(extra):
+        v = v.unsqueeze(1)
+    return v.expand([v.shape[0], *size]), 0
+
+
+def _detach_direct(v, b, args):
+    return (v.detach(), b) if len(args) == 1 else None
+
+
+def _alias_direct(v, b, args):
+    return (aten.alias.default(v), b) if len(args) == 1 else None
+
+
+DIRECT = {
+    aten.t.default: (t_rule, _t_direct),
+    aten.transpose.int: (RULES[aten.transpose.int], _transpose_direct),
+    aten.permute.default: (permute_rule, _permute_direct),
+    aten.unsqueeze.default: (unsqueeze_rule, _unsqueeze_direct),
+    aten.view.default: (view_rule, _view_direct),
+    aten._unsafe_view.default: (unsafe_view_rule, _unsafe_view_direct),
+    aten.expand.default: (expand_rule, _expand_direct),
+    aten.detach.default: (same_layout_rule, _detach_direct),
+    aten.alias.default: (same_layout_rule, _alias_direct),
+}
+
+
+def direct_view(func, rule):
+    """The direct call of ``func`` when ``rule`` is the view rule it belongs to, else None."""
+    entry = DIRECT.get(func)
+    return entry[1] if entry is not None and entry[0] is rule else None
