@@ -172,24 +172,26 @@ class DPSGD:
         dims = normalize_in_dims(self.in_dims, argnums, len(args), form)
         diff = select_argnums(args, argnums)
         n = _batch_of(args, dims)
+        std = self.noise_multiplier * self.sensitivity
+        scale = 1.0 / max(self.expected, 1.0)
         if n == 0:
             summed = _pytree.tree_map(torch.zeros_like, diff)
         else:
             padded, weights = pad_batch(args, dims, bucket_size(n, self.expected, self.ladder))
             leaves = _pytree.tree_leaves(diff)
             weights = weights.to(device=leaves[0].device, dtype=leaves[0].dtype)
-            summed = self._clipped(*padded, sample_weights=weights)
-        std = self.noise_multiplier * self.sensitivity
-        scale = 1.0 / max(self.expected, 1.0)
+            # The 1 / expected-batch scale rides on the per-example weights (B numbers), not
+            # on a pass over the summed gradient.
+            summed = self._clipped(*padded, sample_weights=weights * scale)
         leaves, spec = _pytree.tree_flatten(summed)
         if std > 0:
-            noise = self._noise(leaves, std)
-            # (std * N) + g, then the scale: the same floating-point operations as
-            # (g + std * N) * scale, in the noise's own buffers.
-            out = [n.to(g.device).add_(g).mul_(scale) if n.device == g.device
-                   else (g + n.to(g.device)) * scale for n, g in zip(noise, leaves)]
+            # scale * std * N, drawn ahead, plus the (already scaled) clipped sum: one pass,
+            # in the noise's own buffers.
+            noise = self._noise(leaves, std * scale)
+            out = [z.add_(g) if z.device == g.device else g + z.to(g.device)
+                   for z, g in zip(noise, leaves)]
         else:
-            out = [g * scale for g in leaves]
+            out = leaves
         out = _pytree.tree_unflatten(spec, out)
         self.steps += 1
         if self.accountant is not None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Factor", "Dense", "Outer", "Rows", "Scatter", "Sum", "combine"]
+__all__ = ["Factor", "Dense", "BiasRows", "Outer", "Rows", "Scatter", "Sum", "combine"]
 
 
 def _sq(t, dims):
@@ -89,6 +89,22 @@ class Dense(Factor):
         return _nbytes(self.g.shape, self.g.dtype)
 
 
+class BiasRows(Dense):
+    """The per-example gradient of a bias added to the output of an :class:`Outer` with one row
+    per example (``linear`` on a vector): the rows of its ``G``, whose squared norms the weight's
+    Gram norm computes too; whichever of the two asks first computes them once."""
+
+    def __init__(self, g: torch.Tensor, partner: "Outer"):
+        super().__init__(g)
+        self.partner = partner
+
+    def norm2(self):
+        partner = self.partner
+        if partner._g_norm2 is None:
+            partner._g_norm2 = _sq(_rows(self.g), 1)
+        return partner._g_norm2
+
+
 class Rows:
     """The ``A`` operand of an :class:`Outer`, built per span of examples on demand:
     ``fn(lo, hi)`` returns rows ``[hi - lo, n, T, d]`` for examples ``lo:hi`` (a convolution's
@@ -136,6 +152,7 @@ class Outer(Factor):
         self.transpose = transpose
         self.dtype = g.dtype
         self._raw = None
+        self._g_norm2 = None  # [B] ||G_i||^2 when T == n == 1, once computed
 
     @property
     def a(self):
@@ -210,6 +227,12 @@ class Outer(Factor):
             for lo, hi in self._spans(n * T * T * size, B * n * T * (p + d) * size):
                 a = self._rows(lo, hi)
                 gg = g if (lo, hi) == (0, B) else g[lo:hi]
+                if (lo, hi) == (0, B) and T == 1 and n == 1:
+                    # ||g_i||^2, shared with a bias on the same output (see BiasRows)
+                    if self._g_norm2 is None:
+                        self._g_norm2 = (gg @ gg.mT).reshape(B)
+                    out.append((a @ a.mT).reshape(B) * self._g_norm2)
+                    continue
                 out.append(((a @ a.mT) * (gg @ gg.mT)).sum((1, 2, 3)))
             if len(out) == 1:
                 self._a = a  # built in one piece: the clipped sum reuses it

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .factors import Dense, Outer, Rows, Scatter
+from .factors import BiasRows, Dense, Outer, Rows, Scatter
 
 __all__ = ["register_norm_rule", "get_norm_rule", "norm_rule_stats", "reset_norm_rule_stats",
            "NormRule", "Call"]
@@ -164,6 +164,16 @@ def sum_to(g, shape):
     return g.sum(dims, keepdim=True) if dims else g
 
 
+def _bias(g, shape, weight=None):
+    """The factor of a bias added to ``g``'s op output: with a weight factor of one row per
+    example and an unbroadcast bias, its rows share the weight's ``||G_i||^2``."""
+    rows = sum_to(g, shape)
+    if isinstance(weight, Outer) and weight.dims[1:3] == (1, 1) and rows.shape[1:] == shape \
+            and rows.dim() == 2 and rows.shape[1] == weight.dims[4]:
+        return BiasRows(rows, weight)
+    return Dense(rows)
+
+
 def _channel_sum(t, channel_dim):
     """``[B, *ex]`` summed over every per-example dim but ``channel_dim`` -> ``[B, C]``."""
     dims = [d for d in range(1, t.dim()) if d != channel_dim + 1]
@@ -186,7 +196,7 @@ def _linear(call):
         if "weight" in call.targets:
             out["weight"] = Outer(_rows(x, wshape[1]), _rows(g, wshape[0]), wshape)
         if "bias" in call.targets:
-            out["bias"] = Dense(sum_to(g, b.shape))
+            out["bias"] = _bias(g, b.shape, out.get("weight"))
         return out
     return F.linear(x, w, b), (x,), factors
 
@@ -234,7 +244,7 @@ def _addmm(call):
         if "mat2" in call.targets:
             out["mat2"] = Outer(_rows(x, d), _rows(g, p), w.shape, transpose=True)
         if "input" in call.targets:
-            out["input"] = Dense(sum_to(g, b.shape))
+            out["input"] = _bias(g, b.shape, out.get("mat2"))
         return out
     return torch.addmm(b, x, w), (x,), factors
 
