@@ -423,3 +423,38 @@ def test_against_opacus_per_sample_gradients():
     got = ftrans.clipped_grad(loss, 0.2)(params, x, y)
     for k, v in clipped_reference(per, 0.2).items():
         close(got[k], v)
+
+
+@pytest.mark.parametrize("bias_first", [False, True])
+@pytest.mark.parametrize("groups", [None, "leaf"])
+def test_bias_shares_the_weight_row_norms_in_either_order(bias_first, groups):
+    """A bias on one row per example reuses its weight's ||G_i||^2 (factors.BiasRows): whichever
+    of the two is asked first computes it; per leaf and together, against vmap(grad).  (Dict
+    leaves flatten in sorted key order: the names pick which comes first.)"""
+    gen = torch.Generator().manual_seed(4)
+    wk, bk = ("z_w", "a_b") if bias_first else ("a_w", "z_b")
+    params = {wk: torch.randn(5, 7, dtype=torch.float64, generator=gen),
+              bk: torch.randn(5, dtype=torch.float64, generator=gen)}
+    x = torch.randn(6, 7, dtype=torch.float64, generator=gen)
+
+    def loss(p, x):
+        return torch.nn.functional.linear(x.unsqueeze(0), p[wk], p[bk]).tanh().sum()
+
+    per = ftrans.vmap(ftrans.grad(loss), in_dims=(None, 0))(params, x)
+    w_norm, b_norm = per[wk].flatten(1).norm(dim=1), per[bk].norm(dim=1)
+    got = ftrans.per_sample_grad_norms(loss, groups=groups)(params, x)
+    if groups is None:
+        torch.testing.assert_close(got, (w_norm ** 2 + b_norm ** 2).sqrt(), rtol=1e-10,
+                                   atol=1e-10)
+    else:
+        order = sorted(params)
+        torch.testing.assert_close(got[order.index(wk)], w_norm, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[order.index(bk)], b_norm, rtol=1e-10, atol=1e-10)
+    clipped = ftrans.clipped_grad(loss, 0.5, groups=groups)(params, x)
+    if groups is None:
+        c = (0.5 / (w_norm ** 2 + b_norm ** 2).sqrt()).clamp(max=1)
+        cw = cb = c
+    else:
+        cw, cb = (0.5 / w_norm).clamp(max=1), (0.5 / b_norm).clamp(max=1)
+    torch.testing.assert_close(clipped[wk], torch.einsum("b,bij->ij", cw, per[wk]))
+    torch.testing.assert_close(clipped[bk], torch.einsum("b,bi->i", cb, per[bk]))
