@@ -505,7 +505,8 @@ def _alias_roots(graph):
 
 def _drop_zero_adds(graph):
     """``x + zeros(())`` -> ``x`` where nothing can tell them apart: same shape, strides, dtype
-    and device, ``x`` not an input, and neither written in place anywhere in the graph (the
+    and device, ``x`` not an input, the sum not an output, and neither written in place anywhere
+    in the graph (the
     clipping transforms offset a first layer's output by a zero leaf so that its gradient hook
     fires; a replay need not pay a pass over that output)."""
     adds = [n for n in graph.nodes if n.op == "call_function"
@@ -517,7 +518,11 @@ def _drop_zero_adds(graph):
     if not adds:
         return
     root, written = _alias_roots(graph)
+    # (A returned sum stays: its caller may write into it without touching ``x``.)
+    outputs = {a for n in graph.nodes if n.op == "output" for a in _flat_nodes(n.args)}
     for n in adds:
+        if n in outputs:
+            continue
         x, xv, v = n.args[0], n.args[0].meta.get("val"), n.meta.get("val")
         if not (isinstance(xv, torch.Tensor) and isinstance(v, torch.Tensor)):
             continue

@@ -187,3 +187,17 @@ def test_clipped_step_graph_is_smaller_and_exact(name):
         assert got.keys() == ref.keys()
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_returned_zero_sum_stays_a_tensor_of_its_own():
+    def f(x):
+        y = x.exp()
+        return y, y + torch.zeros(())
+
+    c = ftrans.compile(f)
+    x = torch.randn(4)
+    for _ in range(2):
+        y, z = c(x)
+        assert y.data_ptr() != z.data_ptr()
+        z.add_(1)  # eager: y is untouched
+        torch.testing.assert_close(y, x.exp())
