@@ -163,3 +163,19 @@ def test_prefetched_noise_follows_a_changed_multiplier_and_shape():
     again = dp.step(w, torch.zeros(0, 50))["w"]  # a closed object still steps (inline draws)
     assert again.shape == (100, 50)
     dp.close()
+
+
+def test_inline_noise_is_written_into_the_sums_and_matches_a_whole_draw():
+    """prefetch_noise=False draws into the clipped sums a chunk at a time (no parameter-sized
+    buffer): the same numbers as a whole draw of the same generator state."""
+    from ftrans.dp import dpsgd
+    g = torch.randn(300, 500)  # 150 000 values: three chunks
+    g0 = g.clone()
+    out = dpsgd._add_normal(g, 0.7, torch.Generator().manual_seed(11))
+    assert out is g
+    whole = dpsgd._draw((0.7, ((300, 500), torch.float32)), torch.Generator().manual_seed(11))[0]
+    assert torch.equal(out, g0 + whole)
+    t = torch.randn(500, 300).t()  # not contiguous: a new tensor, the same numbers
+    t0 = t.clone()
+    out = dpsgd._add_normal(t, 0.7, torch.Generator().manual_seed(11))
+    assert out is not t and torch.equal(t, t0) and torch.equal(out, t0 + whole)

@@ -14,11 +14,14 @@ The noise is ``N(0, (noise_multiplier * max_norm)^2)`` per coordinate of the cli
 result is divided by the *expected* batch size (the unbiased scale under Poisson sampling, as
 Opacus does).  Drawing it costs about as much as a third of a small model's step on one CPU
 core (the A.3 MLP: 0.67 M normals, 1.6 ms against a 4.9 ms step), so on CPU the next step's
-noise is drawn ahead, in a worker thread, while the caller computes (``prefetch_noise``): from
-a generator of the step's own, seeded once from ``generator`` (or from torch's global
-generator), so that a seeded run gives the same noise whatever the threads' timing, each draw
-is used once, and the worker never shares a generator with the caller.  Accounting uses Opacus's RDP accountant (``pip install 'ftrans[dp]'``); nothing
-here implements an accountant.
+noise is drawn ahead, in a worker thread, while the caller computes (``prefetch_noise=True``,
+the default): the price is memory, one parameter-sized set of noise held from one step to the
+next.  With ``prefetch_noise=False`` the noise is drawn into the clipped sums a chunk at a time
+and the step holds no noise buffer.  Either way it comes from a generator of the step's own,
+seeded once from ``generator`` (or from torch's global generator), drawn by the same calls in
+the same order: a seeded run gives the same noise with or without prefetching, whatever the
+threads' timing; each draw is used once, and the worker never shares a generator with the
+caller.
 """
 from __future__ import annotations
 
@@ -111,7 +114,8 @@ class DPSGD:
         accountant: ``"rdp"`` (default), ``"prv"``, ``"gdp"`` or None (no accounting).
         generator: a ``torch.Generator`` seeding the noise (seeded runs).
         prefetch_noise: draw the next step's noise in a worker thread while the caller
-            computes (CPU tensors only; see the module docstring).
+            computes (CPU tensors only; holds one parameter-sized noise set between steps);
+            False draws it into the sums in chunks (no buffer; see the module docstring).
 
     ``step(*args)`` takes the real (variable-size) batch and returns the noisy gradient,
     shaped like the ``argnums`` inputs; ``epsilon(delta)`` the privacy spent so far.
@@ -185,11 +189,9 @@ class DPSGD:
             summed = self._clipped(*padded, sample_weights=weights * scale)
         leaves, spec = _pytree.tree_flatten(summed)
         if std > 0:
-            # scale * std * N, drawn ahead, plus the (already scaled) clipped sum: one pass,
-            # in the noise's own buffers.
-            noise = self._noise(leaves, std * scale)
-            out = [z.add_(g) if z.device == g.device else g + z.to(g.device)
-                   for z, g in zip(noise, leaves)]
+            # scale * std * N plus the (already scaled) clipped sum: one pass, in the noise's
+            # own buffers when it was drawn ahead, else into the sums a chunk at a time.
+            out = self._noisy(leaves, std * scale)
         else:
             out = leaves
         out = _pytree.tree_unflatten(spec, out)
@@ -199,9 +201,8 @@ class DPSGD:
                                  sample_rate=self.sample_rate)
         return out
 
-    def _noise(self, leaves, std):
-        """``std * N(0, 1)`` shaped like each leaf: the draw made ahead for this step if it
-        fits, else drawn now; then the next step's is started in the worker."""
+    def _noisy(self, leaves, std):
+        """``g + std * N(0, 1)`` for each leaf ``g`` (the step's own clipped sums)."""
         key = (float(std),) + tuple((tuple(g.shape), g.dtype) for g in leaves)
         pending, self._pending = self._pending, None
         noise = None
@@ -209,15 +210,23 @@ class DPSGD:
             made = pending[1].result()  # (waits: one thread at a time uses the generator)
             if pending[0] == key:
                 noise = made  # (a draw that does not fit is dropped, never reused)
-        if noise is None:
-            noise = _draw(key, self._noise_gen)
-        if self.prefetch_noise and all(g.device.type == "cpu" for g in leaves):
+        ahead = self.prefetch_noise and all(g.device.type == "cpu" for g in leaves)
+        if noise is None and not ahead:
+            # Drawn now, a chunk at a time into the sums themselves: the step holds no
+            # parameter-sized noise buffer (the same numbers as a whole draw: see _draw).
+            out = [_add_normal(g, std, self._noise_gen) for g in leaves]
+        else:
+            if noise is None:
+                noise = _draw(key, self._noise_gen)
+            out = [z.add_(g) if z.device == g.device else g + z.to(g.device)
+                   for z, g in zip(noise, leaves)]
+        if ahead:
             if self._pool is None:
                 import concurrent.futures
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="ftrans-dp-noise")
             self._pending = (key, self._pool.submit(_draw, key, self._noise_gen))
-        return noise
+        return out
 
     def close(self):
         """Stop the noise worker (it also stops when the object is collected)."""
@@ -245,10 +254,34 @@ class DPSGD:
         return len(getattr(self._clipped, "cache", {}))
 
 
+_CHUNK = 1 << 16  # normals per draw call: the same calls whether drawn ahead or in place
+
+
 def _draw(key, generator):
     std, shapes = key[0], key[1:]
-    return [torch.randn(shape, generator=generator, dtype=dtype).mul_(std)
-            for shape, dtype in shapes]
+    out = []
+    for shape, dtype in shapes:
+        t = torch.empty(shape, dtype=dtype)
+        flat = t.view(-1)
+        for i in range(0, flat.numel(), _CHUNK):
+            flat[i:i + _CHUNK].normal_(0.0, std, generator=generator)
+        out.append(t)
+    return out
+
+
+def _add_normal(g, std, generator):
+    """``g + N(0, std^2)``, written into ``g`` (a fresh sum of the step) a chunk at a time when
+    it is a contiguous CPU tensor: the same numbers as :func:`_draw`, no buffer of ``g``'s
+    size."""
+    if not (g.device.type == "cpu" and g.is_contiguous()):
+        return g + _draw((std, (tuple(g.shape), g.dtype)), generator)[0].to(g.device)
+    flat = g.view(-1)
+    buf = torch.empty(min(_CHUNK, flat.numel()), dtype=g.dtype)
+    for i in range(0, flat.numel(), _CHUNK):
+        part = flat[i:i + _CHUNK]
+        z = buf[:part.numel()].normal_(0.0, std, generator=generator)
+        part.add_(z)  # (z + g elementwise: the same sums as the drawn-ahead path's z.add_(g))
+    return g
 
 
 def _batch_of(args, dims) -> int:
