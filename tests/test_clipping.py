@@ -340,6 +340,28 @@ def test_inside_vmap_over_models():
             close(got[k][m], v)
 
 
+def test_long_rows_inside_vmap_over_models():
+    """Layers instantiated in the backward (long rows: 2 T^2 > p d) while an outer vmap maps
+    over models: the factors hold the outer level's batched values."""
+    models = [nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2)) for _ in range(3)]
+    stacked, _ = torch.func.stack_module_state(models)
+    stacked = {k: v.detach() for k, v in stacked.items()}
+
+    def loss(p, x, y):
+        return F.mse_loss(ftrans.functional_call(models[0], p, (x,)), y)
+
+    x, y = torch.randn(5, 8, 3), torch.randn(5, 8, 2)  # 8 rows per example
+    got = ftrans.vmap(ftrans.clipped_grad(loss, 0.3), in_dims=(0, None, None))(stacked, x, y)
+    norms = ftrans.vmap(ftrans.per_sample_grad_norms(loss), in_dims=(0, None, None))(stacked,
+                                                                                     x, y)
+    for m in range(3):
+        pm = {k: v[m] for k, v in stacked.items()}
+        per = reference(loss, pm, (x, y))
+        close(norms[m], flat_norms(per))
+        for k, v in clipped_reference(per, 0.3).items():
+            close(got[k][m], v)
+
+
 def test_under_compile():
     import warnings
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.GroupNorm(1, 3), nn.Flatten(0),
