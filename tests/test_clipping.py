@@ -320,37 +320,21 @@ def test_fallback_is_exact_and_counted():
     assert stats.get("exp") == 1 and sum(stats.values()) == 2, stats
 
 
-def test_inside_vmap_over_models():
-    models = [nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)) for _ in range(3)]
+@pytest.mark.parametrize("rows", [1, 8])
+def test_inside_vmap_over_models(rows):
+    """Under an outer vmap over models; with 8 rows per example the layers are instantiated in
+    the backward (long rows: 2 T^2 > p d) and their factors hold the outer level's values."""
+    sizes = (4, 6) if rows == 1 else (3, 2)
+    models = [nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.Tanh(), nn.Linear(sizes[1], 2))
+              for _ in range(3)]
     stacked, _ = torch.func.stack_module_state(models)
     stacked = {k: v.detach() for k, v in stacked.items()}
 
     def loss(p, x, y):
         return F.mse_loss(ftrans.functional_call(models[0], p, (x,)), y)
 
-    x, y = torch.randn(5, 4), torch.randn(5, 2)
-    got = ftrans.vmap(ftrans.clipped_grad(loss, 0.3), in_dims=(0, None, None))(stacked, x, y)
-    norms = ftrans.vmap(ftrans.per_sample_grad_norms(loss), in_dims=(0, None, None))(stacked,
-                                                                                     x, y)
-    for m in range(3):
-        pm = {k: v[m] for k, v in stacked.items()}
-        per = reference(loss, pm, (x, y))
-        close(norms[m], flat_norms(per))
-        for k, v in clipped_reference(per, 0.3).items():
-            close(got[k][m], v)
-
-
-def test_long_rows_inside_vmap_over_models():
-    """Layers instantiated in the backward (long rows: 2 T^2 > p d) while an outer vmap maps
-    over models: the factors hold the outer level's batched values."""
-    models = [nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2)) for _ in range(3)]
-    stacked, _ = torch.func.stack_module_state(models)
-    stacked = {k: v.detach() for k, v in stacked.items()}
-
-    def loss(p, x, y):
-        return F.mse_loss(ftrans.functional_call(models[0], p, (x,)), y)
-
-    x, y = torch.randn(5, 8, 3), torch.randn(5, 8, 2)  # 8 rows per example
+    lead = () if rows == 1 else (rows,)
+    x, y = torch.randn(5, *lead, sizes[0]), torch.randn(5, *lead, 2)
     got = ftrans.vmap(ftrans.clipped_grad(loss, 0.3), in_dims=(0, None, None))(stacked, x, y)
     norms = ftrans.vmap(ftrans.per_sample_grad_norms(loss), in_dims=(0, None, None))(stacked,
                                                                                      x, y)
