@@ -157,3 +157,19 @@ def float64_norm_rules():
 
 def close(a, b, tol=1e-10):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def count_direct_calls(monkeypatch, name):
+    """Record, per call of ``ftrans._C.dispatch.<name>`` (``direct_view``, ``direct_pointwise``),
+    whether it took the direct path (anything but ``MISS``)."""
+    from ftrans._C import dispatch as D
+    hits = []
+    real = getattr(D, name)
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        hits.append(out is not D.MISS)
+        return out
+
+    monkeypatch.setattr(D, name, counting)
+    return hits

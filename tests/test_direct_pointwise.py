@@ -6,6 +6,8 @@ import torch.func
 
 import ftrans
 
+from _helpers import count_direct_calls
+
 
 def _both(build, *args):
     a = build(ftrans)(*args)
@@ -58,17 +60,7 @@ def test_per_example_shape_error_is_eagers():
 
 
 def test_backward_ops_take_the_direct_call(monkeypatch):
-    from ftrans._C import dispatch as D
-
-    hits = []
-    real = D.direct_pointwise
-
-    def counting(*a, **k):
-        out = real(*a, **k)
-        hits.append(out is not D.MISS)
-        return out
-
-    monkeypatch.setattr(D, "direct_pointwise", counting)
+    hits = count_direct_calls(monkeypatch, "direct_pointwise")
     f = lambda x: (x.sin() * x.cos().sum() + x ** 2).tanh()  # noqa: E731
     ftrans.vmap(ftrans.jacrev(f))(torch.randn(4, 6))  # mixed levels in the backward
     assert any(hits)

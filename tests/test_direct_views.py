@@ -9,6 +9,8 @@ import torch.func
 import ftrans
 from ftrans._C import dispatch as D
 
+from _helpers import count_direct_calls
+
 # (name, per-example function, example shape); each is one of the direct ops on its own.
 CASES = [
     ("t", lambda x: x.t(), (3, 4)),
@@ -37,16 +39,7 @@ def _loop(f, x, in_dim):
 
 
 def _counting(monkeypatch):
-    hits = []
-    real = D.direct_view
-
-    def counting(*a, **k):
-        out = real(*a, **k)
-        hits.append(out is not D.MISS)
-        return out
-
-    monkeypatch.setattr(D, "direct_view", counting)
-    return hits
+    return count_direct_calls(monkeypatch, "direct_view")
 
 
 @pytest.mark.parametrize("name,f,shape", CASES, ids=[c[0] for c in CASES])
