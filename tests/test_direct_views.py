@@ -7,7 +7,6 @@ import torch
 import torch.func
 
 import ftrans
-from ftrans._C import dispatch as D
 
 from _helpers import count_direct_calls
 
