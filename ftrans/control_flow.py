@@ -34,7 +34,7 @@ from . import _pytree
 from ._C import lanes as _lanes, levels as _levels
 from ._C.batched import BatchedTensor
 from ._C.dispatch import VmapMode as _VmapMode
-from .vmap import vmap
+from .vmap import _vmap_once, vmap
 
 __all__ = ["cond", "switch", "while_loop", "scan", "stats", "reset_stats"]
 
@@ -226,15 +226,7 @@ def _partitioned(levels, n, takes, branches, operands, form):
         else:
             for i in tensor_pos:
                 args[i] = lanes[i].index_select(0, idx)
-        in_dims = (0, tuple(0 if i in lanes else None for i in range(len(leaves))),
-                   (0,) * len(cells))
-
-        def run(lane, flat_args, cell_vals, fn=fn, cells=cells):
-            f = fn(dict(zip((i for i, _ in cells), cell_vals)))
-            return f(*_pytree.tree_unflatten(spec, list(flat_args)))
-
-        out = vmap(run, in_dims=in_dims)(idx, tuple(args), tuple(cell_vals))
-        results.append(out)
+        results.append(_run_lanes(fn, cells, cell_vals, spec, args, tensor_pos, idx.shape[0]))
         perms.append(idx)
     out_leaves = _same_structure(results, form)
     inverse = None
@@ -259,6 +251,32 @@ def _partitioned(levels, n, takes, branches, operands, form):
             out = torch.cat(parts).index_select(0, inverse)
         merged.append(_lanes.scatter(out, levels))
     return _pytree.tree_unflatten(_pytree.tree_structure(results[0]), merged)
+
+
+def _run_lanes(fn, cells, cell_vals, spec, args, tensor_pos, n):
+    """The branch ``fn`` (a closure factory, see :func:`_with_rebound_closure`) under an inner
+    vmap over ``n`` lanes: the flat operands ``args`` (the tensors at ``tensor_pos`` hold the
+    lanes) and the closure values ``cell_vals``, each with the lanes at dim 0.  Enters the vmap
+    with its batch size and flat inputs already known (``vmap._vmap_once``): no ``in_dims``
+    to match, and a branch with no per-example input still gets ``n`` lanes."""
+    inputs = [args[i] for i in tensor_pos] + list(cell_vals)
+
+    def branch(*xs):
+        return _call_branch(fn, cells, spec, args, tensor_pos, xs)
+
+    if any(x.is_nested for x in inputs):  # nested tensors: vmap's own entry handles them
+        return vmap(branch)(*inputs)
+    treespec = _pytree.tree_structure(tuple(inputs))
+    return _vmap_once(branch, 0, 0, "error", inputs, treespec, [0] * len(inputs), n, {})
+
+
+def _call_branch(fn, cells, spec, args, tensor_pos, xs):
+    full = list(args)
+    k = len(tensor_pos)
+    for i, x in zip(tensor_pos, xs[:k]):
+        full[i] = x
+    f = fn(dict(zip((i for i, _ in cells), xs[k:])))
+    return f(*_pytree.tree_unflatten(spec, full))
 
 
 def _with_rebound_closure(fn):
