@@ -53,7 +53,8 @@ def _operand(a, grad):
             if not v.level.alive or (grad and v.requires_grad):
                 return None
             v = v.value
-        if type(v) is not _Tensor or v.layout is not _strided or v.is_complex() or v.is_neg():
+        if type(v) is not _Tensor or (grad and v.requires_grad) or v.layout is not _strided \
+                or v.is_complex() or v.is_neg():
             return None
         return a, a.dim()
     if t in _PLAIN:
