@@ -39,6 +39,7 @@ from .vmap import _vmap_once, vmap
 __all__ = ["cond", "switch", "while_loop", "scan", "stats", "reset_stats"]
 
 _NoPythonDispatch = torch._C._DisableTorchDispatch
+_DisableTF = torch._C.DisableTorchFunctionSubclass
 _stack_len = torch._C._len_torch_dispatch_stack
 _stack_at = torch._C._get_dispatch_stack_at
 _NO_GUARD = contextlib.nullcontext()
@@ -72,7 +73,9 @@ def _check_operands(form, operands, what="operands"):
 
 def _check_pred(form, pred):
     if isinstance(pred, torch.Tensor):
-        if pred.numel() != 1:
+        with _DisableTF():  # (a batched pred's per-example numel, without the TF hop)
+            numel = pred.numel()
+        if numel != 1:
             raise RuntimeError(
                 f"{form}: Expected pred to be bool or single-element tensor, but got a tensor "
                 f"of shape {tuple(pred.shape)} (per example)."

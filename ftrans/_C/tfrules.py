@@ -42,27 +42,22 @@ _stack_at = getattr(torch._C, "_get_dispatch_stack_at", None)
 _strided = torch.strided
 
 
-def _operand(a, grad):
-    """(physical value with the batch at dim 0 or the operand itself, batched?, logical rank),
-    or None when the operand is not one this rule takes.  Runs with subclass torch functions
-    off (``a`` may be a wrapper)."""
+def _operand(a, grad) -> bool:
+    """Whether the rule takes operand ``a``: a plain strided real tensor, or wrappers of live
+    levels around one, none of which autograd would record.  Runs with subclass torch
+    functions off (``a`` may be a wrapper)."""
     t = type(a)
     if t is BatchedTensor:
-        v = a
-        while type(v) is BatchedTensor:  # every level: none may be recorded by autograd
-            if not v.level.alive or (grad and v.requires_grad):
-                return None
-            v = v.value
-        if type(v) is not _Tensor or (grad and v.requires_grad) or v.layout is not _strided \
-                or v.is_complex() or v.is_neg():
-            return None
-        return a, a.dim()
-    if t in _PLAIN:
-        if (grad and a.requires_grad) or a.layout is not _strided or a.is_complex() \
-                or a.is_neg():
-            return None
-        return a, a.dim()
-    return None
+        while type(a) is BatchedTensor:  # every level: none may be recorded by autograd
+            if not a.level.alive or (grad and a.requires_grad):
+                return False
+            a = a.value
+        if type(a) is not _Tensor:
+            return False
+    elif t not in _PLAIN:
+        return False
+    return not ((grad and a.requires_grad) or a.layout is not _strided or a.is_complex()
+                or a.is_neg())
 
 
 def _lift(x, k):
@@ -119,10 +114,9 @@ def matmul(args):
     a, b = args
     grad = _grad_enabled()
     with _DisableTF():
-        pa, pb = _operand(a, grad), _operand(b, grad)
-        if pa is None or pb is None:
+        if not (_operand(a, grad) and _operand(b, grad)):
             return MISS
-        ra, rb = pa[1], pb[1]
+        ra, rb = a.dim(), b.dim()
         if ra < 1 or rb < 1:
             return MISS  # torch's error ("need to be at least 1D")
         la = a.level if type(a) is BatchedTensor else None
