@@ -26,7 +26,7 @@ import sys
 import torch
 
 import ftrans
-from ftrans._C import dispatch as _dispatch, random as _random
+from ftrans._C import dispatch as _dispatch, random as _random, tfrules as _tfrules
 from ftrans._C.custom_vmap import registered_vmap_rule
 from ftrans._C.fallback import loop_fallback
 from ftrans._C.registry import RANDOM_RULES, RULES
@@ -228,6 +228,10 @@ def where(func) -> list:
     """Lines saying where the rule for OpOverload ``func`` lives and which handler runs it."""
     op = _dispatch.prepared(func)
     lines = [f"{func}: {op.status}"]
+    above = _tfrules.FOR_OP.get(func)
+    if above is not None:
+        lines.append(f"  above     {_location(above)}: the torch function on batched values "
+                     "as one physical call when autograd records nothing; otherwise:")
     if op.is_random:
         lines.append(f"  handler   {_location(_random.random_dispatch)}: the randomness policy "
                      "(vmap's randomness= per level)")

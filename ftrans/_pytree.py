@@ -19,16 +19,19 @@ __all__ = ["tree_flatten", "tree_unflatten", "tree_leaves", "tree_structure",
 NAMESPACE = "ftrans"
 _NATIVE = (tuple, list, dict, collections.OrderedDict, collections.defaultdict, collections.deque)
 _synced = 0
+_torch_pytree = None  # torch.utils._pytree, imported on first use (not at every call)
 
 
 def _sync_torch_registry() -> None:
     """Mirror torch.utils._pytree registrations into optree's ``ftrans`` namespace."""
-    global _synced
-    try:
-        from torch.utils import _pytree
-    except ImportError:  # pragma: no cover
-        return
-    nodes = _pytree.SUPPORTED_NODES
+    global _synced, _torch_pytree
+    if _torch_pytree is None:
+        try:
+            from torch.utils import _pytree
+        except ImportError:  # pragma: no cover
+            return
+        _torch_pytree = _pytree
+    nodes = _torch_pytree.SUPPORTED_NODES
     if len(nodes) == _synced:
         return
     for cls, node in list(nodes.items()):

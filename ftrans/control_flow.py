@@ -24,6 +24,7 @@ is known once it has run).  Inside an ``ftrans.compile`` trace predicate values 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Sequence
 
@@ -32,9 +33,16 @@ import torch
 from . import _pytree
 from ._C import lanes as _lanes, levels as _levels
 from ._C.batched import BatchedTensor
-from .vmap import vmap
+from ._C.dispatch import VmapMode as _VmapMode
+from .vmap import _vmap_once, vmap
 
 __all__ = ["cond", "switch", "while_loop", "scan", "stats", "reset_stats"]
+
+_NoPythonDispatch = torch._C._DisableTorchDispatch
+_DisableTF = torch._C.DisableTorchFunctionSubclass
+_stack_len = torch._C._len_torch_dispatch_stack
+_stack_at = torch._C._get_dispatch_stack_at
+_NO_GUARD = contextlib.nullcontext()
 
 _STATS = {"while_body_lanes": 0, "while_iterations": 0, "branch_lanes": 0}
 
@@ -65,7 +73,9 @@ def _check_operands(form, operands, what="operands"):
 
 def _check_pred(form, pred):
     if isinstance(pred, torch.Tensor):
-        if pred.numel() != 1:
+        with _DisableTF():  # (a batched pred's per-example numel, without the TF hop)
+            numel = pred.numel()
+        if numel != 1:
             raise RuntimeError(
                 f"{form}: Expected pred to be bool or single-element tensor, but got a tensor "
                 f"of shape {tuple(pred.shape)} (per example)."
@@ -106,18 +116,13 @@ def cond(pred, true_fn: Callable, false_fn: Callable, operands: Sequence = ()) -
     if not callable(true_fn) or not callable(false_fn):
         raise RuntimeError(f"{form}: Expect both branches to be callable.")
     _check_operands(form, operands)
-    if isinstance(pred, torch.Tensor):
-        index = torch.where(pred.reshape(()).bool(), 0, 1) if type(pred) is BatchedTensor \
-            else pred
-    else:
-        index = pred
-    if not isinstance(index, torch.Tensor):
-        return (true_fn if index else false_fn)(*operands)
-    if type(index) is not BatchedTensor:
-        if _is_traced(index):
-            return _select(index.reshape(()).bool(), [true_fn, false_fn], operands, form, True)
-        return (true_fn if bool(index) else false_fn)(*operands)
-    return _dispatch_branches(index, [true_fn, false_fn], operands, form)
+    if not isinstance(pred, torch.Tensor):
+        return (true_fn if pred else false_fn)(*operands)
+    if type(pred) is not BatchedTensor:
+        if _is_traced(pred):
+            return _select(pred.reshape(()).bool(), [true_fn, false_fn], operands, form, True)
+        return (true_fn if bool(pred) else false_fn)(*operands)
+    return _dispatch_branches(pred, [true_fn, false_fn], operands, form, True)
 
 
 def switch(index, branches: Sequence[Callable], operands: Sequence = ()) -> Any:
@@ -155,44 +160,76 @@ def switch(index, branches: Sequence[Callable], operands: Sequence = ()) -> Any:
     return branches[min(max(index, 0), k - 1)](*operands)
 
 
-def _dispatch_branches(index, branches, operands, form):
-    """``index`` is a BatchedTensor of branch numbers (0-dim per example)."""
-    values = _lanes.raw(index)
-    if _is_traced(values):
-        return _select(index, branches, operands, form, False)
-    first = values.reshape(-1)[0]
-    if bool((values == first).all()):
-        return branches[int(first)](*operands)  # the batch agrees: one branch, no partition
-    return _partitioned(index, branches, operands, form)
-
-
-def _partitioned(index, branches, operands, form):
+def _dispatch_branches(index, branches, operands, form, is_pred=False):
+    """``index``: a BatchedTensor of branch numbers (0-dim per example), or of ``cond``'s
+    predicate (``is_pred``: branch 0 where it is true, branch 1 elsewhere)."""
+    inner = index
+    while type(inner) is BatchedTensor:
+        inner = inner.value
+    if _is_traced(inner):
+        if is_pred:
+            index = index.reshape(()).bool()
+        return _select(index, branches, operands, form, is_pred)
     levels = _lanes.vmap_levels(index)
-    flat_index = _lanes.gather(index, levels).reshape(-1)
+    flat = _lanes.gather(index, levels)
+    with _quiet(flat):
+        if flat.dim() != 1:
+            flat = flat.reshape(-1)
+        if is_pred:
+            if flat.dtype != torch.bool:
+                flat = flat.bool()
+            idx = flat.nonzero().reshape(-1)
+            n = flat.shape[0]
+            if idx.shape[0] in (0, n):  # the batch agrees: one branch, no partition
+                return branches[0 if idx.shape[0] else 1](*operands)
+            takes = [idx, flat.logical_not().nonzero().reshape(-1)]
+        else:
+            first = flat[0]
+            if bool((flat == first).all()):
+                return branches[int(first)](*operands)  # the batch agrees: no partition
+            takes = [(flat == k).nonzero().reshape(-1) for k in range(len(branches))]
+    return _partitioned(levels, flat.shape[0], takes, branches, operands, form)
+
+
+def _quiet(t):
+    """Python dispatch off around bookkeeping on the plain tensor ``t`` and the lanes (branch
+    indices, ``index_select``, the scatter) when only vmap's own mode could see those ops:
+    each would otherwise pass through the vmap mode (several microseconds) to run as it is.
+    Autograd still records (it sits above Python dispatch).  Anything else pushed (a tracing
+    or user dispatch mode) must see the ops: no change then."""
+    if type(t) is not torch.Tensor or not _dispatch_mode_free():
+        return _NO_GUARD
+    return _NoPythonDispatch()
+
+
+def _dispatch_mode_free() -> bool:
+    n = _stack_len()
+    return n == 0 or (n == 1 and type(_stack_at(0)) is _VmapMode)
+
+
+def _partitioned(levels, n, takes, branches, operands, form):
+    """Each branch under an inner vmap on the lanes ``takes[k]`` (a 1-d index tensor each)."""
     leaves, spec = _pytree.tree_flatten(tuple(operands))
     tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     lanes = {i: _lanes.gather(leaves[i], levels) for i in tensor_pos}
+    quiet = all(type(v) is torch.Tensor for v in lanes.values()) and _dispatch_mode_free()
     results, perms = [], []
-    n = flat_index.shape[0]
     for k, branch in enumerate(branches):
-        idx = (flat_index == k).nonzero().reshape(-1)
-        if idx.numel() == 0:
+        idx = takes[k]
+        if idx.shape[0] == 0:
             continue
-        _STATS["branch_lanes"] += idx.numel()
+        _STATS["branch_lanes"] += idx.shape[0]
         fn, cells = _with_rebound_closure(branch)
         cell_vals = [_lanes.gather(v, levels).index_select(0, idx) for _, v in cells]
         args = list(leaves)
-        for i in tensor_pos:
-            args[i] = lanes[i].index_select(0, idx)
-        in_dims = (0, tuple(0 if i in lanes else None for i in range(len(leaves))),
-                   (0,) * len(cells))
-
-        def run(lane, flat_args, cell_vals, fn=fn, cells=cells):
-            f = fn(dict(zip((i for i, _ in cells), cell_vals)))
-            return f(*_pytree.tree_unflatten(spec, list(flat_args)))
-
-        out = vmap(run, in_dims=in_dims)(idx, tuple(args), tuple(cell_vals))
-        results.append(out)
+        if quiet:
+            with _NoPythonDispatch():
+                for i in tensor_pos:
+                    args[i] = lanes[i].index_select(0, idx)
+        else:
+            for i in tensor_pos:
+                args[i] = lanes[i].index_select(0, idx)
+        results.append(_run_lanes(fn, cells, cell_vals, spec, args, tensor_pos, idx.shape[0]))
         perms.append(idx)
     out_leaves = _same_structure(results, form)
     inverse = None
@@ -203,11 +240,12 @@ def _partitioned(index, branches, operands, form):
         if all(type(p) is torch.Tensor for p in parts):
             # Each example's result written once, in place into a fresh tensor (autograd
             # records the writes): half the traffic of concatenating and reordering.
-            out = parts[0].new_empty((n,) + tuple(parts[0].shape[1:]))
-            if type(out) is not torch.Tensor:  # vmap's FreshTensor (``_C/fresh.py``): plain
-                out = out.as_subclass(torch.Tensor)
-            for part, idx in zip(parts, perms):
-                out.index_copy_(0, idx, part)
+            with _quiet(parts[0]):
+                out = parts[0].new_empty((n,) + tuple(parts[0].shape[1:]))
+                if type(out) is not torch.Tensor:  # vmap's FreshTensor (``_C/fresh.py``): plain
+                    out = out.as_subclass(torch.Tensor)
+                for part, idx in zip(parts, perms):
+                    out.index_copy_(0, idx, part)
         else:  # still batched at an outer level: out of place
             if inverse is None:
                 perm = torch.cat(perms) if len(perms) > 1 else perms[0]
@@ -216,6 +254,32 @@ def _partitioned(index, branches, operands, form):
             out = torch.cat(parts).index_select(0, inverse)
         merged.append(_lanes.scatter(out, levels))
     return _pytree.tree_unflatten(_pytree.tree_structure(results[0]), merged)
+
+
+def _run_lanes(fn, cells, cell_vals, spec, args, tensor_pos, n):
+    """The branch ``fn`` (a closure factory, see :func:`_with_rebound_closure`) under an inner
+    vmap over ``n`` lanes: the flat operands ``args`` (the tensors at ``tensor_pos`` hold the
+    lanes) and the closure values ``cell_vals``, each with the lanes at dim 0.  Enters the vmap
+    with its batch size and flat inputs already known (``vmap._vmap_once``): no ``in_dims``
+    to match, and a branch with no per-example input still gets ``n`` lanes."""
+    inputs = [args[i] for i in tensor_pos] + list(cell_vals)
+
+    def branch(*xs):
+        return _call_branch(fn, cells, spec, args, tensor_pos, xs)
+
+    if any(x.is_nested for x in inputs):  # nested tensors: vmap's own entry handles them
+        return vmap(branch)(*inputs)
+    treespec = _pytree.tree_structure(tuple(inputs))
+    return _vmap_once(branch, 0, 0, "error", inputs, treespec, [0] * len(inputs), n, {})
+
+
+def _call_branch(fn, cells, spec, args, tensor_pos, xs):
+    full = list(args)
+    k = len(tensor_pos)
+    for i, x in zip(tensor_pos, xs[:k]):
+        full[i] = x
+    f = fn(dict(zip((i for i, _ in cells), xs[k:])))
+    return f(*_pytree.tree_unflatten(spec, full))
 
 
 def _with_rebound_closure(fn):

@@ -164,8 +164,12 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
                 if d is None:
                     wrapped.append(x)
                 else:
-                    d = d % x.dim()
-                    if grad_on and x.requires_grad:
+                    if type(x) is BatchedTensor:  # an outer level's value: no TF hop
+                        with _DisableTF():
+                            d, rg = d % x.dim(), x.requires_grad
+                    else:
+                        d, rg = d % x.dim(), x.requires_grad
+                    if grad_on and rg:
                         w = mark_input(AddBatchDim.apply(x, d, level))
                         if x.is_leaf:
                             _aliasing.LEAVES.setdefault(level.id, set()).add(id(w))
@@ -181,8 +185,18 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
             _levels.pop(level)
 
 
+_DisableTF = torch._C.DisableTorchFunctionSubclass
+
+
+def _requires_grad(o) -> bool:
+    if type(o) is BatchedTensor:  # read without the torch-function hop (several us)
+        with _DisableTF():
+            return o.requires_grad
+    return o.requires_grad
+
+
 def _remove(o, level, batch_size, d):
-    if o.requires_grad and torch.is_grad_enabled() and batched_at(o, level):
+    if _requires_grad(o) and torch.is_grad_enabled() and batched_at(o, level):
         return RemoveBatchDim.apply(o, level, batch_size, d)
     return remove_batch_dim(o, level, batch_size, d)
 
@@ -207,7 +221,11 @@ def _unwrap_outputs(func, in_dims, out_dims, out, level, batch_size, inputs=()):
                 f"{_call_form(func, in_dims, out_dims)}: `{_func_name(func)}` must only return "
                 f"Tensors, got type {type(o)}. Did you mean to set out_dims= to None for output?"
             )
-        nd = o.dim() + 1
+        if type(o) is BatchedTensor:
+            with _DisableTF():
+                nd = o.dim() + 1
+        else:
+            nd = o.dim() + 1
         if d < -nd or d >= nd:
             raise IndexError(
                 f"{_call_form(func, in_dims, out_dims)}: Dimension out of range (expected to be "

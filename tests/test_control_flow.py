@@ -147,6 +147,48 @@ def test_nested_vmap_outer_batched_predicate():
     torch.testing.assert_close(g, ref)
 
 
+def test_vmap_cond_non_bool_and_shaped_predicates():
+    # A float / int / (1,)-shaped predicate means pred.bool() per example (NaN and -0.0 too),
+    # wherever the batch dim sits.
+    x = torch.randn(7, 3, dtype=D)
+    p = torch.tensor([0.0, -0.0, float("nan"), 2.5, 0.0, -1.0, 0.0], dtype=D)
+    t, f = (lambda v: v.sin() * 2), (lambda v: v.cos() - 1)
+    ref = torch.stack([t(v) if bool(q) else f(v) for q, v in zip(p, x)])
+    control_flow.reset_stats()
+    out = ftrans.vmap(lambda q, v: ftrans.cond(q, t, f, (v,)))(p, x)
+    torch.testing.assert_close(out, ref)
+    assert control_flow.stats()["branch_lanes"] == 7
+    for pred in (p.long(), p[:, None], p.reshape(7, 1, 1)):
+        out = ftrans.vmap(lambda q, v: ftrans.cond(q, t, f, (v,)))(pred, x)
+        torch.testing.assert_close(out, ref)
+    out = ftrans.vmap(lambda q, v: ftrans.cond(q, t, f, (v,)), in_dims=(1, 1))(
+        p[None], x.t().contiguous())
+    torch.testing.assert_close(out, ref)
+    # a batch that agrees on a non-bool predicate runs one branch
+    control_flow.reset_stats()
+    out = ftrans.vmap(lambda q, v: ftrans.cond(q, t, f, (v,)))(torch.full((7,), 3), x)
+    torch.testing.assert_close(out, t(x))
+    assert control_flow.stats()["branch_lanes"] == 0
+
+
+def test_vmap_cond_under_a_dispatch_mode_lets_it_see_the_partition():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = _mixed_batch()
+    with Log():
+        out = ftrans.vmap(piecewise)(x)
+    torch.testing.assert_close(out, _loop(_eager_piecewise, x))
+    assert torch.ops.aten.nonzero.default in seen
+    assert torch.ops.aten.index_copy_.default in seen
+
+
 def test_switch_under_vmap_clamps_and_equals_loop():
     fs = [lambda v: v + 1, lambda v: v * 10, lambda v: -v.exp()]
     idx = torch.tensor([0, 2, 1, 7, -3, 1])

@@ -24,7 +24,7 @@ _C = [
     ["ftrans._C.rules", "ftrans._C.rules.*", "ftrans._C.random", "ftrans._C.fallback",
      "ftrans._C.custom_vmap"],
     # routing
-    ["ftrans._C.dispatch", "ftrans._C.fastpath"],
+    ["ftrans._C.dispatch", "ftrans._C.fastpath", "ftrans._C.tfrules"],
     # the torch-function entry
     ["ftrans._C.torch_function"],
     # wiring: attaches BatchedTensor's entry points

@@ -10,8 +10,9 @@ The layers, bottom to top.  A module imports only from its own row or the rows b
                 _split.py  _chunking.py  _joint.py  _outpool.py ...
     ------------------------------------ ftrans/_C ------------------------------------------
     wiring      _C/__init__.py     attaches BatchedTensor's two entry points (below), loads rules
-    TF entry    torch_function.py  overrides -> fast path -> per-use lift -> autograd
+    TF entry    torch_function.py  overrides -> tfrules / fast path -> per-use lift -> autograd
     routing     fastpath.py        learned signatures: calls an op's handler directly
+                tfrules.py         composite functions (matmul) batched whole, one physical call
                 dispatch.py        per-op cache, handler choice, dispatch(), the vmap mode
     handlers    rules/*  (batching rules; rules/random.py: randomness rules)
                 random.py (randomness policy)  fallback.py (loop)  custom_vmap.py

@@ -509,10 +509,21 @@ def set_dispatch_entries(entries) -> None:
 _tls = threading.local()
 
 
-@contextlib.contextmanager
+_NOTHING_TO_PUSH = contextlib.nullcontext()
+
+
 def vmap_mode(randomness: str = "error"):
     """Push the vmap mode unless this thread already has it (nested vmaps share one); push the
-    dropout mode (``dropout.py``) for the first level that may draw random numbers."""
+    dropout mode (``dropout.py``) for the first level that may draw random numbers.  A nested
+    vmap that needs neither gets a shared no-op context (no generator, no exit stack)."""
+    if getattr(_tls, "active", False) and (randomness == "error"
+                                           or getattr(_tls, "dropout", False)):
+        return _NOTHING_TO_PUSH
+    return _push_modes(randomness)
+
+
+@contextlib.contextmanager
+def _push_modes(randomness):
     with contextlib.ExitStack() as stack:
         if not getattr(_tls, "active", False):
             _tls.active = True

@@ -52,6 +52,9 @@ def raw(t) -> torch.Tensor:
 
 
 def _differentiable(t) -> bool:
+    if type(t) is BatchedTensor:  # read without the torch-function hop
+        with _DisableTF():
+            return t.requires_grad and torch.is_grad_enabled()
     return t.requires_grad and torch.is_grad_enabled()
 
 

@@ -30,6 +30,7 @@ from .batched import BatchedTensor
 from .fastpath import ENABLED as _FAST_ENABLED, MISS as _MISS, fast_call as _fast_call
 from .fresh import materialize
 from .levels import AUTODIFF_DEPTH as _AUTODIFF_DEPTH
+from .tfrules import MISS as _TF_MISS, RULES as _TF_RULES
 
 __all__ = ["batched_torch_function", "OVERRIDES"]
 
@@ -41,7 +42,8 @@ _grad_enabled = torch.is_grad_enabled
 OVERRIDES: dict = {**rnn.OVERRIDES, **indexing.OVERRIDES, **tensor_guards.OVERRIDES,
                    **aliasing.OVERRIDES}
 
-# FTRANS_NO_FASTPATH=1 turns the fast path off (to compare timings or rule it out).
+# FTRANS_NO_FASTPATH=1 turns the fast path and the torch-function rules (tfrules.py) off (to
+# compare timings or rule them out).
 _fast_enabled = _FAST_ENABLED and not os.environ.get("FTRANS_NO_FASTPATH")
 
 # Autograd's own entry points take tensors to differentiate *with respect to*: aliasing those
@@ -89,6 +91,11 @@ def batched_torch_function(cls, func, types, args=(), kwargs=None):
                 raise
             return batched_torch_function(cls, func, types, args, kwargs)
     if not kwargs and _fast_enabled and not _AUTODIFF_DEPTH[0]:
+        rule = _TF_RULES.get(func)
+        if rule is not None:  # a composite function batched whole (tfrules.py)
+            out = rule(args)
+            if out is not _TF_MISS:
+                return out
         try:
             out = _fast_call(func, types, args)
         except RuntimeError as e:
