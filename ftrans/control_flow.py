@@ -229,7 +229,9 @@ def _partitioned(levels, n, takes, branches, operands, form):
         else:
             for i in tensor_pos:
                 args[i] = lanes[i].index_select(0, idx)
-        results.append(_run_lanes(fn, cells, cell_vals, spec, args, tensor_pos, idx.shape[0]))
+        with _lanes_draw(levels) as rnd:
+            results.append(_run_lanes(fn, cells, cell_vals, spec, args, tensor_pos,
+                                      idx.shape[0], rnd))
         perms.append(idx)
     out_leaves = _same_structure(results, form)
     inverse = None
@@ -256,7 +258,35 @@ def _partitioned(levels, n, takes, branches, operands, form):
     return _pytree.tree_unflatten(_pytree.tree_structure(results[0]), merged)
 
 
-def _run_lanes(fn, cells, cell_vals, spec, args, tensor_pos, n):
+def _randomness(levels) -> str:
+    """The inner vmap's ``randomness`` for lanes of the vmaps ``levels``: ``"error"`` if any of
+    them refuses random ops, else ``"different"`` if any draws per example, else ``"same"``."""
+    modes = {lv.randomness for lv in levels}
+    for m in ("error", "different"):
+        if m in modes:
+            return m
+    return "same"
+
+
+@contextlib.contextmanager
+def _lanes_draw(levels):
+    """While branches run under an inner vmap over the lanes of ``levels``, random ops draw
+    per lane at the inner level (its ``randomness``, from :func:`_randomness`); the partitioned
+    levels draw nothing of their own meanwhile (one shared draw: their examples are the inner
+    level's lanes), so a draw is not batched twice."""
+    rnd = _randomness(levels)
+    saved = [lv.randomness for lv in levels]
+    if rnd != "error":
+        for lv in levels:
+            lv.randomness = "same"
+    try:
+        yield rnd
+    finally:
+        for lv, r in zip(levels, saved):
+            lv.randomness = r
+
+
+def _run_lanes(fn, cells, cell_vals, spec, args, tensor_pos, n, randomness="error"):
     """The branch ``fn`` (a closure factory, see :func:`_with_rebound_closure`) under an inner
     vmap over ``n`` lanes: the flat operands ``args`` (the tensors at ``tensor_pos`` hold the
     lanes) and the closure values ``cell_vals``, each with the lanes at dim 0.  Enters the vmap
@@ -268,9 +298,9 @@ def _run_lanes(fn, cells, cell_vals, spec, args, tensor_pos, n):
         return _call_branch(fn, cells, spec, args, tensor_pos, xs)
 
     if any(x.is_nested for x in inputs):  # nested tensors: vmap's own entry handles them
-        return vmap(branch)(*inputs)
+        return vmap(branch, randomness=randomness)(*inputs)
     treespec = _pytree.tree_structure(tuple(inputs))
-    return _vmap_once(branch, 0, 0, "error", inputs, treespec, [0] * len(inputs), n, {})
+    return _vmap_once(branch, 0, 0, randomness, inputs, treespec, [0] * len(inputs), n, {})
 
 
 def _call_branch(fn, cells, spec, args, tensor_pos, xs):
@@ -445,8 +475,9 @@ def _while_partitioned(cond_fn, body_fn, carry, pred, spec, form):
     while active.numel():
         _STATS["while_iterations"] += 1
         _STATS["while_body_lanes"] += active.numel()
-        state = list(vmap(run_body)(active, tuple(state), tuple(bcells)))
-        live = vmap(run_test)(active, tuple(state), tuple(tcells))
+        with _lanes_draw(levels) as rnd:
+            state = list(vmap(run_body, randomness=rnd)(active, tuple(state), tuple(bcells)))
+            live = vmap(run_test, randomness=rnd)(active, tuple(state), tuple(tcells))
         if type(live) is BatchedTensor:
             _lanes.check_not_batched([live], _lanes.vmap_levels(live), form)
         if bool(live.all()):

@@ -432,3 +432,32 @@ def test_torch_cond_under_torch_compile_is_untouched():
     x = torch.tensor([1.0, 2.0])
     torch.testing.assert_close(f(x), x.sin())
     torch.testing.assert_close(f(-x), (-x).cos())
+
+
+@pytest.mark.parametrize("randomness", ["different", "same", "error"])
+def test_random_ops_in_branches_follow_the_vmaps_randomness(randomness):
+    """A divergent cond / while_loop runs its branches under inner vmaps over the lanes: they
+    draw as the user's vmap says (they refused every random op before)."""
+    torch.manual_seed(0)
+    x = torch.tensor([1.0, -1.0, 2.0, -2.0, 3.0, -3.0])
+
+    def f(v):
+        return ftrans.cond(v > 0, lambda v: v + torch.rand(()), lambda v: v - 10.0, (v,))
+
+    def g(v):
+        return ftrans.while_loop(lambda y: y < v.abs() + 0.5, lambda y: (y + torch.rand(()),),
+                                 (torch.zeros(()),))[0]
+
+    if randomness == "error":
+        for fn in (f, g):
+            with pytest.raises(RuntimeError, match="randomness"):
+                ftrans.vmap(fn, randomness=randomness)(x)
+        return
+    out = ftrans.vmap(f, randomness=randomness)(x)
+    pos = x > 0
+    noise = out[pos] - x[pos]
+    assert ((noise >= 0) & (noise < 1)).all()
+    torch.testing.assert_close(out[~pos], x[~pos] - 10.0)
+    assert (noise.unique().numel() == 1) == (randomness == "same")
+    y = ftrans.vmap(g, randomness=randomness)(x)
+    assert (y >= x.abs() + 0.5).all() and (y < x.abs() + 1.5).all()
