@@ -380,6 +380,14 @@ def _eager(fn, spec, why):
 
 _aten = torch.ops.aten
 _NO_OPS = (_aten.detach.default, _aten.alias.default)
+# Ops whose result is a view of their first argument (the writes a graph makes through them
+# reach that argument: ``_written_by``; chains of them fold into one view: ``_fold_views``).
+_VIEW_OPS = frozenset((
+    _aten.view.default, _aten._unsafe_view.default, _aten.select.int, _aten.slice.Tensor,
+    _aten.transpose.int, _aten.t.default, _aten.permute.default, _aten.unsqueeze.default,
+    _aten.squeeze.dim, _aten.squeeze.dims, _aten.squeeze.default, _aten.expand.default,
+    _aten.alias.default, _aten.as_strided.default, _aten.diagonal.default,
+    _aten.detach.default))
 
 
 def _simplify(gm):
@@ -393,17 +401,13 @@ def _simplify(gm):
                 and node.args[0].op != "placeholder"):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-    _drop_zero_adds(graph)
-    _fold_views(graph)
+    outputs = {a for n in graph.nodes if n.op == "output" for a in _flat_nodes(n.args)}
+    _drop_zero_adds(graph, outputs)
+    _fold_views(graph, outputs)
     graph.eliminate_dead_code()
     gm.recompile()
 
 
-_VIEW_OPS = frozenset((
-    _aten.view.default, _aten._unsafe_view.default, _aten.unsqueeze.default,
-    _aten.squeeze.dim, _aten.squeeze.dims, _aten.squeeze.default, _aten.transpose.int,
-    _aten.t.default, _aten.permute.default, _aten.expand.default, _aten.slice.Tensor,
-    _aten.select.int, _aten.alias.default))
 # Ops that change a tensor's metadata in place: a graph holding one keeps its views as written.
 _META_WRITES = frozenset((
     _aten.squeeze_.default, _aten.squeeze_.dim, _aten.unsqueeze_.default,
@@ -422,7 +426,7 @@ def _static_layout(v):
         return None
 
 
-def _fold_views(graph):
+def _fold_views(graph, outputs):
     """A chain of view ops (the reshapes, transposes and unit dims the batching rules leave
     between two kernels) becomes ONE ``view`` of the chain's earliest tensor whose plain
     ``view`` gives exactly the same shape, strides and offset; a view whose layout equals its
@@ -430,7 +434,6 @@ def _fold_views(graph):
     Each view is a Python-level call on replay."""
     if any(n.op == "call_function" and n.target in _META_WRITES for n in graph.nodes):
         return
-    outputs = {a for n in graph.nodes if n.op == "output" for a in _flat_nodes(n.args)}
     for n in list(graph.nodes):
         if n.op != "call_function" or n.target not in _VIEW_OPS:
             continue
@@ -503,12 +506,11 @@ def _alias_roots(graph):
     return root, written
 
 
-def _drop_zero_adds(graph):
+def _drop_zero_adds(graph, outputs):
     """``x + zeros(())`` -> ``x`` where nothing can tell them apart: same shape, strides, dtype
     and device, ``x`` not an input, the sum not an output, and neither written in place anywhere
-    in the graph (the
-    clipping transforms offset a first layer's output by a zero leaf so that its gradient hook
-    fires; a replay need not pay a pass over that output)."""
+    in the graph (the clipping transforms offset a first layer's output by a zero leaf so that
+    its gradient hook fires; a replay need not pay a pass over that output)."""
     adds = [n for n in graph.nodes if n.op == "call_function"
             and n.target is _aten.add.Tensor and len(n.args) == 2 and not n.kwargs
             and isinstance(n.args[1], torch.fx.Node)
@@ -518,10 +520,8 @@ def _drop_zero_adds(graph):
     if not adds:
         return
     root, written = _alias_roots(graph)
-    # (A returned sum stays: its caller may write into it without touching ``x``.)
-    outputs = {a for n in graph.nodes if n.op == "output" for a in _flat_nodes(n.args)}
     for n in adds:
-        if n in outputs:
+        if n in outputs:  # (its caller may write into it without touching ``x``)
             continue
         x, xv, v = n.args[0], n.args[0].meta.get("val"), n.meta.get("val")
         if not (isinstance(xv, torch.Tensor) and isinstance(v, torch.Tensor)):
@@ -705,8 +705,4 @@ def _written_by(gm):
     return sorted(inputs), list(consts.values())
 
 
-_VIEW_OPS = {_aten.view.default, _aten._unsafe_view.default, _aten.select.int,
-             _aten.slice.Tensor, _aten.transpose.int, _aten.t.default, _aten.permute.default,
-             _aten.unsqueeze.default, _aten.squeeze.dim, _aten.expand.default,
-             _aten.alias.default, _aten.as_strided.default, _aten.diagonal.default,
-             _aten.detach.default}
+
