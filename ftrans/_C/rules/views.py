@@ -551,6 +551,32 @@ def _expand_direct(v, b, args):
     return v.expand([v.shape[0], *size]), 0
 
 
+def _select_direct(v, b, args):
+    # x[i] and x.select(d, i): an index in range (eager's IndexError is the rule's to raise).
+    r = v.dim() - 1
+    if b or r == 0 or len(args) != 3 or type(args[2]) is not int:
+        return None
+    p = _phys_dim(args[1], r)
+    if p is None or not -v.shape[p] <= args[2] < v.shape[p]:
+        return None
+    return v.select(p, args[2]), 0
+
+
+def _slice_direct(v, b, args):
+    # x[a:b:s] (clamped as eager clamps): plain int or None bounds, a positive int step.
+    r = v.dim() - 1
+    if b or r == 0 or not 1 <= len(args) <= 5:
+        return None
+    dim, start, end, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1:])[:4]
+    if type(step) is not int or step < 1 or any(
+            a is not None and type(a) is not int for a in (start, end)):
+        return None
+    p = _phys_dim(dim, r)
+    if p is None:
+        return None
+    return aten.slice.Tensor(v, p, start, end, step), 0
+
+
 def _detach_direct(v, b, args):
     return (v.detach(), b) if len(args) == 1 else None
 
@@ -567,6 +593,8 @@ DIRECT = {
     aten.view.default: (view_rule, _view_direct),
     aten._unsafe_view.default: (unsafe_view_rule, _unsafe_view_direct),
     aten.expand.default: (expand_rule, _expand_direct),
+    aten.select.int: (RULES[aten.select.int], _select_direct),
+    aten.slice.Tensor: (RULES[aten.slice.Tensor], _slice_direct),
     aten.detach.default: (same_layout_rule, _detach_direct),
     aten.alias.default: (same_layout_rule, _alias_direct),
 }
