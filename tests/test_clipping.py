@@ -464,3 +464,86 @@ def test_bias_shares_the_weight_row_norms_in_either_order(bias_first, groups):
         cw, cb = (0.5 / w_norm).clamp(max=1), (0.5 / b_norm).clamp(max=1)
     torch.testing.assert_close(clipped[wk], torch.einsum("b,bij->ij", cw, per[wk]))
     torch.testing.assert_close(clipped[bk], torch.einsum("b,bi->i", cb, per[bk]))
+
+
+# ------------------------------------------------------------------------------- generated
+
+class _Gen(nn.Module):
+    """A stack drawn by hypothesis: linears (with or without bias, on vectors or sequences of
+    rows), a parameter as the right operand of ``@``, LayerNorms, activations and an
+    elementwise parameter scale (no norm rule: instantiated, counted)."""
+
+    def __init__(self, layers, d):
+        super().__init__()
+        self.kinds, mods, self.extra = [], nn.ModuleList(), nn.ParameterList()
+        for kind, width in layers:
+            if kind in ("linear", "linear_nobias"):
+                mods.append(nn.Linear(d, width, bias=kind == "linear"))
+                d = width
+            elif kind == "matmul":
+                self.extra.append(nn.Parameter(torch.randn(d, width) / d ** 0.5))
+                mods.append(nn.Identity())
+                d = width
+            elif kind == "layernorm":
+                mods.append(nn.LayerNorm(d))
+            elif kind == "scale":
+                self.extra.append(nn.Parameter(torch.rand(d) + 0.5))
+                mods.append(nn.Identity())
+            else:
+                mods.append(nn.Tanh() if kind == "tanh" else nn.ReLU())
+            self.kinds.append(kind)
+        self.mods, self.out = mods, nn.Linear(d, 3)
+
+    def forward(self, x):
+        extra = iter(self.extra)
+        for kind, m in zip(self.kinds, self.mods):
+            if kind == "matmul":
+                x = x @ next(extra)
+            elif kind == "scale":
+                x = x * next(extra)
+            else:
+                x = m(x)
+        return self.out(x).sum(-2) if x.dim() == 3 else self.out(x)
+
+
+_LAYER = st.tuples(st.sampled_from(["linear", "linear_nobias", "matmul", "layernorm", "tanh",
+                                    "relu", "scale"]), st.integers(1, 6))
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers=st.lists(_LAYER, min_size=1, max_size=5), d=st.integers(1, 5),
+       rows=st.sampled_from([0, 1, 4]), groups=st.sampled_from([None, "leaf"]),
+       weighted=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_generated_models_eager_and_compiled(layers, d, rows, groups, weighted, seed):
+    """Clipped sums and norms of generated models, eager and through ``ftrans.compile`` (two
+    calls: the trace and a replay), equal vmap(grad) + per-example clip + sum in float64."""
+    torch.manual_seed(seed)
+    model = _Gen(layers, d).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    B = 5
+    x = torch.randn(B, *((rows,) if rows else ()), d, dtype=DT)
+    y = torch.randint(0, 3, (B,))
+    w = torch.rand(B, dtype=DT) if weighted else None
+
+    def loss(p, x, y):
+        return F.cross_entropy(ftrans.functional_call(model, p, (x.unsqueeze(0),)),
+                               y.unsqueeze(0))
+
+    per = reference(loss, params, (x, y))
+    C = 0.5
+    if groups is None:
+        ref = clipped_reference(per, C, w)
+        norms = flat_norms(per)
+    else:
+        ref = {k: torch.einsum("b,b...->...", (C / g.flatten(1).norm(dim=1)).clamp(max=1)
+                               * (1 if w is None else w), g) for k, g in per.items()}
+    kw = {} if w is None else {"sample_weights": w}
+    clipped = ftrans.clipped_grad(loss, C, groups=groups)
+    compiled = ftrans.compile(clipped)
+    for got in (clipped(params, x, y, **kw), compiled(params, x, y, **kw),
+                compiled(params, x, y, **kw)):
+        for k in ref:
+            close(got[k], ref[k], 1e-9)
+    if groups is None:
+        close(ftrans.per_sample_grad_norms(loss)(params, x, y), norms, 1e-9)
+    ftrans.reset_norm_rule_stats()  # (the elementwise scale is a counted fallback)
