@@ -17,7 +17,6 @@ bookkeeping.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -103,16 +102,26 @@ def _has_forward_tangent(x) -> bool:
     return fwd.unpack_dual(x).tangent is not None
 
 
-@contextlib.contextmanager
-def _differentiating():
+class _differentiating:
     """Grad mode on, and inference mode off: a transform differentiates even when the caller
-    runs under ``torch.no_grad()`` or ``torch.inference_mode()`` (as torch.func does)."""
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    else:
-        with torch.enable_grad():
-            yield
+    runs under ``torch.no_grad()`` or ``torch.inference_mode()`` (as torch.func does).  (A
+    small class rather than a generator context manager: it is entered on every call.)"""
+
+    __slots__ = ("prev", "inference")
+
+    def __enter__(self):
+        self.inference = None
+        if torch.is_inference_mode_enabled():
+            self.inference = torch.inference_mode(False)
+            self.inference.__enter__()
+        self.prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(True)
+
+    def __exit__(self, *exc):
+        torch._C._set_grad_enabled(self.prev)
+        if self.inference is not None:
+            self.inference.__exit__(*exc)
+        return False
 
 
 def check_callable(func, api: str) -> None:
@@ -482,6 +491,8 @@ def identity_basis(flat):
     total = sum(numels)
     ref = flat[0]
     eye = torch.eye(total, dtype=ref.dtype, device=ref.device)
+    if len(flat) == 1:  # one output: the identity itself, reshaped
+        return [eye.reshape((total,) + ref.shape)], numels, total
     out, start = [], 0
     for t, n in zip(flat, numels):
         out.append(eye[:, start:start + n].to(t.dtype).reshape((total,) + t.shape))

@@ -59,8 +59,7 @@ def _grad_level(diff, form):
         _levels.pop(level)
 
 
-def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
-    form = _grad_form(func, argnums, has_aux, api)
+def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, form):
     argnums = check_argnums(argnums, len(args), form)
     grad_on, marks = torch.is_grad_enabled(), edge_sums()
     with _grad_level(select_argnums(args, argnums), form) as (entered, _, spec, need):
@@ -100,10 +99,11 @@ def grad_and_value(func: Callable, argnums: Any = 0, has_aux: bool = False) -> C
         (tensor([2., 4.]), tensor(5.))
     """
     check_callable(func, "grad_and_value")
+    form = _grad_form(func, argnums, has_aux, "grad_and_value")  # once, not per call
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        return _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad_and_value")
+        return _grad_and_value_impl(func, argnums, has_aux, args, kwargs, form)
 
     return wrapper
 
@@ -128,10 +128,11 @@ def grad(func: Callable, argnums: Any = 0, has_aux: bool = False) -> Callable:
         (tensor([3., 3.]), tensor([1., 1.]))
     """
     check_callable(func, "grad")
+    form = _grad_form(func, argnums, has_aux)  # once, not per call
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        g, value = _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad")
+        g, value = _grad_and_value_impl(func, argnums, has_aux, args, kwargs, form)
         return (g, value[1]) if has_aux else g
 
     return wrapper
@@ -266,10 +267,10 @@ def jacrev(func: Callable, argnums: Any = 0, *, has_aux: bool = False,
                 [0., 1.]])
     """
     chunk_size = check_jacobian_args(func, "jacrev", chunk_size, memory_budget)
+    form = jacobian_form("jacrev", func, argnums)  # once, not per call
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        form = jacobian_form("jacrev", func, argnums)
         refuse_complex("jacrev", _tree_flatten(args)[0], "inputs", form)
         nums = check_argnums(argnums, len(args), form)
         output, vjp_fn, aux, _ = vjp_impl(func, args, nums, has_aux, form, kwargs)
