@@ -98,3 +98,31 @@ def test_closes_over_grad():
     gp = ftrans.grad(lambda x: (x * w).sum())(x.detach())
     assert gp.requires_grad
     assert torch.func.grad(lambda x: (x * w).sum())(x.detach()).requires_grad
+
+
+@pytest.mark.parametrize("in_dims", [(0, 0, None), (None, 1, 0), (0, None, -1), (1, 0, 0)])
+def test_flat_in_dims_fast_path(in_dims):
+    """One int/None per argument: the shortcut gives what the prefix broadcast gives."""
+    from ftrans import _pytree
+    from ftrans._vmap_args import _flatten_in_dims
+
+    args = ({"a": torch.ones(2, 3), "b": [torch.ones(2, 3), None]}, (), torch.ones(2, 3))
+    leaves, _, dims = _flatten_in_dims(torch.add, in_dims, 0, args)
+    want = _pytree.tree_leaves(_pytree.tree_broadcast_prefix(in_dims, args))
+    assert dims == want and len(dims) == len(leaves) == 4
+
+
+def test_ensemble_in_dims_matches_torch_func_and_loop():
+    ms = [torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+          for _ in range(3)]
+    x = torch.randn(6, 4)
+    p, b = ftrans.stack_module_state(ms)
+    got = ftrans.vmap(lambda p, b, x: ftrans.functional_call(ms[0], (p, b), (x,)),
+                      in_dims=(0, 0, None))(p, b, x)
+    torch.testing.assert_close(got, torch.stack([m(x) for m in ms]))
+    tp, tb = torch.func.stack_module_state(ms)
+    want = torch.func.vmap(lambda p, b, x: torch.func.functional_call(ms[0], (p, b), (x,)),
+                           in_dims=(0, 0, None))(tp, tb, x)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="in_dim=True"):  # a bool is not an int: general path
+        ftrans.vmap(torch.neg, in_dims=(True,))(x)
