@@ -28,7 +28,7 @@ from ._autodiff_common import (_differentiating, _name, _tree_flatten, _tree_unf
                                refuse_inside_torch_transforms, replace_argnums, select_argnums,
                                split_aux, sum_exited_per_edge)
 from ._C import levels as _levels
-from .vmap import vmap
+from .vmap import _vmap_call
 
 __all__ = ["grad", "grad_and_value", "vjp", "jacrev"]
 
@@ -289,7 +289,9 @@ def jacrev(func: Callable, argnums: Any = 0, *, has_aux: bool = False,
             in_spec = flat_each[0][1]
             flat_rows = [torch.stack(col) for col in zip(*(f for f, _ in flat_each))]
         else:
-            rows = vmap(push, chunk_size=chunk_size)(*basis)   # structure of the diff args
+            # vmap(push, chunk_size=chunk_size)(*basis), without building the vmapped function
+            # (chunk_size was checked above): the structure of the diff args
+            rows = _vmap_call(push, 0, 0, "error", chunk_size, basis, {})
             flat_rows, in_spec = _tree_flatten(rows)
         per_output, start = [], 0
         for o, n in zip(flat_vjp_out, numels):
