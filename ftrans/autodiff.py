@@ -14,7 +14,6 @@ otherwise.  Gradients leaving autograd may carry the batch dim of a vmap that ra
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any, Callable
 
@@ -43,20 +42,42 @@ def _grad_form(func, argnums, has_aux, api="grad"):
     return f"{api}({_name(func)}{extra})(*args)"
 
 
-@contextlib.contextmanager
-def _grad_level(diff, form):
-    """A GRAD level around the body: yields (the entered leaves of ``diff``, the original
-    leaves, their spec, whether an outer level needs the graph); the level is popped however
-    the body exits."""
-    flat_diff, spec = _tree_flatten(diff)
-    need = outer_needs_graph(torch.is_grad_enabled(), flat_diff)
-    refuse_inside_torch_transforms(form)
-    level = _levels.push(_levels.Level(_levels.GRAD))
-    try:
-        with _differentiating():
-            yield [enter(x, form) for x in flat_diff], flat_diff, spec, need
-    finally:
-        _levels.pop(level)
+class _grad_level:
+    """A GRAD level around the body: ``with _grad_level(diff, form) as (entered, leaves, spec,
+    need)`` gives the entered leaves of ``diff``, the original leaves, their spec, and whether an
+    outer level needs the graph; the level is popped however the body exits (or if entering
+    an input fails).  A small class rather than a generator: it is entered on every call."""
+
+    __slots__ = ("diff", "form", "level", "grad_mode")
+
+    def __init__(self, diff, form):
+        self.diff, self.form = diff, form
+
+    def __enter__(self):
+        flat_diff, spec = _tree_flatten(self.diff)
+        need = outer_needs_graph(torch.is_grad_enabled(), flat_diff)
+        refuse_inside_torch_transforms(self.form)
+        self.level = _levels.push(_levels.Level(_levels.GRAD))
+        try:
+            grad_mode = _differentiating()
+            grad_mode.__enter__()
+            try:
+                entered = [enter(x, self.form) for x in flat_diff]
+            except BaseException:
+                grad_mode.__exit__(None, None, None)
+                raise
+        except BaseException:
+            _levels.pop(self.level)
+            raise
+        self.grad_mode = grad_mode
+        return entered, flat_diff, spec, need
+
+    def __exit__(self, *exc):
+        try:
+            self.grad_mode.__exit__(*exc)
+        finally:
+            _levels.pop(self.level)
+        return False
 
 
 def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, form):

@@ -126,3 +126,23 @@ def test_ensemble_in_dims_matches_torch_func_and_loop():
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="in_dim=True"):  # a bool is not an int: general path
         ftrans.vmap(torch.neg, in_dims=(True,))(x)
+
+
+def test_grad_level_unwinds_and_restores_modes():
+    from ftrans._C import levels
+
+    with pytest.raises(ValueError, match="must be Tensor"):
+        ftrans.grad(lambda x: x)((torch.ones(()), "not a tensor"))
+    assert levels.current_stack() == [] or len(levels.current_stack()) == 0
+    with pytest.raises(RuntimeError, match="scalar"):
+        ftrans.grad(lambda x: x * 2)(torch.ones(3))
+    assert len(levels.current_stack()) == 0
+    with torch.no_grad():
+        g = ftrans.grad(lambda x: (x ** 2).sum())(torch.ones(2))
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(g, torch.full((2,), 2.0))
+    with torch.inference_mode():
+        g = ftrans.jacrev(torch.sin)(torch.zeros(2))
+        assert torch.is_inference_mode_enabled() and not torch.is_grad_enabled()
+    torch.testing.assert_close(g, torch.eye(2))
+    assert torch.is_grad_enabled() and len(levels.current_stack()) == 0
