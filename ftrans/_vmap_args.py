@@ -56,6 +56,13 @@ def _flatten_in_dims(func, in_dims, out_dims, args):
             f"of `inputs`. in_dims has {len(in_dims)} entries but there are {len(args)} "
             "positional inputs; give one in_dim per positional argument."
         )
+    if all(d is None or type(d) is int for d in in_dims):
+        # The common case: one int or None per argument, which broadcasts over any argument;
+        # each applies to that argument's leaves (no prefix tree to broadcast).
+        children = treespec.children()
+        if len(children) == len(in_dims):
+            return leaves, treespec, [d for d, c in zip(in_dims, children)
+                                      for _ in range(c.num_leaves)]
     try:
         dims = _pytree.tree_broadcast_prefix(in_dims, args)
     except ValueError as e:

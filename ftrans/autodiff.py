@@ -14,7 +14,6 @@ otherwise.  Gradients leaving autograd may carry the batch dim of a vmap that ra
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any, Callable
 
@@ -28,7 +27,7 @@ from ._autodiff_common import (_differentiating, _name, _tree_flatten, _tree_unf
                                refuse_inside_torch_transforms, replace_argnums, select_argnums,
                                split_aux, sum_exited_per_edge)
 from ._C import levels as _levels
-from .vmap import vmap
+from .vmap import _vmap_call
 
 __all__ = ["grad", "grad_and_value", "vjp", "jacrev"]
 
@@ -43,24 +42,45 @@ def _grad_form(func, argnums, has_aux, api="grad"):
     return f"{api}({_name(func)}{extra})(*args)"
 
 
-@contextlib.contextmanager
-def _grad_level(diff, form):
-    """A GRAD level around the body: yields (the entered leaves of ``diff``, the original
-    leaves, their spec, whether an outer level needs the graph); the level is popped however
-    the body exits."""
-    flat_diff, spec = _tree_flatten(diff)
-    need = outer_needs_graph(torch.is_grad_enabled(), flat_diff)
-    refuse_inside_torch_transforms(form)
-    level = _levels.push(_levels.Level(_levels.GRAD))
-    try:
-        with _differentiating():
-            yield [enter(x, form) for x in flat_diff], flat_diff, spec, need
-    finally:
-        _levels.pop(level)
+class _grad_level:
+    """A GRAD level around the body: ``with _grad_level(diff, form) as (entered, leaves, spec,
+    need)`` gives the entered leaves of ``diff``, the original leaves, their spec, and whether an
+    outer level needs the graph; the level is popped however the body exits (or if entering
+    an input fails).  A small class rather than a generator: it is entered on every call."""
+
+    __slots__ = ("diff", "form", "level", "grad_mode")
+
+    def __init__(self, diff, form):
+        self.diff, self.form = diff, form
+
+    def __enter__(self):
+        flat_diff, spec = _tree_flatten(self.diff)
+        need = outer_needs_graph(torch.is_grad_enabled(), flat_diff)
+        refuse_inside_torch_transforms(self.form)
+        self.level = _levels.push(_levels.Level(_levels.GRAD))
+        try:
+            grad_mode = _differentiating()
+            grad_mode.__enter__()
+            try:
+                entered = [enter(x, self.form) for x in flat_diff]
+            except BaseException:
+                grad_mode.__exit__(None, None, None)
+                raise
+        except BaseException:
+            _levels.pop(self.level)
+            raise
+        self.grad_mode = grad_mode
+        return entered, flat_diff, spec, need
+
+    def __exit__(self, *exc):
+        try:
+            self.grad_mode.__exit__(*exc)
+        finally:
+            _levels.pop(self.level)
+        return False
 
 
-def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, api):
-    form = _grad_form(func, argnums, has_aux, api)
+def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, form):
     argnums = check_argnums(argnums, len(args), form)
     grad_on, marks = torch.is_grad_enabled(), edge_sums()
     with _grad_level(select_argnums(args, argnums), form) as (entered, _, spec, need):
@@ -100,10 +120,11 @@ def grad_and_value(func: Callable, argnums: Any = 0, has_aux: bool = False) -> C
         (tensor([2., 4.]), tensor(5.))
     """
     check_callable(func, "grad_and_value")
+    form = _grad_form(func, argnums, has_aux, "grad_and_value")  # once, not per call
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        return _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad_and_value")
+        return _grad_and_value_impl(func, argnums, has_aux, args, kwargs, form)
 
     return wrapper
 
@@ -128,10 +149,11 @@ def grad(func: Callable, argnums: Any = 0, has_aux: bool = False) -> Callable:
         (tensor([3., 3.]), tensor([1., 1.]))
     """
     check_callable(func, "grad")
+    form = _grad_form(func, argnums, has_aux)  # once, not per call
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        g, value = _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad")
+        g, value = _grad_and_value_impl(func, argnums, has_aux, args, kwargs, form)
         return (g, value[1]) if has_aux else g
 
     return wrapper
@@ -266,10 +288,10 @@ def jacrev(func: Callable, argnums: Any = 0, *, has_aux: bool = False,
                 [0., 1.]])
     """
     chunk_size = check_jacobian_args(func, "jacrev", chunk_size, memory_budget)
+    form = jacobian_form("jacrev", func, argnums)  # once, not per call
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        form = jacobian_form("jacrev", func, argnums)
         refuse_complex("jacrev", _tree_flatten(args)[0], "inputs", form)
         nums = check_argnums(argnums, len(args), form)
         output, vjp_fn, aux, _ = vjp_impl(func, args, nums, has_aux, form, kwargs)
@@ -288,7 +310,9 @@ def jacrev(func: Callable, argnums: Any = 0, *, has_aux: bool = False,
             in_spec = flat_each[0][1]
             flat_rows = [torch.stack(col) for col in zip(*(f for f, _ in flat_each))]
         else:
-            rows = vmap(push, chunk_size=chunk_size)(*basis)   # structure of the diff args
+            # vmap(push, chunk_size=chunk_size)(*basis), without building the vmapped function
+            # (chunk_size was checked above): the structure of the diff args
+            rows = _vmap_call(push, 0, 0, "error", chunk_size, basis, {})
             flat_rows, in_spec = _tree_flatten(rows)
         per_output, start = [], 0
         for o, n in zip(flat_vjp_out, numels):

@@ -519,7 +519,32 @@ def vmap_mode(randomness: str = "error"):
     if getattr(_tls, "active", False) and (randomness == "error"
                                            or getattr(_tls, "dropout", False)):
         return _NOTHING_TO_PUSH
+    if randomness == "error" and not getattr(_tls, "active", False):
+        return _PushVmapMode()  # the common outermost case: a small class, no ExitStack
     return _push_modes(randomness)
+
+
+class _PushVmapMode:
+    """What :func:`_push_modes` does for the first level of a thread when it draws nothing:
+    push the vmap mode, and mark the thread as having it until the mode is popped."""
+
+    __slots__ = ("mode",)
+
+    def __enter__(self):
+        _tls.active = True
+        try:
+            self.mode = VmapMode()
+            self.mode.__enter__()
+        except BaseException:
+            _tls.active = False
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            self.mode.__exit__(*exc)
+        finally:
+            _tls.active = False
+        return False
 
 
 @contextlib.contextmanager
