@@ -312,7 +312,9 @@ def autograd_grad(outputs, inputs, grad_outputs, create_graph: bool, retain_grap
     return [zeros_for(x) if g is None else sum_exited_levels(g) for g, x in zip(grads, inputs)]
 
 
-_engine_run_backward = torch.autograd.graph._engine_run_backward
+# (a private helper of torch.autograd.grad, feature-tested: without it every call takes torch's
+# path)
+_engine_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
 _has_torch_function = torch._C._has_torch_function
 
 
@@ -322,7 +324,8 @@ def _engine_ok(outs, gos, inputs) -> bool:
     torch-function override or mode on the outputs and inputs, plain dense outputs and tensor
     cotangents of the same shape and complexness (what its ``_make_grads`` checks; any
     mismatch takes torch's path, which raises torch's error)."""
-    if not inputs or _has_torch_function(outs) or _has_torch_function(inputs):
+    if _engine_run_backward is None or not inputs or _has_torch_function(outs) \
+            or _has_torch_function(inputs):
         return False
     for o, g in zip(outs, gos):
         if type(o) is not torch.Tensor or o.is_nested:
