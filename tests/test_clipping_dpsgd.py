@@ -179,3 +179,35 @@ def test_inline_noise_is_written_into_the_sums_and_matches_a_whole_draw():
     t0 = t.clone()
     out = dpsgd._add_normal(t, 0.7, torch.Generator().manual_seed(11))
     assert out is not t and torch.equal(t, t0) and torch.equal(out, t0 + whole)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_never_reuses_the_parents_draw():
+    """The noise worker is a thread: a forked child does not have it, and the draw made ahead
+    for the parent's next step is copied into the child's memory. The child starts afresh
+    with a generator of its own: the parent's and the child's next noise differ (the same
+    noise added by two processes would undo part of the privacy)."""
+    import os
+    import select
+    import signal
+    w = {"w": torch.zeros(20, 50)}
+    dp = DPSGD(_lin, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.5, num_examples=2,
+               accountant=None, generator=torch.Generator().manual_seed(5))
+    _noise_only_steps(dp, w, 1)
+    dp._pending[1].result()  # (fork with no draw in flight: torch is not fork-safe mid-op)
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one step; is its noise the parent's prefetched draw?
+        try:
+            parents = dp._pending[1].result()[0].clone()
+            mine = _noise_only_steps(dp, w, 1)[0]
+            os.write(wfd, b"0" if torch.equal(mine, parents) else b"1")
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    ready, _, _ = select.select([r], [], [], 30)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert ready and os.read(r, 1) == b"1"
+    dp.close()

@@ -26,6 +26,7 @@ caller.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -156,7 +157,7 @@ class DPSGD:
         self._noise_gen = torch.Generator(device="cpu").manual_seed(seed)
         self.prefetch_noise = prefetch_noise
         self._pending = None  # (key, future) of the next step's noise
-        self._pool = None
+        self._pool = self._pool_pid = None
         bounds = max_norm.values() if isinstance(max_norm, dict) else [max_norm]
         self.sensitivity = math.sqrt(sum(float(b) ** 2 for b in bounds))
         fn = clipped_grad(func, max_norm, argnums, in_dims=in_dims, groups=groups,
@@ -204,6 +205,14 @@ class DPSGD:
     def _noisy(self, leaves, std):
         """``g + std * N(0, 1)`` for each leaf ``g`` (the step's own clipped sums)."""
         key = (float(std),) + tuple((tuple(g.shape), g.dtype) for g in leaves)
+        if self._pool is not None and self._pool_pid != os.getpid():
+            # A forked child: the worker thread did not come along, and the draw made ahead
+            # for the parent's next step was copied with the memory (used here too, the same
+            # noise would be added by two processes). Start afresh, with a generator seeded
+            # from the child's global generator.
+            self._pool = self._pending = None
+            seed = int(torch.randint(0, 2 ** 62, ()))
+            self._noise_gen = torch.Generator(device="cpu").manual_seed(seed)
         pending, self._pending = self._pending, None
         noise = None
         if pending is not None:
@@ -225,6 +234,7 @@ class DPSGD:
                 import concurrent.futures
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="ftrans-dp-noise")
+                self._pool_pid = os.getpid()
             self._pending = (key, self._pool.submit(_draw, key, self._noise_gen))
         return out
 
