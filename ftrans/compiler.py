@@ -417,13 +417,14 @@ _META_WRITES = frozenset((
 
 
 def _static_layout(v):
+    """(shape, strides, offset) of a traced value, or None unless they are all plain ints (a
+    symbolic size must stay symbolic: ``int()`` on it would bake one size into the graph)."""
     if not isinstance(v, torch.Tensor) or v.layout is not torch.strided:
         return None
-    try:
-        return (tuple(int(s) for s in v.shape), tuple(int(s) for s in v.stride()),
-                int(v.storage_offset()))
-    except Exception:  # symbolic sizes
+    shape, stride, off = tuple(v.shape), tuple(v.stride()), v.storage_offset()
+    if type(off) is not int or any(type(d) is not int for d in shape + stride):
         return None
+    return shape, stride, off
 
 
 def _fold_views(graph, outputs):

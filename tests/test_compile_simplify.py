@@ -201,3 +201,17 @@ def test_a_returned_zero_sum_stays_a_tensor_of_its_own():
         assert y.data_ptr() != z.data_ptr()
         z.add_(1)  # eager: y is untouched
         torch.testing.assert_close(y, x.exp())
+
+
+def test_symbolic_sizes_stay_symbolic():
+    """A graph traced with symbolic sizes: the clean-up must not bake the trace's sizes in."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x):
+        return x.unsqueeze(1).view(x.shape[0], 1, -1).transpose(1, 2).reshape(x.shape[0], -1)
+
+    gm = make_fx(f, tracing_mode="symbolic")(torch.randn(4, 6))
+    compiler._simplify(gm)
+    for n in (3, 5, 7):
+        x = torch.randn(n, 6)
+        torch.testing.assert_close(gm(x), f(x))
