@@ -525,10 +525,9 @@ def _drop_zero_adds(graph, outputs):
         if n in outputs:  # (its caller may write into it without touching ``x``)
             continue
         x, xv, v = n.args[0], n.args[0].meta.get("val"), n.meta.get("val")
-        if not (isinstance(xv, torch.Tensor) and isinstance(v, torch.Tensor)):
-            continue
-        if (xv.shape, xv.stride(), xv.dtype, xv.device) != (v.shape, v.stride(), v.dtype,
-                                                              v.device):
+        layout = _static_layout(v)
+        if layout is None or _static_layout(xv) != layout or (xv.dtype, xv.device) != (
+                v.dtype, v.device):
             continue
         if root[x] in written or root[n] in written:  # (views of n share its root)
             continue
