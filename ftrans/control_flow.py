@@ -33,15 +33,13 @@ import torch
 from . import _pytree
 from ._C import lanes as _lanes, levels as _levels
 from ._C.batched import BatchedTensor
-from ._C.dispatch import VmapMode as _VmapMode
+from ._C.dispatch import only_vmap_mode as _only_vmap_mode
 from .vmap import _vmap_once, vmap
 
 __all__ = ["cond", "switch", "while_loop", "scan", "stats", "reset_stats"]
 
 _NoPythonDispatch = torch._C._DisableTorchDispatch
 _DisableTF = torch._C.DisableTorchFunctionSubclass
-_stack_len = torch._C._len_torch_dispatch_stack
-_stack_at = torch._C._get_dispatch_stack_at
 _NO_GUARD = contextlib.nullcontext()
 
 _STATS = {"while_body_lanes": 0, "while_iterations": 0, "branch_lanes": 0}
@@ -197,14 +195,9 @@ def _quiet(t):
     each would otherwise pass through the vmap mode (several microseconds) to run as it is.
     Autograd still records (it sits above Python dispatch).  Anything else pushed (a tracing
     or user dispatch mode) must see the ops: no change then."""
-    if type(t) is not torch.Tensor or not _dispatch_mode_free():
+    if type(t) is not torch.Tensor or not _only_vmap_mode():
         return _NO_GUARD
     return _NoPythonDispatch()
-
-
-def _dispatch_mode_free() -> bool:
-    n = _stack_len()
-    return n == 0 or (n == 1 and type(_stack_at(0)) is _VmapMode)
 
 
 def _partitioned(levels, n, takes, branches, operands, form):
@@ -212,7 +205,7 @@ def _partitioned(levels, n, takes, branches, operands, form):
     leaves, spec = _pytree.tree_flatten(tuple(operands))
     tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     lanes = {i: _lanes.gather(leaves[i], levels) for i in tensor_pos}
-    quiet = all(type(v) is torch.Tensor for v in lanes.values()) and _dispatch_mode_free()
+    quiet = all(type(v) is torch.Tensor for v in lanes.values()) and _only_vmap_mode()
     results, perms = [], []
     for k, branch in enumerate(branches):
         idx = takes[k]

@@ -173,3 +173,25 @@ def count_direct_calls(monkeypatch, name):
 
     monkeypatch.setattr(D, name, counting)
     return hits
+
+
+class LogOps:
+    """A dispatch mode recording every aten op it sees: ``with LogOps() as seen: ...``."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        seen = self.seen = []
+
+        class _Log(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                seen.append(func)
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Log()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self.seen
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

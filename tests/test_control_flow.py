@@ -172,17 +172,9 @@ def test_vmap_cond_non_bool_and_shaped_predicates():
 
 
 def test_vmap_cond_under_a_dispatch_mode_lets_it_see_the_partition():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = []
-
-    class Log(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
+    from _helpers import LogOps
     x = _mixed_batch()
-    with Log():
+    with LogOps() as seen:
         out = ftrans.vmap(piecewise)(x)
     torch.testing.assert_close(out, _loop(_eager_piecewise, x))
     assert torch.ops.aten.nonzero.default in seen

@@ -7,7 +7,6 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ftrans
 from ftrans._C import fastpath, tfrules
@@ -210,15 +209,9 @@ def test_plain_autograd_through_vmap_is_recorded():
 
 
 def test_a_dispatch_mode_still_sees_the_ops():
-    seen = []
-
-    class Log(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
+    from _helpers import LogOps
     x, w = torch.randn(B, 4), torch.randn(4, 3)
-    with Log():
+    with LogOps() as seen:
         out = ftrans.vmap(lambda v: v @ w)(x)
     assert torch.ops.aten.mm.default in seen
     torch.testing.assert_close(out, x @ w)

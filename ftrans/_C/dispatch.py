@@ -490,6 +490,16 @@ class VmapMode(TorchDispatchMode):
     :func:`set_dispatch_entries`)."""
 
 
+_stack_at = getattr(torch._C, "_get_dispatch_stack_at", None)
+
+
+def only_vmap_mode() -> bool:
+    """No dispatch mode is pushed but vmap's own: nothing else (a tracer, a user's mode) needs
+    to see the ops, so bookkeeping and whole-function rules may skip Python dispatch."""
+    n = _stack_len()
+    return not n or (n == 1 and type(_stack_at(0)) is VmapMode)
+
+
 # The entries installed while no fast-path signature is being learned (fastpath.py swaps in
 # recording ones; tests swap in counting ones).
 NORMAL_ENTRIES = {"subclass": subclass_entry, "mode": mode_entry}

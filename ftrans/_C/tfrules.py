@@ -25,7 +25,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from .batched import BatchedTensor, make_batched
-from .dispatch import VmapMode
+from .dispatch import only_vmap_mode
 
 __all__ = ["RULES", "FOR_OP", "MISS", "matmul"]
 
@@ -37,8 +37,6 @@ _DisableTF = torch._C.DisableTorchFunctionSubclass
 _NoPythonDispatch = torch._C._DisableTorchDispatch
 _grad_enabled = torch.is_grad_enabled
 _autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
-_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
-_stack_at = getattr(torch._C, "_get_dispatch_stack_at", None)
 _strided = torch.strided
 
 
@@ -108,8 +106,7 @@ def matmul(args):
         return MISS
     if _autocast() or _fwad._current_level >= 0:
         return MISS
-    n = _stack_len()
-    if n and (n != 1 or type(_stack_at(0)) is not VmapMode):
+    if not only_vmap_mode():
         return MISS  # another dispatch mode must see the ops
     a, b = args
     grad = _grad_enabled()
