@@ -211,3 +211,13 @@ def test_a_forked_child_never_reuses_the_parents_draw():
     os.waitpid(pid, 0)
     assert ready and os.read(r, 1) == b"1"
     dp.close()
+
+
+def test_the_noise_generator_lives_on_the_callers_generator_device():
+    """Seeded from ``generator`` on its own device (tests/test_cuda.py checks a CUDA one)."""
+    dp = DPSGD(_lin, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.5, num_examples=2,
+               accountant=None, generator=torch.Generator().manual_seed(0))
+    assert dp._noise_gen.device == torch.device("cpu")
+    a = DPSGD(_lin, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.5, num_examples=2,
+              accountant=None)
+    assert a._noise_gen.device == torch.device("cpu")

@@ -173,3 +173,28 @@ def test_cuda_graph_replay_takes_python_number_arguments_as_inputs():
         torch.testing.assert_close(cf(x, lr), x - lr * w)
     (sig,) = cf.cache.values()
     assert len(sig.entries) == 2
+
+
+def test_dpsgd_with_a_cuda_generator_draws_on_the_gpu():
+    """A CUDA generator seeds a noise generator on the GPU: the noise is drawn there, into the
+    sums, with the same numbers as a whole draw (prefetching is for CPU noise only)."""
+    from ftrans.dp import DPSGD
+    from ftrans.dp import dpsgd as D
+
+    def lin(p, x):
+        return (p["w"] @ x).sum()
+
+    w = {"w": torch.zeros(300, 500, device="cuda")}
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    dp = DPSGD(lin, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.5, num_examples=2,
+               accountant=None, generator=gen)
+    assert dp._noise_gen.device.type == "cuda"
+    out = dp.step(w, torch.zeros(0, 500, device="cuda"))["w"]
+    assert out.device.type == "cuda" and dp._pending is None
+    assert abs(out.std().item() - 1.0) < 0.05
+    g = torch.zeros(300, 500, device="cuda")
+    got = D._add_normal(g, 0.5, torch.Generator(device="cuda").manual_seed(1))
+    whole = D._draw((0.5, ((300, 500), torch.float32)),
+                    torch.Generator(device="cuda").manual_seed(1))[0]
+    assert got is g and torch.equal(got, whole)
+    dp.close()

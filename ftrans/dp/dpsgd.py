@@ -151,10 +151,12 @@ class DPSGD:
         self.max_norm, self.noise_multiplier = max_norm, noise_multiplier
         self.sample_rate, self.expected = sample_rate, sample_rate * num_examples
         self.ladder, self.generator = tuple(ladder), generator
-        # The noise's own generator, seeded once: draws in a worker thread never race with the
-        # caller's use of ``generator`` or of the global generator (dropout, sampling).
-        seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
-        self._noise_gen = torch.Generator(device="cpu").manual_seed(seed)
+        # The noise's own generator, seeded once, on ``generator``'s device (a CUDA generator
+        # draws on the GPU): draws in a worker thread never race with the caller's use of
+        # ``generator`` or of the global generator (dropout, sampling).
+        dev = generator.device if generator is not None else torch.device("cpu")
+        seed = int(torch.randint(0, 2 ** 62, (), generator=generator, device=dev))
+        self._noise_gen = torch.Generator(device=dev).manual_seed(seed)
         self.prefetch_noise = prefetch_noise
         self._pending = None  # (key, future) of the next step's noise
         self._pool = self._pool_pid = None
@@ -212,14 +214,15 @@ class DPSGD:
             # from the child's global generator.
             self._pool = self._pending = None
             seed = int(torch.randint(0, 2 ** 62, ()))
-            self._noise_gen = torch.Generator(device="cpu").manual_seed(seed)
+            self._noise_gen = torch.Generator(device=self._noise_gen.device).manual_seed(seed)
         pending, self._pending = self._pending, None
         noise = None
         if pending is not None:
             made = pending[1].result()  # (waits: one thread at a time uses the generator)
             if pending[0] == key:
                 noise = made  # (a draw that does not fit is dropped, never reused)
-        ahead = self.prefetch_noise and all(g.device.type == "cpu" for g in leaves)
+        ahead = self.prefetch_noise and self._noise_gen.device.type == "cpu" and all(
+            g.device.type == "cpu" for g in leaves)
         if noise is None and not ahead:
             # Drawn now, a chunk at a time into the sums themselves: the step holds no
             # parameter-sized noise buffer (the same numbers as a whole draw: see _draw).
@@ -271,7 +274,7 @@ def _draw(key, generator):
     std, shapes = key[0], key[1:]
     out = []
     for shape, dtype in shapes:
-        t = torch.empty(shape, dtype=dtype)
+        t = torch.empty(shape, dtype=dtype, device=generator.device)
         flat = t.view(-1)
         for i in range(0, flat.numel(), _CHUNK):
             flat[i:i + _CHUNK].normal_(0.0, std, generator=generator)
@@ -281,12 +284,12 @@ def _draw(key, generator):
 
 def _add_normal(g, std, generator):
     """``g + N(0, std^2)``, written into ``g`` (a fresh sum of the step) a chunk at a time when
-    it is a contiguous CPU tensor: the same numbers as :func:`_draw`, no buffer of ``g``'s
-    size."""
-    if not (g.device.type == "cpu" and g.is_contiguous()):
+    it is contiguous and on the generator's device: the same numbers as :func:`_draw`, no
+    buffer of ``g``'s size."""
+    if not (g.device == generator.device and g.is_contiguous()):
         return g + _draw((std, (tuple(g.shape), g.dtype)), generator)[0].to(g.device)
     flat = g.view(-1)
-    buf = torch.empty(min(_CHUNK, flat.numel()), dtype=g.dtype)
+    buf = torch.empty(min(_CHUNK, flat.numel()), dtype=g.dtype, device=g.device)
     for i in range(0, flat.numel(), _CHUNK):
         part = flat[i:i + _CHUNK]
         z = buf[:part.numel()].normal_(0.0, std, generator=generator)
