@@ -327,18 +327,15 @@ def _engine_ok(outs, gos, inputs) -> bool:
     if _engine_run_backward is None or not inputs or _has_torch_function(outs) \
             or _has_torch_function(inputs):
         return False
-    for o, g in zip(outs, gos):
-        if type(o) is not torch.Tensor or o.is_nested:
-            return False
-        tg = type(g)
-        if tg is BatchedTensor:
-            with _DisableTF():
-                if g.shape != o.shape or g.dtype.is_complex != o.dtype.is_complex:
-                    return False
-        elif tg is not torch.Tensor or g.shape != o.shape or \
-                g.dtype.is_complex != o.dtype.is_complex:
-            return False
+    with _DisableTF():  # (a batched cotangent's logical shape, without the TF hop)
+        for o, g in zip(outs, gos):
+            if type(o) is not torch.Tensor or o.is_nested or type(g) not in _COTANGENTS \
+                    or g.shape != o.shape or g.dtype.is_complex != o.dtype.is_complex:
+                return False
     return True
+
+
+_COTANGENTS = (torch.Tensor, BatchedTensor)
 
 
 def detach_tree(tree):

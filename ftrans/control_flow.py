@@ -207,25 +207,21 @@ def _partitioned(levels, n, takes, branches, operands, form):
     lanes = {i: _lanes.gather(leaves[i], levels) for i in tensor_pos}
     quiet = all(type(v) is torch.Tensor for v in lanes.values()) and _only_vmap_mode()
     results, perms = [], []
-    for k, branch in enumerate(branches):
-        idx = takes[k]
-        if idx.shape[0] == 0:
-            continue
-        _STATS["branch_lanes"] += idx.shape[0]
-        fn, cells = _with_rebound_closure(branch)
-        cell_vals = [_lanes.gather(v, levels).index_select(0, idx) for _, v in cells]
-        args = list(leaves)
-        if quiet:
-            with _NoPythonDispatch():
+    with _lanes_draw(levels) as rnd:
+        for k, branch in enumerate(branches):
+            idx = takes[k]
+            if idx.shape[0] == 0:
+                continue
+            _STATS["branch_lanes"] += idx.shape[0]
+            fn, cells = _with_rebound_closure(branch)
+            cell_vals = [_lanes.gather(v, levels).index_select(0, idx) for _, v in cells]
+            args = list(leaves)
+            with _NoPythonDispatch() if quiet else _NO_GUARD:
                 for i in tensor_pos:
                     args[i] = lanes[i].index_select(0, idx)
-        else:
-            for i in tensor_pos:
-                args[i] = lanes[i].index_select(0, idx)
-        with _lanes_draw(levels) as rnd:
             results.append(_run_lanes(fn, cells, cell_vals, spec, args, tensor_pos,
                                       idx.shape[0], rnd))
-        perms.append(idx)
+            perms.append(idx)
     out_leaves = _same_structure(results, form)
     inverse = None
     merged = []

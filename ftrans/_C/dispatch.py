@@ -414,27 +414,21 @@ def direct_view(op, level, args):
     t = type(v)
     if t is not BatchedTensor and (t not in _PLAIN or v.is_complex() or v.is_neg()):
         return MISS
-    if op.view_tracks and _set_excluded is not None:
-        # As ``with _SetExclude(ADInplaceOrView, False)``, at a third of its cost.
-        was = _is_excluded(_ADIOV)
-        _set_excluded(_ADIOV, False)
-        try:
+    try:
+        if not op.view_tracks:
             res = op.view(v, a.bdim, args)
-        except Exception:
-            return MISS
-        finally:
-            _set_excluded(_ADIOV, was)
-    elif op.view_tracks:
-        try:
+        elif _set_excluded is None:
             with _SetExclude(_ADIOV, False):
                 res = op.view(v, a.bdim, args)
-        except Exception:
-            return MISS
-    else:
-        try:
-            res = op.view(v, a.bdim, args)
-        except Exception:
-            return MISS
+        else:  # as ``with _SetExclude(ADInplaceOrView, False)``, at a third of its cost
+            was = _is_excluded(_ADIOV)
+            _set_excluded(_ADIOV, False)
+            try:
+                res = op.view(v, a.bdim, args)
+            finally:
+                _set_excluded(_ADIOV, was)
+    except Exception:
+        return MISS
     if res is None:
         return MISS
     return make_batched(res[0], res[1], level)
