@@ -195,3 +195,36 @@ class LogOps:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+class tf_entry:
+    """Make ``entry`` ("c": the compiled extension's, "python": ``batched_torch_function``)
+    BatchedTensor's ``__torch_function__`` for a while."""
+
+    def __init__(self, entry):
+        self.entry = entry
+
+    def __enter__(self):
+        from ftrans._C import torch_function
+        from ftrans._C.batched import BatchedTensor
+
+        self.saved = BatchedTensor.__dict__["__torch_function__"]
+        if self.entry == "c":
+            from ftrans._C import _fastc
+            fn = _fastc.tf_entry
+        else:
+            fn = torch_function.batched_torch_function
+        BatchedTensor.__torch_function__ = classmethod(fn)
+        return self
+
+    def __exit__(self, *exc):
+        from ftrans._C.batched import BatchedTensor
+
+        BatchedTensor.__torch_function__ = self.saved
+
+
+def entries():
+    """The torch-function entries this build has: "python", and "c" when the extension is."""
+    from ftrans._C import torch_function
+
+    return ["python", "c"] if torch_function.C_ENTRY else ["python"]

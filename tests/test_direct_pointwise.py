@@ -6,7 +6,14 @@ import torch.func
 
 import ftrans
 
-from _helpers import count_direct_calls
+from _helpers import count_direct_calls, entries, tf_entry
+
+
+@pytest.fixture(autouse=True, params=entries())
+def _entry(request):
+    """Every test under each torch-function entry: the compiled one (when built) and Python's."""
+    with tf_entry(request.param):
+        yield
 
 
 def _both(build, *args):

@@ -8,9 +8,16 @@ import ftrans
 from ftrans._C import dispatch, fastpath
 from ftrans._C.batched import BatchedTensor
 
-from _helpers import check_vmap, run_in_threads
+from _helpers import check_vmap, entries, run_in_threads, tf_entry
 
 pytestmark = pytest.mark.skipif(not fastpath.ENABLED, reason="torch lacks the dispatch-stack API")
+
+
+@pytest.fixture(autouse=True, params=entries())
+def _entry(request):
+    """Every test under each torch-function entry: the compiled one (when built) and Python's."""
+    with tf_entry(request.param):
+        yield
 
 
 class _CountEntries:

@@ -1,5 +1,7 @@
-"""The ftrans core: levels, the level-tagged BatchedTensor, dispatch, rules.  Pure Python (the
-name follows torch's ``torch._C``, where the core lives; nothing here is compiled).
+"""The ftrans core: levels, the level-tagged BatchedTensor, dispatch, rules.  Python, with one
+optional C file (``_fastc.c``: the torch-function fast path's simplest hit, built at install
+where a compiler is present; everything works without it).  The name follows torch's
+``torch._C``, where the core lives.
 
 The layers, bottom to top.  A module imports only from its own row or the rows below it
 (``tests/test_layering.py`` checks it, module-level and function-level imports alike)::
@@ -33,13 +35,13 @@ from .batched import BatchedTensor
 from .dispatch import FallbackWarning, VmapError, fallback_stats, op_status, reset_fallback_stats
 from .dispatch import NORMAL_ENTRIES as _NORMAL_ENTRIES, set_dispatch_entries as _set_entries
 from .registry import register_batch_rule
-from .torch_function import batched_torch_function as _batched_torch_function
+from .torch_function import TORCH_FUNCTION as _TORCH_FUNCTION
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from . import function as _function
 from . import guards as _guards
 
 # BatchedTensor's entry points: classmethods of the functions themselves (no extra frame per op).
-BatchedTensor.__torch_function__ = classmethod(_batched_torch_function)
+BatchedTensor.__torch_function__ = classmethod(_TORCH_FUNCTION)
 _set_entries(_NORMAL_ENTRIES)  # BatchedTensor.__torch_dispatch__ and VmapMode.__torch_dispatch__
 
 _function.install()  # autograd.Function's vmap staticmethod / generate_vmap_rule under vmap

@@ -26,6 +26,7 @@ running its handler.
 from __future__ import annotations
 
 import threading
+import types
 
 import torch
 import torch.autograd.forward_ad as _fwad
@@ -53,10 +54,11 @@ _push = getattr(torch._C, "_push_on_torch_dispatch_stack", None)
 ENABLED = None not in (_autocast, _stack_len, _stack_at, _pop, _push)
 
 _NoPythonDispatch = torch._C._DisableTorchDispatch
+_C_BINDINGS = (types.BuiltinFunctionType, types.MethodDescriptorType)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _SCALARS = frozenset({int, float, bool, complex, type(None)})
-# torch function -> {signature: (prepared op, pointwise?), or None when that signature is not
-# cacheable}, or False for functions that reached no aten op (metadata getters like ``.shape``).
+# torch function -> {signature: (prepared op, pointwise?, the op's C++ callable), or None when
+# that signature is not cacheable}, or False for functions that reached no aten op (metadata getters like ``.shape``).
 _CACHE: dict = {}
 on_change(_CACHE.clear)  # a new rule changes the handler a learned signature holds
 _counts = {"recorded": 0}  # signatures learned (tests check that learning happened)
@@ -122,7 +124,7 @@ def _fast_call(func, types, args, entry):
     n = _stack_len()
     if n and (n != 1 or type(_stack_at(0)) is not VmapMode):
         return MISS  # another dispatch mode must see this op
-    op, pointwise = hit
+    op, pointwise, call = hit
     if pointwise:
         # Every batched argument has the full logical rank (the signature says so); when they
         # are all batched at this level along dim 0 with plain real values, the physical call
@@ -143,7 +145,7 @@ def _fast_call(func, types, args, entry):
         else:
             try:
                 with _NoPythonDispatch():
-                    return make_batched(op.func._op(*vals), 0, level)
+                    return make_batched(call(*vals), 0, level)
             except Exception as e:  # eager's per-example error, not the physical one
                 _explain_shapes(op, level, args, {}, e)
                 raise
@@ -180,11 +182,11 @@ def _learn(func, types, args, entry, key):
     if not record:
         _CACHE[func] = False
     else:
-        entry[key] = _cacheable(record, args, out, key)
+        entry[key] = _cacheable(func, record, args, out, key)
     return out
 
 
-def _cacheable(record, args, out, key):
+def _cacheable(func, record, args, out, key):
     if len(record) != 1:
         return None
     op, rargs, rkwargs, rout = record[0]
@@ -206,7 +208,11 @@ def _cacheable(record, args, out, key):
     if cached.status != "rule" or cached.needs_general_path or cached.is_random or \
             cached.inplace_view:
         return None
-    return cached, _simple_pointwise(cached, key)
+    # The physical call of the direct pointwise path: the torch function itself when it is
+    # one of torch's C bindings (the argument parser picks the overload by argument types, the
+    # ones just recorded; it costs less than the overload's boxed call), else the overload.
+    call = func if type(func) in _C_BINDINGS else cached.func._op
+    return cached, _simple_pointwise(cached, key), call
 
 
 def _simple_pointwise(prepared, key):

@@ -15,7 +15,11 @@ In order, for every torch call with a BatchedTensor argument:
 A batched in-place write into a tensor the vmapped function created comes back here as an error
 carrying that tensor (``fresh.py``): it is made batched and the call replayed.
 
-``_C/__init__.py`` installs :func:`batched_torch_function` on BatchedTensor.
+``_C/__init__.py`` installs :data:`TORCH_FUNCTION` on BatchedTensor: the C entry of the
+optional extension ``_fastc.c`` (which serves the fast path's simplest hit, a learned pointwise
+call at one level, and hands every other call to :func:`batched_torch_function` untouched) when it
+was built, else :func:`batched_torch_function` itself.  ``FTRANS_NO_CEXT=1`` keeps the pure-Python
+entry.
 """
 from __future__ import annotations
 
@@ -27,12 +31,13 @@ from . import aliasing, indexing, rnn, tensor_guards
 from .autograd import born_before as _born_before, lift_args as _lift_args, \
     needs_lift as _needs_lift
 from .batched import BatchedTensor
+from . import fastpath as _fastpath
 from .fastpath import ENABLED as _FAST_ENABLED, MISS as _MISS, fast_call as _fast_call
 from .fresh import materialize
 from .levels import AUTODIFF_DEPTH as _AUTODIFF_DEPTH
 from .tfrules import MISS as _TF_MISS, RULES as _TF_RULES
 
-__all__ = ["batched_torch_function", "OVERRIDES"]
+__all__ = ["batched_torch_function", "OVERRIDES", "TORCH_FUNCTION", "C_ENTRY"]
 
 _DisableTF = torch._C.DisableTorchFunctionSubclass
 _disabled_tf = torch._C._disabled_torch_function_impl
@@ -162,3 +167,40 @@ def _fresh_batched(err) -> bool:
                 "view of it is alive, so it cannot become batched in place: write into the "
                 "tensor itself, e.g. `out[i] = v`, `out.copy_(v)`.)",)
     return False
+
+
+def _c_entry():
+    """The compiled entry (``_fastc.c``), configured with the objects the Python path uses, or
+    None where the extension was not built (no compiler at install) or ``FTRANS_NO_CEXT`` is set.
+    """
+    if os.environ.get("FTRANS_NO_CEXT"):
+        return None
+    try:
+        from . import _fastc
+    except ImportError:
+        return None
+    if not all(hasattr(torch._C, name) for name in (
+            "_dispatch_tls_is_dispatch_key_excluded", "_dispatch_tls_set_dispatch_key_excluded")):
+        return None
+    from . import batched as _batched, dispatch as _dispatch
+    import torch.autograd.forward_ad as _fwad
+    _fastc.init({
+        "fallback": batched_torch_function, "cache": _fastpath._CACHE, "overrides": OVERRIDES,
+        "tf_rules": _TF_RULES, "autodiff_depth": _AUTODIFF_DEPTH, "fwad": _fwad,
+        "autocast": _fastpath._autocast, "grad_enabled": torch.is_grad_enabled,
+        "stack_len": _fastpath._stack_len, "stack_at": _fastpath._stack_at,
+        "is_excluded": torch._C._dispatch_tls_is_dispatch_key_excluded,
+        "set_excluded": torch._C._dispatch_tls_set_dispatch_key_excluded,
+        "python_key": torch._C.DispatchKey.Python,
+        "disable_tf": torch._C.DisableTorchFunctionSubclass,
+        "make_wrapper": torch.Tensor._make_wrapper_subclass, "strided": torch.strided,
+        "make_batched": _batched.make_batched, "batched_tensor": BatchedTensor,
+        "tensor": torch.Tensor, "vmap_mode": _dispatch.VmapMode,
+        "enabled": _fast_enabled, "positional": _batched._POSITIONAL,
+    })
+    return _fastc
+
+
+_FASTC = _c_entry() if _fast_enabled else None
+C_ENTRY = _FASTC is not None  # whether BatchedTensor's torch-function entry is the compiled one
+TORCH_FUNCTION = _FASTC.tf_entry if C_ENTRY else batched_torch_function
