@@ -163,8 +163,8 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
     Py_ssize_t n = PyTuple_GET_SIZE(args);
     if (n == 0 || n > MAX_ARGS)
         return NULL;
-    PyObject *entry = PyDict_GetItemWithError(g_cache, func); /* borrowed */
-    if (!entry || !PyDict_CheckExact(entry))
+    PyObject *entry = PyDict_GetItemWithError(g_cache, func); /* borrowed, looked up again */
+    if (!entry || !PyDict_CheckExact(entry))                   /* where it is used */
         return NULL;
 
     /* First the shape of the call, from the wrappers' slots alone: every batched argument
@@ -214,7 +214,6 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
     }
     if (depth == 0)
         return NULL;
-    PyObject *level = chain[0];
     if (call_bool(g_autocast))
         return NULL;
     PyObject *fl = PyObject_GetAttr(g_fwad, s_current_level);
@@ -234,6 +233,7 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
     if (!key)
         return NULL;
     PyObject *result = NULL;
+    PyObject *call = NULL; /* owned once found */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *a = PyTuple_GET_ITEM(args, i);
         PyTypeObject *t = Py_TYPE(a);
@@ -265,11 +265,17 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
             goto done;
         }
     }
-    PyObject *hit = PyDict_GetItemWithError(entry, key); /* borrowed */
+    /* Another thread may clear the cache (a new rule) while this one runs torch calls: hold
+     * the callable itself. */
+    entry = PyDict_GetItemWithError(g_cache, func);
+    if (!entry || !PyDict_CheckExact(entry))
+        goto done;
+    PyObject *hit = PyDict_GetItemWithError(entry, key); /* borrowed, used at once */
     if (!hit || !PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) < 3 ||
         PyTuple_GET_ITEM(hit, 1) != Py_True)
         goto done;
-    PyObject *call = PyTuple_GET_ITEM(hit, 2);
+    call = PyTuple_GET_ITEM(hit, 2);
+    Py_INCREF(call);
     for (int d = 0; d < depth; d++)
         if (attr_bool(chain[d], s_alive) != 1)
             goto done;
@@ -327,6 +333,7 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
             Py_XDECREF(exc_value);
             Py_XDECREF(exc_tb);
             Py_XDECREF(out);
+            Py_DECREF(call);
             Py_DECREF(key);
             return HIT_BROKEN;
         }
@@ -347,6 +354,7 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
     if (result)
         g_hits++;
 done:
+    Py_XDECREF(call);
     Py_DECREF(key);
     return result;
 }
@@ -513,7 +521,8 @@ static PyMethodDef methods[] = {
     {"hits", hits, METH_NOARGS, "How many calls the C entry served itself."},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastc", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastc", NULL, -1, methods,
+                                    NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__fastc(void)
 {
