@@ -34,6 +34,7 @@ static PyObject *g_stack_at;       /* torch._C._get_dispatch_stack_at */
 static PyObject *g_is_excluded;    /* torch._C._dispatch_tls_is_dispatch_key_excluded */
 static PyObject *g_set_excluded;   /* torch._C._dispatch_tls_set_dispatch_key_excluded */
 static PyObject *g_python_key;     /* torch._C.DispatchKey.Python */
+static PyObject *g_snapshot_key;   /* torch._C.DispatchKey.PythonTLSSnapshot */
 static PyObject *g_disable_tf;     /* torch._C.DisableTorchFunctionSubclass (type) */
 static PyObject *g_make_wrapper;   /* torch.Tensor._make_wrapper_subclass */
 static PyObject *g_strided;        /* torch.strided */
@@ -121,6 +122,56 @@ static PyObject *tensor_key(PyObject *a)
     return k;
 }
 
+/* Include again the keys ``exclude_keys`` excluded; -1 on an error. */
+static int include_keys(int done[2])
+{
+    PyObject *keys[2] = {g_python_key, g_snapshot_key};
+    int ok = 0;
+    for (int k = 1; k >= 0; k--) {
+        if (!done[k])
+            continue;
+        PyObject *sargs[2] = {keys[k], Py_False};
+        PyObject *r = PyObject_Vectorcall(g_set_excluded, sargs, 2, NULL);
+        if (r) {
+            Py_DECREF(r);
+            done[k] = 0;
+        } else {
+            ok = -1;
+        }
+    }
+    return ok;
+}
+
+/* Exclude the Python and PythonTLSSnapshot dispatch keys from this thread's dispatch, noting
+ * in ``done`` which of them this call excluded (a key already excluded stays so).  -1 on an
+ * error, with every key this call excluded included again. */
+static int exclude_keys(int done[2])
+{
+    PyObject *keys[2] = {g_python_key, g_snapshot_key};
+    for (int k = 0; k < 2; k++) {
+        PyObject *r = PyObject_CallOneArg(g_is_excluded, keys[k]);
+        int was = r ? PyObject_IsTrue(r) : -1;
+        Py_XDECREF(r);
+        if (was == 0) {
+            PyObject *sargs[2] = {keys[k], Py_True};
+            r = PyObject_Vectorcall(g_set_excluded, sargs, 2, NULL);
+            if (r) {
+                Py_DECREF(r);
+                done[k] = 1;
+                continue;
+            }
+        }
+        if (was < 0 || !r) {
+            PyObject *exc_type, *exc_value, *exc_tb;
+            PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+            include_keys(done);
+            PyErr_Restore(exc_type, exc_value, exc_tb);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* make_batched(value, 0, level): the wrapper's sizes are the value's minus the first (a value
  * that is not contiguous, or a torch without positional wrapper arguments: the Python
  * constructor, which decides the strides). */
@@ -155,7 +206,7 @@ static PyObject *wrap0(PyObject *value, PyObject *level)
 /* The hit case.  Returns a new reference to the result, NULL with NO error set when the call
  * is not ours (the caller falls back), NULL with an error set on an error (the caller clears it
  * and falls back too: the Python path raises what eager raises), or HIT_BROKEN when the Python dispatch
- * key could not be included again (an error is set; the caller raises it). */
+ * keys could not be included again (an error is set; the caller raises it). */
 #define HIT_BROKEN ((PyObject *)-1)
 
 static PyObject *try_hit(PyObject *func, PyObject *args)
@@ -285,10 +336,11 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
             goto done;
     }
 
-    /* No dispatch mode but vmap's own, and the physical call below it: with the Python
-     * dispatch key excluded, as ``_DisableTorchDispatch`` does for the Python fast path (the
-     * values are plain tensors; no other Python dispatch is skipped). */
-    int excluded_here = 0;
+    /* No dispatch mode but vmap's own, and the physical call below it: with the Python and
+     * PythonTLSSnapshot dispatch keys excluded, as ``_DisableTorchDispatch`` does for the
+     * Python fast path (the values are plain tensors; no other Python dispatch is skipped, and
+     * the snapshot key's boxed fallback is not paid). */
+    int excluded[2] = {0, 0}; /* Python, PythonTLSSnapshot: excluded here, to be restored */
     {
         PyObject *len = PyObject_CallNoArgs(g_stack_len);
         if (!len)
@@ -305,30 +357,15 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
             Py_DECREF(top);
             if (!ours)
                 goto done;
-            int was = 0;
-            PyObject *r = PyObject_CallOneArg(g_is_excluded, g_python_key);
-            if (!r || (was = PyObject_IsTrue(r)) < 0) {
-                Py_XDECREF(r);
+            if (exclude_keys(excluded) < 0)
                 goto done;
-            }
-            Py_DECREF(r);
-            if (!was) {
-                PyObject *sargs[2] = {g_python_key, Py_True};
-                r = PyObject_Vectorcall(g_set_excluded, sargs, 2, NULL);
-                if (!r)
-                    goto done;
-                Py_DECREF(r);
-                excluded_here = 1;
-            }
         }
     }
     PyObject *out = PyObject_Vectorcall(call, vals, n, NULL);
-    if (excluded_here) {
+    if (excluded[0] || excluded[1]) {
         PyObject *exc_type, *exc_value, *exc_tb;
         PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-        PyObject *sargs[2] = {g_python_key, Py_False};
-        PyObject *r = PyObject_Vectorcall(g_set_excluded, sargs, 2, NULL);
-        if (!r) {
+        if (include_keys(excluded) < 0) {
             Py_XDECREF(exc_type);
             Py_XDECREF(exc_value);
             Py_XDECREF(exc_tb);
@@ -337,7 +374,6 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
             Py_DECREF(key);
             return HIT_BROKEN;
         }
-        Py_DECREF(r);
         PyErr_Restore(exc_type, exc_value, exc_tb);
     }
     if (!out)
@@ -432,7 +468,7 @@ static PyObject *tf_entry(PyObject *self, PyObject *const *argv, Py_ssize_t narg
         PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
         r = PyObject_CallMethodObjArgs(guard, s_exit, Py_None, Py_None, Py_None, NULL);
         Py_DECREF(guard);
-        if (out == HIT_BROKEN) { /* the Python key could not be included again: raise that */
+        if (out == HIT_BROKEN) { /* the dispatch keys could not be included again: raise that */
             Py_XDECREF(r);
             PyErr_Restore(exc_type, exc_value, exc_tb);
             return NULL;
@@ -484,6 +520,7 @@ static PyObject *init(PyObject *self, PyObject *cfg)
     TAKE(g_is_excluded, "is_excluded");
     TAKE(g_set_excluded, "set_excluded");
     TAKE(g_python_key, "python_key");
+    TAKE(g_snapshot_key, "snapshot_key");
     TAKE(g_disable_tf, "disable_tf");
     TAKE(g_make_wrapper, "make_wrapper");
     TAKE(g_strided, "strided");

@@ -192,6 +192,7 @@ def _c_entry():
         "is_excluded": torch._C._dispatch_tls_is_dispatch_key_excluded,
         "set_excluded": torch._C._dispatch_tls_set_dispatch_key_excluded,
         "python_key": torch._C.DispatchKey.Python,
+        "snapshot_key": torch._C.DispatchKey.PythonTLSSnapshot,
         "disable_tf": torch._C.DisableTorchFunctionSubclass,
         "make_wrapper": torch.Tensor._make_wrapper_subclass, "strided": torch.strided,
         "make_batched": _batched.make_batched, "batched_tensor": BatchedTensor,
