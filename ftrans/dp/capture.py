@@ -43,6 +43,8 @@ from .norm_rules import Call, count_fallback, get_norm_rule
 
 __all__ = ["run", "Captured"]
 
+_DisableTF = torch._C.DisableTorchFunctionSubclass
+
 
 class _Tap:
     __slots__ = ("names", "saved", "factors", "out", "g", "anchored", "made", "early")
@@ -78,18 +80,19 @@ class _Tape(TorchFunctionMode):
         return a
 
     def _hits(self, args, kwargs):
-        index = self.index if not self.derived else {**self.index, **self.derived}
-        hit = False
+        index, derived = self.index, self.derived
         for a in args:
             if isinstance(a, torch.Tensor):
-                if id(a) in index:
+                if id(a) in index or id(a) in derived:
                     return True
             elif type(a) in (list, tuple):
-                hit = hit or any(id(x) in index for x in a if isinstance(x, torch.Tensor))
+                if any(id(x) in index or id(x) in derived for x in a
+                       if isinstance(x, torch.Tensor)):
+                    return True
         if kwargs:
-            hit = hit or any(isinstance(v, torch.Tensor) and id(v) in index
-                             for v in kwargs.values())
-        return hit
+            return any(isinstance(v, torch.Tensor) and (id(v) in index or id(v) in derived)
+                       for v in kwargs.values())
+        return False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -163,7 +166,8 @@ class _Tape(TorchFunctionMode):
         tap = _Tap(names, tuple(saved), factors, out)
         tap.anchored = not via
         tap.early = self.early
-        out.register_hook(lambda g, tap=tap: _store(tap, g))
+        with _DisableTF():  # (the BatchedTensor hop would only call the same method)
+            out.register_hook(functools.partial(_store, tap))
         self.taps.append(tap)
         return out
 
