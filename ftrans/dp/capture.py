@@ -30,10 +30,12 @@ import types
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .. import _pytree
 from .._C import levels as _levels
 from .._C.batched import remove_batch_dim
+from .._C.dispatch import only_vmap_mode
 from .._C.torch_function import OVERRIDES as _OVERRIDES
 from .._autodiff_common import check_argnums, replace_argnums, select_argnums, split_aux
 from ..autodiff import _grad_level
@@ -298,7 +300,14 @@ def _form_early(tap):
     B = level.batch_size
     phys = [remove_batch_dim(t, level, B, 0) if isinstance(t, torch.Tensor) else t
             for t in (*tap.saved, tap.g)]
-    made = tap.factors(*phys)
+    if only_vmap_mode() and all(type(t) is torch.Tensor for t in phys
+                                if isinstance(t, torch.Tensor)):
+        # Plain tensors and no mode but vmap's own (no tracer): the factors' ops skip the
+        # Python dispatch hop, which would only pass them through.
+        with _disable_current_modes():
+            made = tap.factors(*phys)
+    else:
+        made = tap.factors(*phys)
     for f in made.values():
         if isinstance(f, Outer) and not f.use_ghost() and f.raw_bytes() <= f.held_bytes():
             f._instantiated()
