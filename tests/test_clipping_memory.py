@@ -164,13 +164,13 @@ def test_factors_formed_in_the_backward_skip_dispatch_only_when_no_other_mode(
         return ftrans.functional_call(model, p, (x,)).square().sum()
 
     skipped, seen_in_form = [], []
-    real_disable, real_form = capture._disable_current_modes, capture._form_early
+    real_disable, real_form = capture._DisableTD, capture._form_early
 
     def disable():
         skipped.append(1)
         return real_disable()
 
-    monkeypatch.setattr(capture, "_disable_current_modes", disable)
+    monkeypatch.setattr(capture, "_DisableTD", disable)
     ref = ftrans.clipped_grad(loss, 0.7)(params, x)
     assert skipped  # no other mode: the hop is skipped
     skipped.clear()

@@ -30,7 +30,6 @@ import types
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import _disable_current_modes
 
 from .. import _pytree
 from .._C import levels as _levels
@@ -46,6 +45,7 @@ from .norm_rules import Call, count_fallback, get_norm_rule
 __all__ = ["run", "Captured"]
 
 _DisableTF = torch._C.DisableTorchFunctionSubclass
+_DisableTD = torch._C._DisableTorchDispatch  # (modes and subclasses; a C++ guard)
 
 
 class _Tap:
@@ -304,7 +304,7 @@ def _form_early(tap):
                                 if isinstance(t, torch.Tensor)):
         # Plain tensors and no mode but vmap's own (no tracer): the factors' ops skip the
         # Python dispatch hop, which would only pass them through.
-        with _disable_current_modes():
+        with _DisableTD():
             made = tap.factors(*phys)
     else:
         made = tap.factors(*phys)
