@@ -152,11 +152,13 @@ class _Tape(TorchFunctionMode):
         if res is None:
             return None
         out, saved, factors = res
-        if not (out.is_floating_point() or out.is_complex()):
-            return None
-        via = [v for k, v in bound.items() if k not in names and isinstance(v, torch.Tensor)
-               and v.requires_grad]
-        if self.force_anchor or not (out.requires_grad and via):
+        with _DisableTF():  # (attribute reads: the BatchedTensor hop would only read them too)
+            if not (out.is_floating_point() or out.is_complex()):
+                return None
+            via = [v for k, v in bound.items() if k not in names
+                   and isinstance(v, torch.Tensor) and v.requires_grad]
+            needs_anchor = self.force_anchor or not (out.requires_grad and via)
+        if needs_anchor:
             out = out + self._anchor(out.dtype, out.device)
             via = []
         else:

@@ -41,8 +41,15 @@ def _rows(t):
     return t.reshape(t.shape[0], -1)
 
 
+_ELEMENT_BYTES: dict = {}
+
+
 def _nbytes(shape, dtype):
-    return shape.numel() * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 8)
+    size = _ELEMENT_BYTES.get(dtype)
+    if size is None:
+        size = _ELEMENT_BYTES[dtype] = torch.finfo(dtype).bits // 8 if dtype.is_floating_point \
+            else 8
+    return shape.numel() * size
 
 
 class Factor:
