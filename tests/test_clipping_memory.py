@@ -146,3 +146,45 @@ def test_results_carry_no_graph_when_nothing_requires_grad(f64):
         g = dp.step(params, x, y)
         params = {k: v - 0.1 * g[k] for k, v in params.items()}
     assert not any(v.requires_grad or v.grad_fn is not None for v in params.values())
+
+
+def test_factors_formed_in_the_backward_skip_dispatch_only_when_no_other_mode(
+        f64, monkeypatch):
+    """The factors formed as a gradient arrives (``capture._form_early``) run their plain-tensor
+    ops without the Python dispatch hop when vmap's mode is the only one pushed; a user's (or a
+    tracer's) dispatch mode still sees every one of them, and the result is the same."""
+    from ftrans.dp import capture
+    from _helpers import LogOps
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(5, 16, 2)  # 16 rows per example: 2 T^2 > p d, instantiated in the backward
+
+    def loss(p, x):
+        return ftrans.functional_call(model, p, (x,)).square().sum()
+
+    skipped, seen_in_form = [], []
+    real_disable, real_form = capture._DisableTD, capture._form_early
+
+    def disable():
+        skipped.append(1)
+        return real_disable()
+
+    monkeypatch.setattr(capture, "_DisableTD", disable)
+    ref = ftrans.clipped_grad(loss, 0.7)(params, x)
+    assert skipped  # no other mode: the hop is skipped
+    skipped.clear()
+    with LogOps() as seen:
+        def form(tap):
+            n = len(seen)
+            real_form(tap)
+            seen_in_form.append(len(seen) - n)
+        monkeypatch.setattr(capture, "_form_early", form)
+        got = ftrans.clipped_grad(loss, 0.7)(params, x)
+    assert not skipped and seen_in_form and all(n > 0 for n in seen_in_form)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)
+    per = ftrans.vmap(ftrans.grad(loss), in_dims=(None, 0))(params, x)
+    c = (0.7 / torch.cat([v.flatten(1) for v in per.values()], 1).norm(dim=1)).clamp(max=1)
+    for k in ref:
+        torch.testing.assert_close(ref[k], torch.einsum("b,b...->...", c, per[k]))

@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 from .. import _pytree
 from .._C import levels as _levels
 from .._C.batched import remove_batch_dim
+from .._C.dispatch import only_vmap_mode
 from .._C.torch_function import OVERRIDES as _OVERRIDES
 from .._autodiff_common import check_argnums, replace_argnums, select_argnums, split_aux
 from ..autodiff import _grad_level
@@ -42,6 +43,9 @@ from .factors import Dense, Outer, combine
 from .norm_rules import Call, count_fallback, get_norm_rule
 
 __all__ = ["run", "Captured"]
+
+_DisableTF = torch._C.DisableTorchFunctionSubclass
+_DisableTD = torch._C._DisableTorchDispatch  # (modes and subclasses; a C++ guard)
 
 
 class _Tap:
@@ -78,18 +82,19 @@ class _Tape(TorchFunctionMode):
         return a
 
     def _hits(self, args, kwargs):
-        index = self.index if not self.derived else {**self.index, **self.derived}
-        hit = False
+        index, derived = self.index, self.derived
         for a in args:
             if isinstance(a, torch.Tensor):
-                if id(a) in index:
+                if id(a) in index or id(a) in derived:
                     return True
             elif type(a) in (list, tuple):
-                hit = hit or any(id(x) in index for x in a if isinstance(x, torch.Tensor))
+                if any(id(x) in index or id(x) in derived for x in a
+                       if isinstance(x, torch.Tensor)):
+                    return True
         if kwargs:
-            hit = hit or any(isinstance(v, torch.Tensor) and id(v) in index
-                             for v in kwargs.values())
-        return hit
+            return any(isinstance(v, torch.Tensor) and (id(v) in index or id(v) in derived)
+                       for v in kwargs.values())
+        return False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -147,11 +152,13 @@ class _Tape(TorchFunctionMode):
         if res is None:
             return None
         out, saved, factors = res
-        if not (out.is_floating_point() or out.is_complex()):
-            return None
-        via = [v for k, v in bound.items() if k not in names and isinstance(v, torch.Tensor)
-               and v.requires_grad]
-        if self.force_anchor or not (out.requires_grad and via):
+        with _DisableTF():  # (attribute reads: the BatchedTensor hop would only read them too)
+            if not (out.is_floating_point() or out.is_complex()):
+                return None
+            via = [v for k, v in bound.items() if k not in names
+                   and isinstance(v, torch.Tensor) and v.requires_grad]
+            needs_anchor = self.force_anchor or not (out.requires_grad and via)
+        if needs_anchor:
             out = out + self._anchor(out.dtype, out.device)
             via = []
         else:
@@ -163,7 +170,8 @@ class _Tape(TorchFunctionMode):
         tap = _Tap(names, tuple(saved), factors, out)
         tap.anchored = not via
         tap.early = self.early
-        out.register_hook(lambda g, tap=tap: _store(tap, g))
+        with _DisableTF():  # (the BatchedTensor hop would only call the same method)
+            out.register_hook(functools.partial(_store, tap))
         self.taps.append(tap)
         return out
 
@@ -294,7 +302,14 @@ def _form_early(tap):
     B = level.batch_size
     phys = [remove_batch_dim(t, level, B, 0) if isinstance(t, torch.Tensor) else t
             for t in (*tap.saved, tap.g)]
-    made = tap.factors(*phys)
+    if only_vmap_mode() and all(type(t) is torch.Tensor for t in phys
+                                if isinstance(t, torch.Tensor)):
+        # Plain tensors and no mode but vmap's own (no tracer): the factors' ops skip the
+        # Python dispatch hop, which would only pass them through.
+        with _DisableTD():
+            made = tap.factors(*phys)
+    else:
+        made = tap.factors(*phys)
     for f in made.values():
         if isinstance(f, Outer) and not f.use_ghost() and f.raw_bytes() <= f.held_bytes():
             f._instantiated()

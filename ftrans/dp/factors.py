@@ -41,8 +41,15 @@ def _rows(t):
     return t.reshape(t.shape[0], -1)
 
 
+_ELEMENT_BYTES: dict = {}
+
+
 def _nbytes(shape, dtype):
-    return shape.numel() * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 8)
+    size = _ELEMENT_BYTES.get(dtype)
+    if size is None:
+        size = _ELEMENT_BYTES[dtype] = torch.finfo(dtype).bits // 8 if dtype.is_floating_point \
+            else 8
+    return shape.numel() * size
 
 
 class Factor:
@@ -57,7 +64,9 @@ class Factor:
         return _sq(_rows(self.materialize()), 1)
 
     def weighted(self, c: torch.Tensor) -> torch.Tensor:
-        return torch.tensordot(c.to(self.dtype), self.materialize(), 1)
+        if c.dtype != self.dtype:
+            c = c.to(self.dtype)
+        return torch.tensordot(c, self.materialize(), 1)
 
     def dot(self, v: torch.Tensor) -> torch.Tensor:
         return _rows(self.materialize()) @ v.reshape(-1).to(self.dtype)
@@ -241,7 +250,8 @@ class Outer(Factor):
         return _sq(self._instantiated(), (1, 2, 3))
 
     def weighted(self, c):
-        c = c.to(self.dtype)
+        if c.dtype != self.dtype:
+            c = c.to(self.dtype)
         if self._raw is not None:
             return self._post(torch.tensordot(c, self._raw, 1))
         B, n, T, d, p = self.dims
@@ -253,11 +263,15 @@ class Outer(Factor):
         # more matmul call over fewer rows (the A.3 MLP's first layer took 3 spans and 1.3x
         # the time of one, with no lower peak: the step's peak is elsewhere).
         for lo, hi in self._spans(n * T * min(p, d) * size, n * p * d * size):
-            a, g, m = self._rows(lo, hi), self.g[lo:hi], hi - lo
-            if p <= d:
-                g = g * c[lo:hi].view(m, 1, 1, 1)
+            m = hi - lo
+            if m == B:  # (one span: no slices)
+                a, g, cm = self._rows(0, B), self.g, c
             else:
-                a = a * c[lo:hi].view(m, 1, 1, 1)
+                a, g, cm = self._rows(lo, hi), self.g[lo:hi], c[lo:hi]
+            if p <= d:
+                g = g * cm.view(m, 1, 1, 1)
+            else:
+                a = a * cm.view(m, 1, 1, 1)
             flat_g = g.transpose(0, 1).reshape(n, m * T, p)
             flat_a = a.transpose(0, 1).reshape(n, m * T, d)
             if n == 1:

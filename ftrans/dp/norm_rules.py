@@ -514,9 +514,9 @@ def _affine(call, xhat, channel_dim, shape):
     view = shape if channel_dim is None else (shape[0],) + (1,) * (xhat.dim() - channel_dim - 1)
     out = xhat
     if w is not None:
-        out = out * w.reshape(view)
+        out = out * (w if w.shape == view else w.reshape(view))
     if b is not None:
-        out = out + b.reshape(view)
+        out = out + (b if b.shape == view else b.reshape(view))
 
     def factors(xhat, g):
         res = {}

@@ -116,7 +116,10 @@ def clip_factors(cap, labels, bounds, sample_weights=None):
         if f is None:
             grads[i] = torch.zeros_like(x)
         else:
-            grads[i] = f.weighted(scale[l]).reshape(x.shape).to(x.dtype)
+            g = f.weighted(scale[l])
+            if g.shape != x.shape:
+                g = g.reshape(x.shape)
+            grads[i] = g if g.dtype == x.dtype else g.to(x.dtype)
             cap.factors[i] = f = None
     return grads, norms, scale
 
