@@ -59,8 +59,27 @@ def check_model(model, args, targets, *, C=0.7, loop=False, prep=None):
         close(got[k], ref[k])
     for k in params:  # inputs untouched
         assert torch.equal(params[k], before[k])
+    check_add_to(ftrans.clipped_grad(loss, C), (params, args, targets), ref)
     assert ftrans.norm_rule_stats() == {}, ftrans.norm_rule_stats()
     return loss, params
+
+
+def check_add_to(clipped, args, ref):
+    """``add_to=``: the clipped sum added into given tensors in place (contiguous ones, and
+    transposed views for matrices), which are the result."""
+    g = torch.Generator().manual_seed(1)
+    for layout in ("contiguous", "transposed"):
+        acc = {}
+        for k, r in ref.items():
+            if layout == "transposed" and r.dim() == 2:
+                acc[k] = torch.randn(r.shape[::-1], dtype=r.dtype, generator=g).mT
+            else:
+                acc[k] = torch.randn(r.shape, dtype=r.dtype, generator=g)
+        start = {k: v.clone() for k, v in acc.items()}
+        out = clipped(*args, add_to=acc)
+        for k in ref:
+            assert out[k] is acc[k]
+            close(out[k], start[k] + ref[k])
 
 
 # ------------------------------------------------------------------------------- models
@@ -366,6 +385,40 @@ def test_under_compile():
             for k, v in ref.items():
                 close(got[k], v)
     assert len(f.cache) == 1
+    # add_to= under compile: the sums are added into new tensors on every call (one trace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ftrans.CompileWarning)
+        for _ in range(2):
+            check_add_to(f, (params, x, y), ref)
+    assert len(f.cache) == 3  # without add_to, with contiguous and with transposed buffers
+
+
+def test_add_to_accumulates_micro_batches_and_checks_its_argument():
+    """Gradient accumulation over micro-batches: one buffer, each micro-batch's clipped sum
+    added into it, equals the clipped sum of the whole batch (per-example clipping does not
+    depend on the batch)."""
+    _, params, loss = _mlp()
+    x, y = torch.randn(12, 4, dtype=DT), torch.randn(12, 2, dtype=DT)
+    clip = ftrans.clipped_grad(loss, 0.4)
+    acc = {k: torch.zeros_like(v) for k, v in params.items()}
+    for lo in range(0, 12, 5):
+        assert clip(params, x[lo:lo + 5], y[lo:lo + 5], add_to=acc) is not None
+    whole = clip(params, x, y)
+    for k in params:
+        close(acc[k], whole[k])
+    bad = [({k: v for k, v in acc.items() if k != "0.bias"}, "structure"),
+           ({**acc, "0.bias": torch.zeros(5, dtype=DT)}, "shape"),
+           ({**acc, "0.bias": acc["0.bias"].float()}, "float32"),
+           ({**acc, "0.bias": torch.zeros_like(acc["0.bias"], requires_grad=True)},
+            "requires grad"),
+           ({**acc, "0.bias": 0.0}, "float")]
+    for add_to, what in bad:
+        before = {k: v.clone() for k, v in acc.items()}
+        with pytest.raises(ValueError, match=r"add_to.*" + what if what == "structure"
+                           else "add_to leaf"):
+            clip(params, x, y, add_to=add_to)
+        for k in acc:  # nothing was added before the refusal
+            assert torch.equal(acc[k], before[k])
 
 
 # --------------------------------------------------------------------------- errors

@@ -221,3 +221,33 @@ def test_the_noise_generator_lives_on_the_callers_generator_device():
     a = DPSGD(_lin, max_norm=1.0, noise_multiplier=1.0, sample_rate=0.5, num_examples=2,
               accountant=None)
     assert a._noise_gen.device == torch.device("cpu")
+
+
+def test_noise_drawn_ahead_takes_the_clipped_sum_in_place():
+    """With the noise drawn ahead, the clipped sum is added into the noise buffers (add_to=:
+    no buffer of its own); the result is the inline path's (the same noise, drawn into the
+    sums after they are formed) up to rounding."""
+    params, loss, X, Y = _setup()
+    outs, seen = {}, {}
+    for prefetch in (True, False):
+        dp = DPSGD(loss, max_norm=1.0, noise_multiplier=0.5, sample_rate=0.05, num_examples=400,
+                   accountant=None, generator=torch.Generator().manual_seed(3),
+                   prefetch_noise=prefetch)
+        inner, calls = dp._clipped, []
+
+        def spy(*args, _inner=inner, _calls=calls, **kwargs):
+            out = _inner(*args, **kwargs)
+            _calls.append(kwargs.get("add_to"))
+            return out
+        dp._clipped = spy
+        outs[prefetch] = [dp.step(params, X[i * 20:(i + 1) * 20], Y[i * 20:(i + 1) * 20])
+                          for i in range(3)]
+        seen[prefetch] = calls
+        dp.close()
+    assert all(a is None for a in seen[False])
+    for add_to, out in zip(seen[True], outs[True]):  # the buffers are the results
+        assert add_to is not None and all(add_to[k] is out[k] for k in out)
+    for a, b in zip(outs[True], outs[False]):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(outs[True][0]["0.weight"], outs[True][1]["0.weight"])

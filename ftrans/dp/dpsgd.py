@@ -15,8 +15,9 @@ result is divided by the *expected* batch size (the unbiased scale under Poisson
 Opacus does).  Drawing it costs about as much as a third of a small model's step on one CPU
 core (the A.3 MLP: 0.67 M normals, 1.6 ms against a 4.9 ms step), so on CPU the next step's
 noise is drawn ahead, in a worker thread, while the caller computes (``prefetch_noise=True``,
-the default): the price is memory, one parameter-sized set of noise held from one step to the
-next.  With ``prefetch_noise=False`` the noise is drawn into the clipped sums a chunk at a time
+the default), and the next clipped sum is added into it (``clipped_grad``'s ``add_to=``: the
+sum has no buffer of its own): the price is memory, one parameter-sized set of noise held from
+one step to the next.  With ``prefetch_noise=False`` the noise is drawn into the clipped sums a chunk at a time
 and the step holds no noise buffer.  Either way it comes from a generator of the step's own,
 seeded once from ``generator`` (or from torch's global generator), drawn by the same calls in
 the same order: a seeded run gives the same noise with or without prefetching, whatever the
@@ -181,32 +182,41 @@ class DPSGD:
         n = _batch_of(args, dims)
         std = self.noise_multiplier * self.sensitivity
         scale = 1.0 / max(self.expected, 1.0)
+        inputs, in_spec = _pytree.tree_flatten(diff)
+        # The noise, scale * std * N(0, 1): drawn ahead (a worker thread drew it during the
+        # previous step) or now, into buffers the clipped sum is then added into (add_to=: the
+        # step's sum has no buffer of its own); or, when not drawing ahead, drawn into the sums
+        # a chunk at a time after they are formed (no parameter-sized noise buffer at all).
+        key = (float(std * scale),) + tuple((tuple(x.shape), x.dtype) for x in inputs)
+        noise = self._noise(key, inputs) if std > 0 else None
         if n == 0:
-            summed = _pytree.tree_map(torch.zeros_like, diff)
+            leaves = noise if noise is not None else [torch.zeros_like(x) for x in inputs]
         else:
             padded, weights = pad_batch(args, dims, bucket_size(n, self.expected, self.ladder))
-            leaves = _pytree.tree_leaves(diff)
-            weights = weights.to(device=leaves[0].device, dtype=leaves[0].dtype)
+            weights = weights.to(device=inputs[0].device, dtype=inputs[0].dtype)
             # The 1 / expected-batch scale rides on the per-example weights (B numbers), not
             # on a pass over the summed gradient.
-            summed = self._clipped(*padded, sample_weights=weights * scale)
-        leaves, spec = _pytree.tree_flatten(summed)
+            extra = {} if noise is None else {"add_to": _pytree.tree_unflatten(in_spec, noise)}
+            summed = self._clipped(*padded, sample_weights=weights * scale, **extra)
+            leaves = _pytree.tree_leaves(summed)
+        if std > 0 and noise is None:
+            leaves = [_add_normal(g, std * scale, self._noise_gen) for g in leaves]
         if std > 0:
-            # scale * std * N plus the (already scaled) clipped sum: one pass, in the noise's
-            # own buffers when it was drawn ahead, else into the sums a chunk at a time.
-            out = self._noisy(leaves, std * scale)
-        else:
-            out = leaves
-        out = _pytree.tree_unflatten(spec, out)
+            self._draw_ahead(key, inputs)
+        out = _pytree.tree_unflatten(in_spec, leaves)
         self.steps += 1
         if self.accountant is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier,
                                  sample_rate=self.sample_rate)
         return out
 
-    def _noisy(self, leaves, std):
-        """``g + std * N(0, 1)`` for each leaf ``g`` (the step's own clipped sums)."""
-        key = (float(std),) + tuple((tuple(g.shape), g.dtype) for g in leaves)
+    def _ahead(self, inputs) -> bool:
+        return self.prefetch_noise and self._noise_gen.device.type == "cpu" and all(
+            x.device.type == "cpu" for x in inputs)
+
+    def _noise(self, key, inputs):
+        """This step's noise buffers: the draw made ahead for it, or drawn now; None when the
+        noise is to be drawn into the sums instead (``prefetch_noise=False``, or not on CPU)."""
         if self._pool is not None and self._pool_pid != os.getpid():
             # A forked child: the worker thread did not come along, and the draw made ahead
             # for the parent's next step was copied with the memory (used here too, the same
@@ -216,30 +226,24 @@ class DPSGD:
             seed = int(torch.randint(0, 2 ** 62, ()))
             self._noise_gen = torch.Generator(device=self._noise_gen.device).manual_seed(seed)
         pending, self._pending = self._pending, None
-        noise = None
         if pending is not None:
             made = pending[1].result()  # (waits: one thread at a time uses the generator)
             if pending[0] == key:
-                noise = made  # (a draw that does not fit is dropped, never reused)
-        ahead = self.prefetch_noise and self._noise_gen.device.type == "cpu" and all(
-            g.device.type == "cpu" for g in leaves)
-        if noise is None and not ahead:
-            # Drawn now, a chunk at a time into the sums themselves: the step holds no
-            # parameter-sized noise buffer (the same numbers as a whole draw: see _draw).
-            out = [_add_normal(g, std, self._noise_gen) for g in leaves]
-        else:
-            if noise is None:
-                noise = _draw(key, self._noise_gen)
-            out = [z.add_(g) if z.device == g.device else g + z.to(g.device)
-                   for z, g in zip(noise, leaves)]
-        if ahead:
-            if self._pool is None:
-                import concurrent.futures
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="ftrans-dp-noise")
-                self._pool_pid = os.getpid()
-            self._pending = (key, self._pool.submit(_draw, key, self._noise_gen))
-        return out
+                return made  # (a draw that does not fit is dropped, never reused)
+        if not self._ahead(inputs):
+            return None
+        return _draw(key, self._noise_gen)
+
+    def _draw_ahead(self, key, inputs):
+        """Start drawing the next step's noise (same shapes and scale) in the worker."""
+        if not self._ahead(inputs):
+            return
+        if self._pool is None:
+            import concurrent.futures
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="ftrans-dp-noise")
+            self._pool_pid = os.getpid()
+        self._pending = (key, self._pool.submit(_draw, key, self._noise_gen))
 
     def close(self):
         """Stop the noise worker (it also stops when the object is collected)."""

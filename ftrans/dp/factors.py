@@ -41,6 +41,13 @@ def _rows(t):
     return t.reshape(t.shape[0], -1)
 
 
+def _into(g, into):
+    """``g``, or ``into + g`` written into ``into`` (shaped like the parameter)."""
+    if into is None:
+        return g
+    return into.add_(g.reshape(into.shape))
+
+
 _ELEMENT_BYTES: dict = {}
 
 
@@ -63,10 +70,12 @@ class Factor:
     def norm2(self) -> torch.Tensor:
         return _sq(_rows(self.materialize()), 1)
 
-    def weighted(self, c: torch.Tensor) -> torch.Tensor:
+    def weighted(self, c: torch.Tensor, into: torch.Tensor = None) -> torch.Tensor:
+        """``sum_i c_i g_i``; with ``into`` (a tensor of ``shape`` and this dtype), added into
+        ``into`` in place, which is returned."""
         if c.dtype != self.dtype:
             c = c.to(self.dtype)
-        return torch.tensordot(c, self.materialize(), 1)
+        return _into(torch.tensordot(c, self.materialize(), 1), into)
 
     def dot(self, v: torch.Tensor) -> torch.Tensor:
         return _rows(self.materialize()) @ v.reshape(-1).to(self.dtype)
@@ -249,16 +258,20 @@ class Outer(Factor):
             return torch.cat(out)
         return _sq(self._instantiated(), (1, 2, 3))
 
-    def weighted(self, c):
+    def weighted(self, c, into=None):
         if c.dtype != self.dtype:
             c = c.to(self.dtype)
         if self._raw is not None:
-            return self._post(torch.tensordot(c, self._raw, 1))
+            return _into(self._post(torch.tensordot(c, self._raw, 1)), into)
+        if into is not None and not into.is_contiguous():
+            return _into(self.weighted(c), into)
         B, n, T, d, p = self.dims
         # Scale the narrower side; one (batched) matmul over the rows of a span of examples,
         # the row operand transposed as a view (no copy when n == 1), accumulated in place.
         size = self.g.element_size()
-        out = None
+        # With ``into``, the matmuls accumulate into its [n, p, d] view (a transposed view for
+        # a transposed layout: BLAS takes either), so the sum has no buffer of its own.
+        out = None if into is None else (self._pre(into) if n > 1 else self._pre(into)[0])
         # Split only when the scaled copy would outgrow the result itself: each span is one
         # more matmul call over fewer rows (the A.3 MLP's first layer took 3 spans and 1.3x
         # the time of one, with no lower peak: the step's peak is elsewhere).
@@ -280,6 +293,8 @@ class Outer(Factor):
             else:
                 fg = flat_g.mT
                 out = fg @ flat_a if out is None else out.baddbmm_(fg, flat_a)
+        if into is not None:
+            return into
         return self._post(out if n > 1 else out.unsqueeze(0))
 
     def dot(self, v):
@@ -367,13 +382,15 @@ class Scatter(Factor):
             return ((g @ g.mT) * same).sum((1, 2))
         return _segment_norm2(idx, g)
 
-    def weighted(self, c):
+    def weighted(self, c, into=None):
         B, T, d = self.g.shape
         gc = self.g * c.to(self.dtype).view(B, 1, 1)
-        out = self.g.new_zeros(self.shape)
+        out = self.g.new_zeros(self.shape) if into is None else into
         if self.columns:
-            return out.scatter_add(0, self.idx.reshape(B * T, d), gc.reshape(B * T, d))
-        return out.index_add(0, self.idx.reshape(-1), gc.reshape(-1, d))
+            out.scatter_add_(0, self.idx.reshape(B * T, d), gc.reshape(B * T, d))
+        else:
+            out.index_add_(0, self.idx.reshape(-1), gc.reshape(-1, d))
+        return out if into is None else into
 
     def dot(self, v):
         v = v.to(self.dtype)
@@ -439,7 +456,11 @@ class Sum(Factor):
                 out = out + 2 * _inner(p, q)
         return out
 
-    def weighted(self, c):
+    def weighted(self, c, into=None):
+        if into is not None:
+            for p in self.parts:
+                p.weighted(c, into)
+            return into
         return sum(p.weighted(c) for p in self.parts)
 
     def dot(self, v):

@@ -98,9 +98,11 @@ def group_norms(cap, labels):
     return out
 
 
-def clip_factors(cap, labels, bounds, sample_weights=None):
+def clip_factors(cap, labels, bounds, sample_weights=None, into=None):
     """Clipped sums (one tensor per leaf), the per-group norms and the per-group clip factors.
-    Consumes ``cap.factors`` (each is dropped once its sum is formed, freeing what it held)."""
+    Consumes ``cap.factors`` (each is dropped once its sum is formed, freeing what it held).
+    ``into``: one tensor per leaf (checked by the caller) that the sums are added into, in
+    place; they are the sums returned."""
     norms = group_norms(cap, labels)
     scale = {l: (bounds[l] / n).clamp(max=1.0) for l, n in norms.items()}
     if sample_weights is not None:
@@ -113,7 +115,16 @@ def clip_factors(cap, labels, bounds, sample_weights=None):
     grads = [None] * len(cap.factors)
     for i in order:
         f, x, l = cap.factors[i], cap.leaves[i], labels[i]
-        if f is None:
+        if into is not None:
+            buf = into[i]
+            if f is not None:
+                if f.dtype == buf.dtype:
+                    f.weighted(scale[l], buf)
+                else:
+                    buf.add_(f.weighted(scale[l]).reshape(buf.shape).to(buf.dtype))
+            grads[i] = buf
+            cap.factors[i] = f = None
+        elif f is None:
             grads[i] = torch.zeros_like(x)
         else:
             g = f.weighted(scale[l])
@@ -122,6 +133,27 @@ def clip_factors(cap, labels, bounds, sample_weights=None):
             grads[i] = g if g.dtype == x.dtype else g.to(x.dtype)
             cap.factors[i] = f = None
     return grads, norms, scale
+
+
+def _add_to_leaves(add_to, cap, form):
+    """The leaves of ``add_to=``, checked against the differentiated inputs' (``cap.leaves``):
+    the same structure, and per leaf the same shape, device and dtype."""
+    leaves, spec = _pytree.tree_flatten(add_to)
+    if spec != cap.spec:
+        raise ValueError(f"{form}: add_to must have the structure of the differentiated "
+                         f"inputs ({cap.spec}), got {spec}")
+    for i, (t, x) in enumerate(zip(leaves, cap.leaves)):
+        if not isinstance(t, torch.Tensor) or t.shape != x.shape or t.device != x.device \
+                or t.dtype != x.dtype:
+            got = (f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor)
+                   else type(t).__name__)
+            raise ValueError(f"{form}: add_to leaf {i} must be a tensor of shape "
+                             f"{tuple(x.shape)}, {x.dtype} on {x.device} (like the input it "
+                             f"accumulates the gradient of), got {got}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{form}: add_to leaf {i} requires grad; the sums are added into "
+                             "it in place (pass a tensor that does not, or use torch.no_grad())")
+    return leaves
 
 
 def _weights(kwargs, batch_form):
@@ -175,8 +207,11 @@ def clipped_grad(func: Callable, max_norm: Any, argnums: Any = 0, *, in_dims: An
     in_dims)`` gives it).  Computed in one forward and one backward over the batch, per-example
     gradients of covered ops never formed (see ``ftrans.dp``).  The returned function accepts
     ``sample_weights=`` (a ``[B]`` tensor): the sum becomes ``sum_i w_i c_i g_i`` (clip first,
-    then weight; a weight of 0 removes an example exactly).  ``groups`` clips per group (see the
-    module docstring).  With ``has_aux``: ``(grads, aux)``.
+    then weight; a weight of 0 removes an example exactly), and ``add_to=`` (tensors shaped
+    like the ``argnums`` inputs, in the same structure): the sum is added into them in place
+    and they are returned, with no buffer of its own (gradient accumulation over micro-batches;
+    ``DPSGD`` adds the clipped sum into noise drawn ahead).  ``groups`` clips per group (see
+    the module docstring).  With ``has_aux``: ``(grads, aux)``.
 
     Example:
         >>> import torch, ftrans
@@ -196,10 +231,12 @@ def clipped_grad(func: Callable, max_norm: Any, argnums: Any = 0, *, in_dims: An
     def wrapper(*args, **kwargs):
         kwargs = dict(kwargs)
         w = _weights(kwargs, form)
+        add_to = kwargs.pop("add_to", None)
         cap = run(func, argnums, in_dims, has_aux, args, kwargs, form, batch_norm)
         diff = _pytree.tree_unflatten(cap.spec, cap.leaves)
         labels = group_labels(groups, diff, len(cap.leaves), form)
-        grads, _, _ = clip_factors(cap, labels, _bounds(max_norm, labels, form), w)
+        into = None if add_to is None else _add_to_leaves(add_to, cap, form)
+        grads, _, _ = clip_factors(cap, labels, _bounds(max_norm, labels, form), w, into)
         out = _pytree.tree_unflatten(cap.spec, grads)
         return (out, cap.aux) if has_aux else out
 
