@@ -85,6 +85,8 @@ def _check_pred(form, pred):
 
 def _is_traced(t) -> bool:
     # Under ftrans.compile (make_fx with fake tensors) predicate values are unknown.
+    if type(t) is torch.Tensor:  # the common case, without the import
+        return False
     from torch._subclasses.fake_tensor import FakeTensor
     return isinstance(t, FakeTensor) or type(t).__name__ == "FunctionalTensor"
 
@@ -201,28 +203,52 @@ def _quiet(t):
 
 
 def _partitioned(levels, n, takes, branches, operands, form):
-    """Each branch under an inner vmap on the lanes ``takes[k]`` (a 1-d index tensor each)."""
-    leaves, spec = _pytree.tree_flatten(tuple(operands))
-    tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-    lanes = {i: _lanes.gather(leaves[i], levels) for i in tensor_pos}
-    quiet = all(type(v) is torch.Tensor for v in lanes.values()) and _only_vmap_mode()
+    """Each branch under an inner vmap on the lanes ``takes[k]`` (a 1-d index tensor each).
+
+    Operands that are a flat tuple (or list) of tensors, and branches returning one tensor,
+    skip the pytree round trips; a branch closing over no per-example value is entered as it
+    is (no closure rebinding, no argument re-assembly)."""
+    if all(isinstance(x, torch.Tensor) for x in operands):
+        leaves, spec = list(operands), None  # passed positionally as they are
+        tensor_pos = range(len(leaves))
+    else:
+        leaves, spec = _pytree.tree_flatten(tuple(operands))
+        tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    lanes = [_lanes.gather(leaves[i], levels) for i in tensor_pos]
+    only_vmap = _only_vmap_mode()
+    quiet = only_vmap and all(type(v) is torch.Tensor for v in lanes)
     results, perms = [], []
-    with _lanes_draw(levels) as rnd:
+    # Random ops draw per lane at the inner level (``_lanes_draw``, written out: most levels
+    # refuse randomness and then nothing changes).
+    rnd = _randomness(levels)
+    saved = [lv.randomness for lv in levels] if rnd != "error" else None
+    if saved:
+        for lv in levels:
+            lv.randomness = "same"
+    try:
         for k, branch in enumerate(branches):
             idx = takes[k]
-            if idx.shape[0] == 0:
+            m = idx.shape[0]
+            if m == 0:
                 continue
-            _STATS["branch_lanes"] += idx.shape[0]
-            fn, cells = _with_rebound_closure(branch)
-            cell_vals = [_lanes.gather(v, levels).index_select(0, idx) for _, v in cells]
-            args = list(leaves)
+            _STATS["branch_lanes"] += m
+            cells = _lanes.closure_tensors(branch) \
+                if isinstance(branch, type(_partitioned)) else ()
             with _NoPythonDispatch() if quiet else _NO_GUARD:
-                for i in tensor_pos:
-                    args[i] = lanes[i].index_select(0, idx)
-            results.append(_run_lanes(fn, cells, cell_vals, spec, args, tensor_pos,
-                                      idx.shape[0], rnd))
+                subset = [v.index_select(0, idx) for v in lanes]
+            if cells:
+                subset += [_lanes.gather(v, levels).index_select(0, idx) for _, v in cells]
+            if spec is None and not cells:
+                fn = branch  # called with the lanes as its arguments, as the caller wrote it
+            else:
+                fn = functools.partial(_call_branch, branch, cells, spec, leaves, tensor_pos)
+            results.append(_run_lanes(fn, subset, m, rnd))
             perms.append(idx)
-    out_leaves = _same_structure(results, form)
+    finally:
+        if saved:
+            for lv, r in zip(levels, saved):
+                lv.randomness = r
+    out_leaves, out_spec = _same_structure(results, form)
     inverse = None
     merged = []
     for j in range(len(out_leaves[0])):
@@ -231,7 +257,7 @@ def _partitioned(levels, n, takes, branches, operands, form):
         if all(type(p) is torch.Tensor for p in parts):
             # Each example's result written once, in place into a fresh tensor (autograd
             # records the writes): half the traffic of concatenating and reordering.
-            with _quiet(parts[0]):
+            with _NoPythonDispatch() if only_vmap else _NO_GUARD:
                 out = parts[0].new_empty((n,) + tuple(parts[0].shape[1:]))
                 if type(out) is not torch.Tensor:  # vmap's FreshTensor (``_C/fresh.py``): plain
                     out = out.as_subclass(torch.Tensor)
@@ -244,7 +270,9 @@ def _partitioned(levels, n, takes, branches, operands, form):
                 inverse[perm] = torch.arange(n, device=perm.device)
             out = torch.cat(parts).index_select(0, inverse)
         merged.append(_lanes.scatter(out, levels))
-    return _pytree.tree_unflatten(_pytree.tree_structure(results[0]), merged)
+    if out_spec is None:
+        return merged[0]
+    return _pytree.tree_unflatten(out_spec, merged)
 
 
 def _randomness(levels) -> str:
@@ -275,30 +303,33 @@ def _lanes_draw(levels):
             lv.randomness = r
 
 
-def _run_lanes(fn, cells, cell_vals, spec, args, tensor_pos, n, randomness="error"):
-    """The branch ``fn`` (a closure factory, see :func:`_with_rebound_closure`) under an inner
-    vmap over ``n`` lanes: the flat operands ``args`` (the tensors at ``tensor_pos`` hold the
-    lanes) and the closure values ``cell_vals``, each with the lanes at dim 0.  Enters the vmap
-    with its batch size and flat inputs already known (``vmap._vmap_once``): no ``in_dims``
-    to match, and a branch with no per-example input still gets ``n`` lanes."""
-    inputs = [args[i] for i in tensor_pos] + list(cell_vals)
-
-    def branch(*xs):
-        return _call_branch(fn, cells, spec, args, tensor_pos, xs)
-
+def _run_lanes(fn, inputs, n, randomness="error"):
+    """``fn(*inputs)`` under an inner vmap over ``n`` lanes, each input with the lanes at dim 0.
+    Enters the vmap with its batch size and flat inputs already known (``vmap._vmap_once``):
+    no ``in_dims`` to match, and a branch with no per-example input still gets ``n`` lanes."""
     if any(x.is_nested for x in inputs):  # nested tensors: vmap's own entry handles them
-        return vmap(branch, randomness=randomness)(*inputs)
-    treespec = _pytree.tree_structure(tuple(inputs))
-    return _vmap_once(branch, 0, 0, randomness, inputs, treespec, [0] * len(inputs), n, {})
+        return vmap(fn, randomness=randomness)(*inputs)
+    k = len(inputs)
+    spec = _FLAT_SPECS.get(k)
+    if spec is None:
+        spec = _FLAT_SPECS[k] = _pytree.tree_structure((0,) * k)
+    return _vmap_once(fn, 0, 0, randomness, inputs, spec, [0] * k, n, {})
 
 
-def _call_branch(fn, cells, spec, args, tensor_pos, xs):
+_FLAT_SPECS: dict = {}  # number of inputs -> the pytree spec of a flat tuple of that many
+
+
+def _call_branch(fn, cells, spec, args, tensor_pos, *xs):
+    """``fn`` on the operands ``args`` (flat leaves of ``spec``; None: positional as they are)
+    with the tensors at ``tensor_pos`` replaced by the lanes ``xs``, and its closure cells
+    ``cells`` (see :func:`_lanes.closure_tensors`) rebound to the lanes after them."""
     full = list(args)
     k = len(tensor_pos)
     for i, x in zip(tensor_pos, xs[:k]):
         full[i] = x
-    f = fn(dict(zip((i for i, _ in cells), xs[k:])))
-    return f(*_pytree.tree_unflatten(spec, full))
+    if cells:
+        fn = _lanes.rebind_closure(fn, dict(zip((i for i, _ in cells), xs[k:])))
+    return fn(*(full if spec is None else _pytree.tree_unflatten(spec, full)))
 
 
 def _with_rebound_closure(fn):
@@ -310,7 +341,11 @@ def _with_rebound_closure(fn):
 
 
 def _same_structure(results, form):
-    flat = [_pytree.tree_flatten(r) for r in results]
+    """(the output leaves of each branch's result, their pytree spec; None for one tensor)."""
+    if all(isinstance(r, torch.Tensor) for r in results):
+        flat = [([r], None) for r in results]
+    else:
+        flat = [_pytree.tree_flatten(r) for r in results]
     spec0 = flat[0][1]
     for leaves, spec in flat[1:]:
         if spec != spec0:
@@ -327,7 +362,7 @@ def _same_structure(results, form):
                     f"{tuple(a.shape[1:])}, dtype {a.dtype} vs shape {tuple(b.shape[1:])}, dtype "
                     f"{b.dtype} (per example). Both branches must return the same shapes and dtypes."
                 )
-    return [leaves for leaves, _ in flat]
+    return [leaves for leaves, _ in flat], spec0
 
 
 def _select(index, branches, operands, form, is_pred):
