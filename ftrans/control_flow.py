@@ -217,7 +217,9 @@ def _partitioned(levels, n, takes, branches, operands, form):
     lanes = [_lanes.gather(leaves[i], levels) for i in tensor_pos]
     only_vmap = _only_vmap_mode()
     quiet = only_vmap and all(type(v) is torch.Tensor for v in lanes)
-    results, perms = [], []
+    first = None  # the first branch's (output leaves, spec): the others must match it
+    parts, perms = [], []  # per branch that ran: its output leaves, its lanes
+    outs = plain = None  # per output leaf: the merged tensor, and whether every part is plain
     # Random ops draw per lane at the inner level (``_lanes_draw``, written out: most levels
     # refuse randomness and then nothing changes).
     rnd = _randomness(levels)
@@ -242,37 +244,52 @@ def _partitioned(levels, n, takes, branches, operands, form):
                 fn = branch  # called with the lanes as its arguments, as the caller wrote it
             else:
                 fn = functools.partial(_call_branch, branch, cells, spec, leaves, tensor_pos)
-            results.append(_run_lanes(fn, subset, m, rnd))
+            out_k = _branch_leaves(_run_lanes(fn, subset, m, rnd), first, form)
+            del subset
+            if first is None:  # (metadata only: the parts themselves are not kept)
+                first = ([(t.shape[1:], t.dtype) for t in out_k[0]], out_k[1])
+                outs, plain = [None] * len(out_k[0]), [True] * len(out_k[0])
             perms.append(idx)
+            # Each example's result written once, in place into a fresh tensor (autograd
+            # records the writes; half the traffic of concatenating and reordering), as soon
+            # as its branch has run: the part is still in cache.
+            parts.append(out_k[0])  # (plain parts dropped below once written)
+            for j, part in enumerate(out_k[0]):
+                _lanes.check_not_batched([part], levels, form)
+                if type(part) is not torch.Tensor and plain[j]:
+                    plain[j] = False  # out of place after all: the written parts are needed
+                    for p, i in zip(parts, perms):
+                        if p[j] is None:
+                            p[j] = outs[j].index_select(0, i)
+                    outs[j] = None
+                if not plain[j]:
+                    continue
+                with _NoPythonDispatch() if only_vmap else _NO_GUARD:
+                    if outs[j] is None:
+                        out = part.new_empty((n,) + tuple(part.shape[1:]))
+                        if type(out) is not torch.Tensor:  # vmap's FreshTensor (_C/fresh.py)
+                            out = out.as_subclass(torch.Tensor)
+                        outs[j] = out
+                    outs[j].index_copy_(0, idx, part)
+                out_k[0][j] = None  # the memory goes back now, not at the end
+            out_k = part = None
     finally:
         if saved:
             for lv, r in zip(levels, saved):
                 lv.randomness = r
-    out_leaves, out_spec = _same_structure(results, form)
     inverse = None
     merged = []
-    for j in range(len(out_leaves[0])):
-        parts = [o[j] for o in out_leaves]
-        _lanes.check_not_batched(parts, levels, form)
-        if all(type(p) is torch.Tensor for p in parts):
-            # Each example's result written once, in place into a fresh tensor (autograd
-            # records the writes): half the traffic of concatenating and reordering.
-            with _NoPythonDispatch() if only_vmap else _NO_GUARD:
-                out = parts[0].new_empty((n,) + tuple(parts[0].shape[1:]))
-                if type(out) is not torch.Tensor:  # vmap's FreshTensor (``_C/fresh.py``): plain
-                    out = out.as_subclass(torch.Tensor)
-                for part, idx in zip(parts, perms):
-                    out.index_copy_(0, idx, part)
-        else:  # still batched at an outer level: out of place
+    for j, out in enumerate(outs):
+        if not plain[j]:  # a part still batched at an outer level: out of place
             if inverse is None:
                 perm = torch.cat(perms) if len(perms) > 1 else perms[0]
                 inverse = torch.empty_like(perm)
                 inverse[perm] = torch.arange(n, device=perm.device)
-            out = torch.cat(parts).index_select(0, inverse)
+            out = torch.cat([p[j] for p in parts]).index_select(0, inverse)
         merged.append(_lanes.scatter(out, levels))
-    if out_spec is None:
+    if first[1] is None:
         return merged[0]
-    return _pytree.tree_unflatten(out_spec, merged)
+    return _pytree.tree_unflatten(first[1], merged)
 
 
 def _randomness(levels) -> str:
@@ -340,29 +357,35 @@ def _with_rebound_closure(fn):
     return functools.partial(_lanes.rebind_closure, fn), cells
 
 
-def _same_structure(results, form):
-    """(the output leaves of each branch's result, their pytree spec; None for one tensor)."""
-    if all(isinstance(r, torch.Tensor) for r in results):
-        flat = [([r], None) for r in results]
+def _branch_leaves(result, first, form):
+    """(output leaves, pytree spec) of one branch's ``result`` (spec None for a single tensor),
+    checked against ``first``: the first branch's (per leaf (per-example shape, dtype), spec),
+    None when ``result`` is the first."""
+    if isinstance(result, torch.Tensor):
+        leaves, spec = [result], None
     else:
-        flat = [_pytree.tree_flatten(r) for r in results]
-    spec0 = flat[0][1]
-    for leaves, spec in flat[1:]:
-        if spec != spec0:
+        leaves, spec = _pytree.tree_flatten(result)
+    for b in leaves:
+        if not isinstance(b, torch.Tensor):
+            raise RuntimeError(f"{form}: branch outputs must be tensors, got {type(b).__name__}.")
+    if first is None:
+        return leaves, spec
+    ref, ref_spec = first
+    if spec != ref_spec:
+        s0 = ref_spec if ref_spec is not None else _pytree.tree_structure(0)  # one leaf
+        s1 = spec if spec is not None else _pytree.tree_structure(0)
+        if s0 != s1:
             raise RuntimeError(
-                f"{form}: the branches returned different structures: {spec0} and {spec}."
+                f"{form}: the branches returned different structures: {s0} and {s1}."
             )
-    for leaves, _ in flat:
-        for j, (a, b) in enumerate(zip(flat[0][0], leaves)):
-            if not isinstance(b, torch.Tensor):
-                raise RuntimeError(f"{form}: branch outputs must be tensors, got {type(b).__name__}.")
-            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
-                raise RuntimeError(
-                    f"{form}: the branches returned output {j} with different metadata: shape "
-                    f"{tuple(a.shape[1:])}, dtype {a.dtype} vs shape {tuple(b.shape[1:])}, dtype "
-                    f"{b.dtype} (per example). Both branches must return the same shapes and dtypes."
-                )
-    return [leaves for leaves, _ in flat], spec0
+    for j, ((shape, dtype), b) in enumerate(zip(ref, leaves)):
+        if shape != b.shape[1:] or dtype != b.dtype:
+            raise RuntimeError(
+                f"{form}: the branches returned output {j} with different metadata: shape "
+                f"{tuple(shape)}, dtype {dtype} vs shape {tuple(b.shape[1:])}, dtype "
+                f"{b.dtype} (per example). Both branches must return the same shapes and dtypes."
+            )
+    return leaves, spec
 
 
 def _select(index, branches, operands, form, is_pred):

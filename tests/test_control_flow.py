@@ -125,6 +125,20 @@ def test_vmap_cond_operand_forms_and_closures():
         ftrans.vmap(lambda v: ftrans.cond(v.sum() > 0, lambda a: a, lambda a: (a,), (v,)))(x)
 
 
+def test_vmap_cond_parts_plain_then_batched_at_an_outer_level():
+    # the predicate varies along the inner vmap only; the true branch's part is a plain tensor
+    # (written into the result as soon as it ran), the false branch's is still batched at the
+    # outer vmap (it closes over y): the merge switches to the out-of-place path afterwards
+    x, y = _mixed_batch(), torch.randn(4, 3, dtype=D)
+
+    def f(yi, xi):
+        return ftrans.cond(xi.sum() > 0, lambda v: v * 2, lambda v: v + yi, (xi,))
+
+    out = ftrans.vmap(ftrans.vmap(f, in_dims=(None, 0)), in_dims=(0, None))(y, x)
+    ref = torch.stack([torch.stack([f(yi, xi) for xi in x]) for yi in y])
+    torch.testing.assert_close(out, ref)
+
+
 def test_vmap_cond_hidden_batched_value_is_refused():
     x = _mixed_batch()
     box = {}
