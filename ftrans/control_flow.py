@@ -85,6 +85,8 @@ def _check_pred(form, pred):
 
 def _is_traced(t) -> bool:
     # Under ftrans.compile (make_fx with fake tensors) predicate values are unknown.
+    if type(t) is torch.Tensor:  # the common case, without the import
+        return False
     from torch._subclasses.fake_tensor import FakeTensor
     return isinstance(t, FakeTensor) or type(t).__name__ == "FunctionalTensor"
 
@@ -201,50 +203,93 @@ def _quiet(t):
 
 
 def _partitioned(levels, n, takes, branches, operands, form):
-    """Each branch under an inner vmap on the lanes ``takes[k]`` (a 1-d index tensor each)."""
-    leaves, spec = _pytree.tree_flatten(tuple(operands))
-    tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-    lanes = {i: _lanes.gather(leaves[i], levels) for i in tensor_pos}
-    quiet = all(type(v) is torch.Tensor for v in lanes.values()) and _only_vmap_mode()
-    results, perms = [], []
-    with _lanes_draw(levels) as rnd:
+    """Each branch under an inner vmap on the lanes ``takes[k]`` (a 1-d index tensor each).
+
+    Operands that are a flat tuple (or list) of tensors, and branches returning one tensor,
+    skip the pytree round trips; a branch closing over no per-example value is entered as it
+    is (no closure rebinding, no argument re-assembly)."""
+    if all(isinstance(x, torch.Tensor) for x in operands):
+        leaves, spec = list(operands), None  # passed positionally as they are
+        tensor_pos = range(len(leaves))
+    else:
+        leaves, spec = _pytree.tree_flatten(tuple(operands))
+        tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    lanes = [_lanes.gather(leaves[i], levels) for i in tensor_pos]
+    only_vmap = _only_vmap_mode()
+    quiet = only_vmap and all(type(v) is torch.Tensor for v in lanes)
+    first = None  # the first branch's (output leaves, spec): the others must match it
+    parts, perms = [], []  # per branch that ran: its output leaves, its lanes
+    outs = plain = None  # per output leaf: the merged tensor, and whether every part is plain
+    # Random ops draw per lane at the inner level (``_lanes_draw``, written out: most levels
+    # refuse randomness and then nothing changes).
+    rnd = _randomness(levels)
+    saved = [lv.randomness for lv in levels] if rnd != "error" else None
+    if saved:
+        for lv in levels:
+            lv.randomness = "same"
+    try:
         for k, branch in enumerate(branches):
             idx = takes[k]
-            if idx.shape[0] == 0:
+            m = idx.shape[0]
+            if m == 0:
                 continue
-            _STATS["branch_lanes"] += idx.shape[0]
-            fn, cells = _with_rebound_closure(branch)
-            cell_vals = [_lanes.gather(v, levels).index_select(0, idx) for _, v in cells]
-            args = list(leaves)
+            _STATS["branch_lanes"] += m
+            cells = _lanes.closure_tensors(branch) \
+                if isinstance(branch, type(_partitioned)) else ()
             with _NoPythonDispatch() if quiet else _NO_GUARD:
-                for i in tensor_pos:
-                    args[i] = lanes[i].index_select(0, idx)
-            results.append(_run_lanes(fn, cells, cell_vals, spec, args, tensor_pos,
-                                      idx.shape[0], rnd))
+                subset = [v.index_select(0, idx) for v in lanes]
+            if cells:
+                subset += [_lanes.gather(v, levels).index_select(0, idx) for _, v in cells]
+            if spec is None and not cells:
+                fn = branch  # called with the lanes as its arguments, as the caller wrote it
+            else:
+                fn = functools.partial(_call_branch, branch, cells, spec, leaves, tensor_pos)
+            out_k = _branch_leaves(_run_lanes(fn, subset, m, rnd), first, form)
+            del subset
+            if first is None:  # (metadata only: the parts themselves are not kept)
+                first = ([(t.shape[1:], t.dtype) for t in out_k[0]], out_k[1])
+                outs, plain = [None] * len(out_k[0]), [True] * len(out_k[0])
             perms.append(idx)
-    out_leaves = _same_structure(results, form)
+            # Each example's result written once, in place into a fresh tensor (autograd
+            # records the writes; half the traffic of concatenating and reordering), as soon
+            # as its branch has run: the part is still in cache.
+            parts.append(out_k[0])  # (plain parts dropped below once written)
+            for j, part in enumerate(out_k[0]):
+                _lanes.check_not_batched([part], levels, form)
+                if type(part) is not torch.Tensor and plain[j]:
+                    plain[j] = False  # out of place after all: the written parts are needed
+                    for p, i in zip(parts, perms):
+                        if p[j] is None:
+                            p[j] = outs[j].index_select(0, i)
+                    outs[j] = None
+                if not plain[j]:
+                    continue
+                with _NoPythonDispatch() if only_vmap else _NO_GUARD:
+                    if outs[j] is None:
+                        out = part.new_empty((n,) + tuple(part.shape[1:]))
+                        if type(out) is not torch.Tensor:  # vmap's FreshTensor (_C/fresh.py)
+                            out = out.as_subclass(torch.Tensor)
+                        outs[j] = out
+                    outs[j].index_copy_(0, idx, part)
+                out_k[0][j] = None  # the memory goes back now, not at the end
+            out_k = part = None
+    finally:
+        if saved:
+            for lv, r in zip(levels, saved):
+                lv.randomness = r
     inverse = None
     merged = []
-    for j in range(len(out_leaves[0])):
-        parts = [o[j] for o in out_leaves]
-        _lanes.check_not_batched(parts, levels, form)
-        if all(type(p) is torch.Tensor for p in parts):
-            # Each example's result written once, in place into a fresh tensor (autograd
-            # records the writes): half the traffic of concatenating and reordering.
-            with _quiet(parts[0]):
-                out = parts[0].new_empty((n,) + tuple(parts[0].shape[1:]))
-                if type(out) is not torch.Tensor:  # vmap's FreshTensor (``_C/fresh.py``): plain
-                    out = out.as_subclass(torch.Tensor)
-                for part, idx in zip(parts, perms):
-                    out.index_copy_(0, idx, part)
-        else:  # still batched at an outer level: out of place
+    for j, out in enumerate(outs):
+        if not plain[j]:  # a part still batched at an outer level: out of place
             if inverse is None:
                 perm = torch.cat(perms) if len(perms) > 1 else perms[0]
                 inverse = torch.empty_like(perm)
                 inverse[perm] = torch.arange(n, device=perm.device)
-            out = torch.cat(parts).index_select(0, inverse)
+            out = torch.cat([p[j] for p in parts]).index_select(0, inverse)
         merged.append(_lanes.scatter(out, levels))
-    return _pytree.tree_unflatten(_pytree.tree_structure(results[0]), merged)
+    if first[1] is None:
+        return merged[0]
+    return _pytree.tree_unflatten(first[1], merged)
 
 
 def _randomness(levels) -> str:
@@ -275,30 +320,33 @@ def _lanes_draw(levels):
             lv.randomness = r
 
 
-def _run_lanes(fn, cells, cell_vals, spec, args, tensor_pos, n, randomness="error"):
-    """The branch ``fn`` (a closure factory, see :func:`_with_rebound_closure`) under an inner
-    vmap over ``n`` lanes: the flat operands ``args`` (the tensors at ``tensor_pos`` hold the
-    lanes) and the closure values ``cell_vals``, each with the lanes at dim 0.  Enters the vmap
-    with its batch size and flat inputs already known (``vmap._vmap_once``): no ``in_dims``
-    to match, and a branch with no per-example input still gets ``n`` lanes."""
-    inputs = [args[i] for i in tensor_pos] + list(cell_vals)
-
-    def branch(*xs):
-        return _call_branch(fn, cells, spec, args, tensor_pos, xs)
-
+def _run_lanes(fn, inputs, n, randomness="error"):
+    """``fn(*inputs)`` under an inner vmap over ``n`` lanes, each input with the lanes at dim 0.
+    Enters the vmap with its batch size and flat inputs already known (``vmap._vmap_once``):
+    no ``in_dims`` to match, and a branch with no per-example input still gets ``n`` lanes."""
     if any(x.is_nested for x in inputs):  # nested tensors: vmap's own entry handles them
-        return vmap(branch, randomness=randomness)(*inputs)
-    treespec = _pytree.tree_structure(tuple(inputs))
-    return _vmap_once(branch, 0, 0, randomness, inputs, treespec, [0] * len(inputs), n, {})
+        return vmap(fn, randomness=randomness)(*inputs)
+    k = len(inputs)
+    spec = _FLAT_SPECS.get(k)
+    if spec is None:
+        spec = _FLAT_SPECS[k] = _pytree.tree_structure((0,) * k)
+    return _vmap_once(fn, 0, 0, randomness, inputs, spec, [0] * k, n, {})
 
 
-def _call_branch(fn, cells, spec, args, tensor_pos, xs):
+_FLAT_SPECS: dict = {}  # number of inputs -> the pytree spec of a flat tuple of that many
+
+
+def _call_branch(fn, cells, spec, args, tensor_pos, *xs):
+    """``fn`` on the operands ``args`` (flat leaves of ``spec``; None: positional as they are)
+    with the tensors at ``tensor_pos`` replaced by the lanes ``xs``, and its closure cells
+    ``cells`` (see :func:`_lanes.closure_tensors`) rebound to the lanes after them."""
     full = list(args)
     k = len(tensor_pos)
     for i, x in zip(tensor_pos, xs[:k]):
         full[i] = x
-    f = fn(dict(zip((i for i, _ in cells), xs[k:])))
-    return f(*_pytree.tree_unflatten(spec, full))
+    if cells:
+        fn = _lanes.rebind_closure(fn, dict(zip((i for i, _ in cells), xs[k:])))
+    return fn(*(full if spec is None else _pytree.tree_unflatten(spec, full)))
 
 
 def _with_rebound_closure(fn):
@@ -309,25 +357,35 @@ def _with_rebound_closure(fn):
     return functools.partial(_lanes.rebind_closure, fn), cells
 
 
-def _same_structure(results, form):
-    flat = [_pytree.tree_flatten(r) for r in results]
-    spec0 = flat[0][1]
-    for leaves, spec in flat[1:]:
-        if spec != spec0:
+def _branch_leaves(result, first, form):
+    """(output leaves, pytree spec) of one branch's ``result`` (spec None for a single tensor),
+    checked against ``first``: the first branch's (per leaf (per-example shape, dtype), spec),
+    None when ``result`` is the first."""
+    if isinstance(result, torch.Tensor):
+        leaves, spec = [result], None
+    else:
+        leaves, spec = _pytree.tree_flatten(result)
+    for b in leaves:
+        if not isinstance(b, torch.Tensor):
+            raise RuntimeError(f"{form}: branch outputs must be tensors, got {type(b).__name__}.")
+    if first is None:
+        return leaves, spec
+    ref, ref_spec = first
+    if spec != ref_spec:
+        s0 = ref_spec if ref_spec is not None else _pytree.tree_structure(0)  # one leaf
+        s1 = spec if spec is not None else _pytree.tree_structure(0)
+        if s0 != s1:
             raise RuntimeError(
-                f"{form}: the branches returned different structures: {spec0} and {spec}."
+                f"{form}: the branches returned different structures: {s0} and {s1}."
             )
-    for leaves, _ in flat:
-        for j, (a, b) in enumerate(zip(flat[0][0], leaves)):
-            if not isinstance(b, torch.Tensor):
-                raise RuntimeError(f"{form}: branch outputs must be tensors, got {type(b).__name__}.")
-            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
-                raise RuntimeError(
-                    f"{form}: the branches returned output {j} with different metadata: shape "
-                    f"{tuple(a.shape[1:])}, dtype {a.dtype} vs shape {tuple(b.shape[1:])}, dtype "
-                    f"{b.dtype} (per example). Both branches must return the same shapes and dtypes."
-                )
-    return [leaves for leaves, _ in flat]
+    for j, ((shape, dtype), b) in enumerate(zip(ref, leaves)):
+        if shape != b.shape[1:] or dtype != b.dtype:
+            raise RuntimeError(
+                f"{form}: the branches returned output {j} with different metadata: shape "
+                f"{tuple(shape)}, dtype {dtype} vs shape {tuple(b.shape[1:])}, dtype "
+                f"{b.dtype} (per example). Both branches must return the same shapes and dtypes."
+            )
+    return leaves, spec
 
 
 def _select(index, branches, operands, form, is_pred):

@@ -99,6 +99,46 @@ def test_vmap_cond_branch_closing_over_batched_value():
     torch.testing.assert_close(ftrans.vmap(f)(x), _loop(f, x))
 
 
+def test_vmap_cond_operand_forms_and_closures():
+    # flat tensor operands passed positionally, with a per-example closure value besides; a
+    # list; a non-tensor operand (the pytree path); an empty part (one branch skipped)
+    x, y = _mixed_batch(), torch.randn(8, 3, dtype=D)
+
+    def flat(a, b):
+        return ftrans.cond(a.sum() > 0, lambda p, q: p * q + b, lambda p, q: p - q * b,
+                           (a, b.exp()))
+
+    def listed(a, b):
+        return ftrans.cond(a.sum() > 0, lambda p, s: p * s, lambda p, s: p - s, [a, 2.5])
+
+    def switched(a, b):
+        i = (a.sum() > 0).long() * 2  # never branch 1
+        return ftrans.switch(i, [lambda p, q: p + q, lambda p, q: p / 0, lambda p, q: p * q],
+                             (a, b))
+
+    for f in (flat, listed, switched):
+        torch.testing.assert_close(ftrans.vmap(f)(x, y), _loop(f, x, y))
+    control_flow.reset_stats()
+    ftrans.vmap(switched)(x, y)
+    assert control_flow.stats()["branch_lanes"] == 8
+    with pytest.raises(RuntimeError, match="different structures"):
+        ftrans.vmap(lambda v: ftrans.cond(v.sum() > 0, lambda a: a, lambda a: (a,), (v,)))(x)
+
+
+def test_vmap_cond_parts_plain_then_batched_at_an_outer_level():
+    # the predicate varies along the inner vmap only; the true branch's part is a plain tensor
+    # (written into the result as soon as it ran), the false branch's is still batched at the
+    # outer vmap (it closes over y): the merge switches to the out-of-place path afterwards
+    x, y = _mixed_batch(), torch.randn(4, 3, dtype=D)
+
+    def f(yi, xi):
+        return ftrans.cond(xi.sum() > 0, lambda v: v * 2, lambda v: v + yi, (xi,))
+
+    out = ftrans.vmap(ftrans.vmap(f, in_dims=(None, 0)), in_dims=(0, None))(y, x)
+    ref = torch.stack([torch.stack([f(yi, xi) for xi in x]) for yi in y])
+    torch.testing.assert_close(out, ref)
+
+
 def test_vmap_cond_hidden_batched_value_is_refused():
     x = _mixed_batch()
     box = {}
