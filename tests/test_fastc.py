@@ -194,3 +194,46 @@ def test_hit_tuples_name_the_physical_call():
     calls = {f: hit[2] for f, e in fastpath._CACHE.items() if e for hit in e.values() if hit}
     assert calls[torch.Tensor.sin] is torch.Tensor.sin
     assert calls[torch.Tensor.__rsub__] is torch.ops.aten.rsub.Scalar._op  # a Python function
+
+
+@needs_c
+def test_keyword_calls_of_the_entry_and_no_reference_leaks():
+    """The entry called with keywords (as Python code may) reaches the Python entry; and
+    thousands of calls through the C paths (hits, nested hits, bail-outs) leave no Python
+    objects behind (a leaked key tuple or wrapper per call would).  (A failing call is left
+    out of the count: torch keeps a bounded cache of small objects per raised error, which
+    takes a few thousand calls to turn over, on both entries.)"""
+    import gc
+    import tracemalloc
+
+    x, y = torch.randn(4, 3), torch.randn(2, 4, 3)
+
+    def run(n):
+        def f(v, w):
+            for _ in range(n):
+                v.sin()
+                v * 1.5
+                v + w
+                torch.add(v, w, alpha=2.0)  # keywords: Python
+            sin = type(v).__torch_function__(torch.Tensor.sin, (type(v),), args=(v,))
+            torch.testing.assert_close(sin, v.sin())
+            return v
+        ftrans.vmap(f)(x, x)
+        ftrans.vmap(ftrans.vmap(lambda v: (v * 2.0).sin()))(y)
+
+    for _ in range(3):  # learn, then warm
+        run(50)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        run(10)
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        hits = _fastc.hits()
+        run(2000)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert _fastc.hits() - hits >= 2000 * 3
+    assert grown < 64 * 1024, grown  # a leaked object per call would be > 160 KB

@@ -345,11 +345,11 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
         PyObject *len = PyObject_CallNoArgs(g_stack_len);
         if (!len)
             goto done;
-        long depth = PyLong_AsLong(len);
+        long modes = PyLong_AsLong(len);
         Py_DECREF(len);
-        if (depth < 0 || depth > 1)
+        if (modes < 0 || modes > 1)
             goto done;
-        if (depth == 1) {
+        if (modes == 1) {
             PyObject *top = PyObject_CallOneArg(g_stack_at, g_zero);
             if (!top)
                 goto done;
@@ -401,16 +401,14 @@ static PyObject *tf_entry(PyObject *self, PyObject *const *argv, Py_ssize_t narg
     PyObject *cls, *func, *types, *args = NULL, *kwargs = NULL;
     if (kwnames && PyTuple_GET_SIZE(kwnames)) {
         /* torch passes everything positionally; anything else is not ours */
-        PyObject *t = PyTuple_New(0);
-        if (!t)
-            return NULL;
         PyObject *d = PyDict_New();
-        if (!d) {
-            Py_DECREF(t);
+        if (!d)
             return NULL;
-        }
         for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++)
-            PyDict_SetItem(d, PyTuple_GET_ITEM(kwnames, i), argv[nargs + i]);
+            if (PyDict_SetItem(d, PyTuple_GET_ITEM(kwnames, i), argv[nargs + i]) < 0) {
+                Py_DECREF(d);
+                return NULL;
+            }
         PyObject *r = NULL;
         PyObject *full = PyTuple_New(nargs);
         if (full) {
@@ -421,7 +419,6 @@ static PyObject *tf_entry(PyObject *self, PyObject *const *argv, Py_ssize_t narg
             r = PyObject_Call(g_fallback, full, d);
             Py_DECREF(full);
         }
-        Py_DECREF(t);
         Py_DECREF(d);
         return r;
     }
@@ -443,7 +440,7 @@ static PyObject *tf_entry(PyObject *self, PyObject *const *argv, Py_ssize_t narg
     {
         PyObject *d = PyList_GET_ITEM(g_autodiff_depth, 0);
         if (d != NULL && PyObject_IsTrue(d) != 0)
-            goto slow;
+            goto slow_clear; /* (a grad level is open: autograd records; or an error) */
         int c = PyDict_Contains(g_overrides, func);
         if (c != 0)
             goto slow_clear;
