@@ -237,3 +237,29 @@ def test_keyword_calls_of_the_entry_and_no_reference_leaks():
         tracemalloc.stop()
     assert _fastc.hits() - hits >= 2000 * 3
     assert grown < 64 * 1024, grown  # a leaked object per call would be > 160 KB
+
+
+@needs_c
+def test_dispatch_keys_already_excluded_stay_excluded():
+    """The physical call excludes the Python dispatch keys and includes them again after;
+    keys the caller had excluded already (a `_DisableTorchDispatch` block) stay excluded."""
+    K = torch._C.DispatchKey
+    x = torch.randn(4, 3)
+    states = []
+
+    def f(v):
+        v.sin()  # learned
+        before = _fastc.hits()
+        with torch._C._DisableTorchDispatch():
+            out = v.sin()
+            states.append((torch._C._dispatch_tls_is_dispatch_key_excluded(K.Python),
+                           torch._C._dispatch_tls_is_dispatch_key_excluded(
+                               K.PythonTLSSnapshot)))
+        out2 = v.sin()
+        states.append((torch._C._dispatch_tls_is_dispatch_key_excluded(K.Python),
+                       torch._C._dispatch_tls_is_dispatch_key_excluded(K.PythonTLSSnapshot)))
+        states.append(_fastc.hits() - before)
+        return out + out2
+
+    torch.testing.assert_close(ftrans.vmap(f)(x), 2 * x.sin())
+    assert states == [(True, True), (False, False), 2]

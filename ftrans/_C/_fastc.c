@@ -61,10 +61,9 @@ static PyObject *fallback(PyObject *cls, PyObject *func, PyObject *types, PyObje
     return PyObject_Vectorcall(g_fallback, call, 5, NULL);
 }
 
-/* 1 true, 0 false, -1 error */
-static int call_bool(PyObject *f)
+/* The truth of a new reference (stolen): 1 true, 0 false, -1 error. */
+static int truth(PyObject *r)
 {
-    PyObject *r = PyObject_CallNoArgs(f);
     if (!r)
         return -1;
     int b = PyObject_IsTrue(r);
@@ -72,25 +71,9 @@ static int call_bool(PyObject *f)
     return b;
 }
 
-static int method_bool(PyObject *o, PyObject *name)
-{
-    PyObject *r = PyObject_CallMethodNoArgs(o, name);
-    if (!r)
-        return -1;
-    int b = PyObject_IsTrue(r);
-    Py_DECREF(r);
-    return b;
-}
-
-static int attr_bool(PyObject *o, PyObject *name)
-{
-    PyObject *r = PyObject_GetAttr(o, name);
-    if (!r)
-        return -1;
-    int b = PyObject_IsTrue(r);
-    Py_DECREF(r);
-    return b;
-}
+#define call_bool(f) truth(PyObject_CallNoArgs(f))
+#define method_bool(o, name) truth(PyObject_CallMethodNoArgs(o, name))
+#define attr_bool(o, name) truth(PyObject_GetAttr(o, name))
 
 static int is_scalar_type(PyTypeObject *t)
 {
@@ -149,9 +132,8 @@ static int exclude_keys(int done[2])
 {
     PyObject *keys[2] = {g_python_key, g_snapshot_key};
     for (int k = 0; k < 2; k++) {
-        PyObject *r = PyObject_CallOneArg(g_is_excluded, keys[k]);
-        int was = r ? PyObject_IsTrue(r) : -1;
-        Py_XDECREF(r);
+        int was = truth(PyObject_CallOneArg(g_is_excluded, keys[k]));
+        PyObject *r = NULL;
         if (was == 0) {
             PyObject *sargs[2] = {keys[k], Py_True};
             r = PyObject_Vectorcall(g_set_excluded, sargs, 2, NULL);
@@ -161,7 +143,7 @@ static int exclude_keys(int done[2])
                 continue;
             }
         }
-        if (was < 0 || !r) {
+        if (was < 0 || (was == 0 && !r)) {
             PyObject *exc_type, *exc_value, *exc_tb;
             PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
             include_keys(done);
