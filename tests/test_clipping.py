@@ -411,11 +411,13 @@ def test_add_to_accumulates_micro_batches_and_checks_its_argument():
            ({**acc, "0.bias": acc["0.bias"].float()}, "float32"),
            ({**acc, "0.bias": torch.zeros_like(acc["0.bias"], requires_grad=True)},
             "requires grad"),
-           ({**acc, "0.bias": 0.0}, "float")]
+           ({**acc, "0.bias": 0.0}, "float"),
+           ({**acc, "0.bias": params["0.bias"]}, "shares memory with input"),
+           ({**acc, "2.bias": acc["0.bias"][:2]}, "shares memory with add_to leaf")]
     for add_to, what in bad:
         before = {k: v.clone() for k, v in acc.items()}
         with pytest.raises(ValueError, match=r"add_to.*" + what if what == "structure"
-                           else "add_to leaf"):
+                           else "add_to leaf.*" + what):
             clip(params, x, y, add_to=add_to)
         for k in acc:  # nothing was added before the refusal
             assert torch.equal(acc[k], before[k])

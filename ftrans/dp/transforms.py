@@ -153,6 +153,18 @@ def _add_to_leaves(add_to, cap, form):
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{form}: add_to leaf {i} requires grad; the sums are added into "
                              "it in place (pass a tensor that does not, or use torch.no_grad())")
+    # Written in place while the inputs are read (and, compiled, replayed): no add_to leaf may
+    # share memory with an input of the gradient or with another add_to leaf.
+    seen = {}
+    for what, group in (("input", cap.leaves), ("add_to leaf", leaves)):
+        for i, t in enumerate(group):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen and (what == "add_to leaf" and ptr):
+                raise ValueError(f"{form}: add_to leaf {i} shares memory with {seen[ptr]}; the "
+                                 "sums are added into it in place (pass separate buffers)")
+            seen.setdefault(ptr, f"{what} {i}")
     return leaves
 
 
