@@ -76,6 +76,27 @@ def _leaf_key(x):
         return ("I", id(x))
 
 
+def _aliasing(leaves):
+    """Which tensor inputs share memory, as ``((i, j), ...)`` (input ``i`` shares the storage of
+    the earlier input ``j``); ``()`` for the usual call.  Part of the signature: a trace made
+    with separate inputs assumed them separate (its simplifications, a CUDA graph's static
+    input copies), and a function may refuse aliased inputs eagerly."""
+    first, out = {}, None
+    for i, x in enumerate(leaves):
+        if isinstance(x, torch.Tensor) and x.layout is torch.strided:
+            try:
+                base = x.data_ptr() - x.storage_offset() * x.element_size()
+            except RuntimeError:  # no memory (a tracer's tensor)
+                continue
+            if not base:
+                continue
+            j = first.setdefault(base, i)
+            if j != i:
+                out = out or []
+                out.append((i, j))
+    return tuple(out) if out else ()
+
+
 def compile(
     fn: Callable,
     *,
@@ -122,10 +143,10 @@ def compile(
     def compiled(*args, **kwargs):
         leaves, spec = _pytree.tree_flatten((args, kwargs))
         key = (spec, tuple(_leaf_key(x) for x in leaves), global_state(),
-               bool(_levels.current_stack()))
+               bool(_levels.current_stack()), _aliasing(leaves))
         sig = cache.get(key)
         if sig is None:
-            sig = cache[key] = _Signature(fn, spec, opts)
+            sig = cache[key] = _Signature(fn, spec, opts, key[-1])
         return sig(leaves)
 
     compiled.cache = cache  # introspection: one entry per input signature
@@ -136,8 +157,8 @@ class _Signature:
     """The traces of one input signature, each valid while its guard holds (at most
     ``RETRACE_LIMIT``), or the eager fallback."""
 
-    def __init__(self, fn, spec, opts):
-        self.fn, self.spec, self.opts = fn, spec, opts
+    def __init__(self, fn, spec, opts, aliasing=()):
+        self.fn, self.spec, self.opts, self.aliasing = fn, spec, opts, aliasing
         self.entries: list = []
         self.eager = None
         self.dynamic_tried = False
@@ -167,7 +188,8 @@ class _Signature:
             if failed is not None and not self.dynamic_tried:
                 entry = self._try_dynamic(failed[0], leaves)
             if entry is None:
-                entry = _trace(self.fn, leaves, self.spec, self.opts, dynamic=self.dynamic)
+                entry = _trace(self.fn, leaves, self.spec, self.opts, dynamic=self.dynamic,
+                               aliasing=self.aliasing)
         except _TraceFailed as e:
             return self._eager(str(e), leaves)
         self.entries.append(entry)
@@ -184,7 +206,8 @@ class _Signature:
             return None
         self.dynamic_tried = True
         try:
-            entry = _trace(self.fn, leaves, self.spec, self.opts, dynamic=changed)
+            entry = _trace(self.fn, leaves, self.spec, self.opts, dynamic=changed,
+                           aliasing=self.aliasing)
         except _TraceFailed:  # used in Python control flow (or shapes): keep specializing
             return None
         if entry.out_meta != last.out_meta or entry.consts != last.consts:
@@ -193,7 +216,7 @@ class _Signature:
         return entry
 
 
-def _trace(fn, leaves, spec, opts, dynamic=()):
+def _trace(fn, leaves, spec, opts, dynamic=(), aliasing=()):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     backend, check = opts[1], opts[4]
@@ -254,6 +277,16 @@ def _trace(fn, leaves, spec, opts, dynamic=()):
     finally:
         watch.undo()  # tracing ran in-place updates of real tensors: put them back
 
+    if aliasing:
+        # The trace ran on separate (fake) inputs: a graph that updates one of the inputs
+        # sharing memory would not see the update through the other.
+        written = {tensor_pos[k] for k in _written_by(gm)[0] if k < len(tensor_pos)}
+        for i, j in aliasing:
+            if i in written or j in written:
+                raise _TraceFailed(
+                    f"its inputs {_leaf_name(spec, j)} and {_leaf_name(spec, i)} share memory "
+                    "and it updates one of them in place (a trace assumes separate inputs); "
+                    "running it eagerly.")
     guard = reads.compile()
     changed = guard(leaves)
     if changed >= 0:  # the trace changed Python state a replay would not change again

@@ -421,6 +421,13 @@ def test_add_to_accumulates_micro_batches_and_checks_its_argument():
             clip(params, x, y, add_to=add_to)
         for k in acc:  # nothing was added before the refusal
             assert torch.equal(acc[k], before[k])
+    # Compiled, the same refusal: inputs sharing memory are a signature of their own, which
+    # runs eagerly (with a CompileWarning) when the function writes one of them.
+    compiled = ftrans.compile(clip)
+    compiled(params, x, y, add_to=acc)
+    with pytest.warns(ftrans.CompileWarning, match="share memory"), \
+            pytest.raises(ValueError, match="add_to leaf 1 shares memory with input 1"):
+        compiled(params, x, y, add_to={**acc, "0.weight": params["0.weight"]})
 
 
 # --------------------------------------------------------------------------- errors

@@ -529,3 +529,33 @@ def test_cyclic_state_is_walked_once():
     torch.testing.assert_close(cf(x), x * 2)
     box["k"] = 3.0
     torch.testing.assert_close(cf(x), x * 3)
+
+
+def test_input_aliasing_is_part_of_the_signature():
+    """Inputs that share memory are a signature of their own (a trace made with separate
+    inputs assumed them separate): replayed when the function only reads them, run eagerly
+    with a CompileWarning when it writes one of them; each call returns, and updates, what the
+    eager call does."""
+    def g(a, b):
+        a.mul_(2)
+        return b + 1
+
+    def h(a, b):
+        return a * b + b
+
+    for fn, writes in ((g, True), (h, False)):
+        compiled = ftrans.compile(fn)
+        for make in (lambda t: (t, t.clone()), lambda t: (t, t), lambda t: (t[:3], t[1:]),
+                     lambda t: (t[:2], t[2:]), lambda t: (t, t.clone())):
+            base, ref = torch.arange(4.0), torch.arange(4.0)
+            args = make(base)
+            aliased = args[0].untyped_storage().data_ptr() == args[1].untyped_storage().data_ptr()
+            if aliased and writes:
+                with pytest.warns(ftrans.CompileWarning, match="share memory"):
+                    out = compiled(*args)
+            else:
+                out = compiled(*args)
+            expected = fn(*make(ref))
+            assert torch.equal(out, expected) and torch.equal(base, ref)
+        # separate inputs, the same tensor twice, overlapping views, disjoint views of one storage
+        assert len(compiled.cache) == 4

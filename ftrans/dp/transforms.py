@@ -135,6 +135,10 @@ def clip_factors(cap, labels, bounds, sample_weights=None, into=None):
     return grads, norms, scale
 
 
+_is_alias_of = torch._C._is_alias_of
+_REAL = (torch.Tensor, torch.nn.Parameter)
+
+
 def _add_to_leaves(add_to, cap, form):
     """The leaves of ``add_to=``, checked against the differentiated inputs' (``cap.leaves``):
     the same structure, and per leaf the same shape, device and dtype."""
@@ -153,18 +157,19 @@ def _add_to_leaves(add_to, cap, form):
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{form}: add_to leaf {i} requires grad; the sums are added into "
                              "it in place (pass a tensor that does not, or use torch.no_grad())")
-    # Written in place while the inputs are read (and, compiled, replayed): no add_to leaf may
-    # share memory with an input of the gradient or with another add_to leaf.
-    seen = {}
-    for what, group in (("input", cap.leaves), ("add_to leaf", leaves)):
-        for i, t in enumerate(group):
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen and (what == "add_to leaf" and ptr):
-                raise ValueError(f"{form}: add_to leaf {i} shares memory with {seen[ptr]}; the "
+    # Written in place while the inputs are read: no add_to leaf may share memory with an
+    # input of the gradient or with another add_to leaf.  (Real tensors only: a tracer's are
+    # not checked here; ftrans.compile runs a call whose inputs share memory eagerly when the
+    # function writes one of them, which add_to does.)
+    others = [(f"input {j}", x) for j, x in enumerate(cap.leaves) if type(x) in _REAL]
+    for i, t in enumerate(leaves):
+        if type(t) not in _REAL:
+            continue
+        for name, x in others:
+            if _is_alias_of(t, x):
+                raise ValueError(f"{form}: add_to leaf {i} shares memory with {name}; the "
                                  "sums are added into it in place (pass separate buffers)")
-            seen.setdefault(ptr, f"{what} {i}")
+        others.append((f"add_to leaf {i}", t))
     return leaves
 
 
