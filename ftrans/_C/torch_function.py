@@ -180,8 +180,9 @@ def _c_entry():
     except ImportError:
         return None
     if not all(hasattr(torch._C, name) for name in (
-            "_dispatch_tls_is_dispatch_key_excluded", "_dispatch_tls_set_dispatch_key_excluded")):
-        return None
+            "_dispatch_tls_is_dispatch_key_excluded", "_dispatch_tls_set_dispatch_key_excluded")) \
+            or not all(hasattr(torch._C.DispatchKey, k) for k in ("Python", "PythonTLSSnapshot")):
+        return None  # (feature-tested: the Python entry serves every call)
     from . import batched as _batched, dispatch as _dispatch
     import torch.autograd.forward_ad as _fwad
     _fastc.init({
