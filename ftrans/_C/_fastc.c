@@ -10,10 +10,6 @@
  * ``fastpath._fast_call`` (one level) or ``dispatch.direct_pointwise`` (nested) makes in that
  * case, minus the interpreter.
  *
- * Under a grad level it does what the Python entry does with a call autograd records when no
- * captured value needs a per-use lift: the call with subclass torch functions off
- * (``recorded_call``).
- *
  * Anything else, including any exception on the way, goes to the Python entry
  * (``torch_function.batched_torch_function``) with the arguments untouched, which decides and
  * raises as it always did.  The extension holds no state of its own: the cache, the types and
@@ -39,8 +35,6 @@ static PyObject *g_is_excluded;    /* torch._C._dispatch_tls_is_dispatch_key_exc
 static PyObject *g_set_excluded;   /* torch._C._dispatch_tls_set_dispatch_key_excluded */
 static PyObject *g_python_key;     /* torch._C.DispatchKey.Python */
 static PyObject *g_snapshot_key;   /* torch._C.DispatchKey.PythonTLSSnapshot */
-static PyObject *g_disabled_tf;    /* torch._C._disabled_torch_function_impl */
-static PyObject *g_no_lift;        /* torch_function._NO_LIFT */
 static PyObject *g_disable_tf;     /* torch._C.DisableTorchFunctionSubclass (type) */
 static PyObject *g_make_wrapper;   /* torch.Tensor._make_wrapper_subclass */
 static PyObject *g_strided;        /* torch.strided */
@@ -55,7 +49,7 @@ static PyObject *g_zero;           /* the int 0 */
 
 static PyObject *s_value, *s_bdim, *s_level, *s_id, *s_alive, *s_requires_grad, *s_dtype,
     *s_dim, *s_is_cuda, *s_is_neg, *s_shape, *s_is_contiguous, *s_device, *s_current_level,
-    *s_enter, *s_exit, *s_fresh;
+    *s_enter, *s_exit;
 
 #define MAX_ARGS 8
 #define MAX_DEPTH 4
@@ -383,82 +377,6 @@ done:
     return result;
 }
 
-/* What the Python entry does with a call autograd records when no captured value needs a
- * per-use lift (``torch_function._lift_top`` finds none: every batched argument of one level,
- * no list or tuple argument, no plain tensor that requires grad): the call with subclass torch
- * functions off.  NOT_OURS (no error set) for anything else, and for the error that asks for a
- * fresh tensor to become batched (the Python entry batches it and replays the call). */
-#define NOT_OURS ((PyObject *)-2)
-
-static PyObject *recorded_call(PyObject *func, PyObject *types, PyObject *args)
-{
-    int grad = call_bool(g_grad_enabled);
-    if (grad < 0) {
-        PyErr_Clear();
-        return NOT_OURS;
-    }
-    if (grad) {
-        int c = PySequence_Contains(g_no_lift, func);
-        if (c < 0) {
-            PyErr_Clear();
-            return NOT_OURS;
-        }
-        if (!c) {
-            PyObject *level = NULL;
-            Py_ssize_t n = PyTuple_GET_SIZE(args);
-            for (Py_ssize_t i = 0; i < n; i++) {
-                PyObject *a = PyTuple_GET_ITEM(args, i);
-                PyTypeObject *t = Py_TYPE(a);
-                if (t == g_bt) {
-                    PyObject *lv = PyObject_GetAttr(a, s_level);
-                    if (!lv) {
-                        PyErr_Clear();
-                        return NOT_OURS;
-                    }
-                    Py_DECREF(lv); /* the argument holds it */
-                    if (level == NULL)
-                        level = lv;
-                    else if (lv != level)
-                        return NOT_OURS;
-                } else if (PyList_Check(a) || PyTuple_Check(a)) {
-                    return NOT_OURS;
-                } else if (PyObject_TypeCheck(a, g_tensor)) {
-                    int rg = attr_bool(a, s_requires_grad);
-                    if (rg != 0) {
-                        if (rg < 0)
-                            PyErr_Clear();
-                        return NOT_OURS;
-                    }
-                }
-            }
-        }
-    }
-    PyObject *kw = PyDict_New();
-    if (!kw)
-        return NULL;
-    PyObject *cargs[4] = {func, types, args, kw};
-    PyObject *out = PyObject_Vectorcall(g_disabled_tf, cargs, 4, NULL);
-    Py_DECREF(kw);
-    if (out || !PyErr_ExceptionMatches(PyExc_RuntimeError))
-        return out;
-    PyObject *exc_type, *exc_value, *exc_tb;
-    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-    PyErr_NormalizeException(&exc_type, &exc_value, &exc_tb);
-    PyObject *fresh = exc_value ? PyObject_GetAttr(exc_value, s_fresh) : NULL;
-    if (!fresh)
-        PyErr_Clear();
-    int is_fresh = fresh != NULL && fresh != Py_None;
-    Py_XDECREF(fresh);
-    if (is_fresh) {
-        Py_XDECREF(exc_type);
-        Py_XDECREF(exc_value);
-        Py_XDECREF(exc_tb);
-        return NOT_OURS;
-    }
-    PyErr_Restore(exc_type, exc_value, exc_tb);
-    return NULL;
-}
-
 static PyObject *tf_entry(PyObject *self, PyObject *const *argv, Py_ssize_t nargs,
                           PyObject *kwnames)
 {
@@ -503,18 +421,11 @@ static PyObject *tf_entry(PyObject *self, PyObject *const *argv, Py_ssize_t narg
         goto slow;
     {
         PyObject *d = PyList_GET_ITEM(g_autodiff_depth, 0);
-        int open = d != NULL ? PyObject_IsTrue(d) : 0;
-        if (open < 0)
-            goto slow_clear;
+        if (d != NULL && PyObject_IsTrue(d) != 0)
+            goto slow_clear; /* (a grad level is open: autograd records; or an error) */
         int c = PyDict_Contains(g_overrides, func);
         if (c != 0)
             goto slow_clear;
-        if (open) { /* a grad level is open: autograd records this call */
-            PyObject *out = recorded_call(func, types, args);
-            if (out != NOT_OURS)
-                return out; /* the result, or the op's own error */
-            goto slow;
-        }
         c = PyDict_Contains(g_tf_rules, func);
         if (c != 0)
             goto slow_clear;
@@ -589,8 +500,6 @@ static PyObject *init(PyObject *self, PyObject *cfg)
     TAKE(g_set_excluded, "set_excluded");
     TAKE(g_python_key, "python_key");
     TAKE(g_snapshot_key, "snapshot_key");
-    TAKE(g_disabled_tf, "disabled_tf");
-    TAKE(g_no_lift, "no_lift");
     TAKE(g_disable_tf, "disable_tf");
     TAKE(g_make_wrapper, "make_wrapper");
     TAKE(g_strided, "strided");
@@ -652,7 +561,6 @@ PyMODINIT_FUNC PyInit__fastc(void)
     STR(s_current_level, "_current_level");
     STR(s_enter, "__enter__");
     STR(s_exit, "__exit__");
-    STR(s_fresh, "_ftrans_fresh");
 #undef STR
     if (!(g_zero = PyLong_FromLong(0)))
         return NULL;

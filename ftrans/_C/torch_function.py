@@ -16,9 +16,9 @@ A batched in-place write into a tensor the vmapped function created comes back h
 carrying that tensor (``fresh.py``): it is made batched and the call replayed.
 
 ``_C/__init__.py`` installs :data:`TORCH_FUNCTION` on BatchedTensor: the C entry of the
-optional extension ``_fastc.c`` (which serves the fast path's learned pointwise calls, one
-vmap or nested, and under a grad level the calls that need no per-use lift, and hands every
-other call to :func:`batched_torch_function` untouched) when it was built, else :func:`batched_torch_function` itself.  ``FTRANS_NO_CEXT=1`` keeps the pure-Python
+optional extension ``_fastc.c`` (which serves the fast path's simplest hit, a learned pointwise
+call at one level, and hands every other call to :func:`batched_torch_function` untouched) when it
+was built, else :func:`batched_torch_function` itself.  ``FTRANS_NO_CEXT=1`` keeps the pure-Python
 entry.
 """
 from __future__ import annotations
@@ -194,7 +194,6 @@ def _c_entry():
         "set_excluded": torch._C._dispatch_tls_set_dispatch_key_excluded,
         "python_key": torch._C.DispatchKey.Python,
         "snapshot_key": torch._C.DispatchKey.PythonTLSSnapshot,
-        "disabled_tf": _disabled_tf, "no_lift": _NO_LIFT,
         "disable_tf": torch._C.DisableTorchFunctionSubclass,
         "make_wrapper": torch.Tensor._make_wrapper_subclass, "strided": torch.strided,
         "make_batched": _batched.make_batched, "batched_tensor": BatchedTensor,
