@@ -44,7 +44,7 @@ def _cond_row(device, quick):
         "torch.func": lambda: torch.func.vmap(
             lambda v: torch.cond(v[0] > thr, expensive, cheap, (v,)))(x),
     }
-    row = run_row("vmap(cond), 10% expensive", f"{n}x{d}", impls, device, reps=3 if quick else 5)
+    row = run_row("vmap(cond), 10% expensive", f"{n}x{d}", impls, device, reps=3 if quick else 21)
     row.note += "loop = hand-written partition; torch.func = torch.cond under torch.vmap (both branches + where)"
     return row
 
