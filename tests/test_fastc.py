@@ -66,7 +66,9 @@ def test_the_python_entry_is_selectable():
 _UNARY = [torch.sin, torch.Tensor.exp, torch.tanh, lambda v: v.abs(), lambda v: -v,
           lambda v: v * 2.5, lambda v: 0.5 + v, lambda v: 3 - v, lambda v: v / 1.5,
           lambda v: torch.relu(v), lambda v: v.sigmoid(), lambda v: v.float(),
-          lambda v: v.double(), lambda v: (v > 0.1).to(v.dtype)]
+          lambda v: v.double(), lambda v: v.cumsum(-1), lambda v: v.softmax(-1),
+          lambda v: v.sum(-1, keepdim=True) + v,  # rule ops (the C entry hands them to the rule)
+          lambda v: (v > 0.1).to(v.dtype)]
 _BINARY = [torch.add, torch.mul, torch.maximum, lambda a, b: a - b, lambda a, b: a * b + a,
            lambda a, b: torch.where(a > b, a, b), lambda a, b: torch.atan2(a, b)]
 
@@ -162,6 +164,23 @@ def test_errors_and_the_mode_stack_are_those_of_the_python_entry():
             assert torch._C._len_torch_dispatch_stack() == depth
     assert msgs["c"] == msgs["python"]
     assert "size of tensor a (3) must match the size of tensor b (2)" in msgs["c"]
+
+
+@needs_c
+def test_rule_calls_raise_eagers_error_under_both_entries():
+    w, bad = torch.randn(4, 5), torch.randn(3, 5)
+    x = torch.randn(6, 2, 4)
+    msgs = {}
+    for entry in ("python", "c"):
+        with tf_entry(entry):
+            torch.testing.assert_close(ftrans.vmap(lambda v: torch.mm(v, w))(x), x @ w)
+            before = _fastc.hits()
+            ftrans.vmap(lambda v: torch.mm(v, w))(x)
+            assert (_fastc.hits() - before == 1) == (entry == "c")  # the learned rule call
+            with pytest.raises(RuntimeError) as e:
+                ftrans.vmap(lambda v: torch.mm(v, bad))(x)
+            msgs[entry] = str(e.value)
+    assert msgs["c"] == msgs["python"] and "cannot be multiplied" in msgs["c"]
 
 
 @needs_c

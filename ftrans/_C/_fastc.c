@@ -8,7 +8,8 @@
  * record on, no autocast, no forward-AD level, and no dispatch mode but vmap's own.  Then the
  * result is the physical op on the innermost values, wrapped once per level: the very call
  * ``fastpath._fast_call`` (one level) or ``dispatch.direct_pointwise`` (nested) makes in that
- * case, minus the interpreter.
+ * case, minus the interpreter.  A learned signature of an op with a batching rule goes to the
+ * rule through ``fastpath.run_rule``, the signature not looked up twice.
  *
  * Anything else, including any exception on the way, goes to the Python entry
  * (``torch_function.batched_torch_function``) with the arguments untouched, which decides and
@@ -35,6 +36,8 @@ static PyObject *g_is_excluded;    /* torch._C._dispatch_tls_is_dispatch_key_exc
 static PyObject *g_set_excluded;   /* torch._C._dispatch_tls_set_dispatch_key_excluded */
 static PyObject *g_python_key;     /* torch._C.DispatchKey.Python */
 static PyObject *g_snapshot_key;   /* torch._C.DispatchKey.PythonTLSSnapshot */
+static PyObject *g_run_rule;       /* fastpath.run_rule(op, level, args) */
+static PyObject *g_miss;           /* fastpath.MISS */
 static PyObject *g_disable_tf;     /* torch._C.DisableTorchFunctionSubclass (type) */
 static PyObject *g_make_wrapper;   /* torch.Tensor._make_wrapper_subclass */
 static PyObject *g_strided;        /* torch.strided */
@@ -187,9 +190,10 @@ static PyObject *wrap0(PyObject *value, PyObject *level)
 
 /* The hit case.  Returns a new reference to the result, NULL with NO error set when the call
  * is not ours (the caller falls back), NULL with an error set on an error (the caller clears it
- * and falls back too: the Python path raises what eager raises), or HIT_BROKEN when the Python dispatch
- * keys could not be included again (an error is set; the caller raises it). */
-#define HIT_BROKEN ((PyObject *)-1)
+ * and falls back too: the Python path raises what eager raises), or HIT_RAISE when the error set
+ * is to be raised as it is (a learned rule call's own error, or the Python dispatch keys could
+ * not be included again). */
+#define HIT_RAISE ((PyObject *)-1)
 
 static PyObject *try_hit(PyObject *func, PyObject *args)
 {
@@ -304,14 +308,33 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
     if (!entry || !PyDict_CheckExact(entry))
         goto done;
     PyObject *hit = PyDict_GetItemWithError(entry, key); /* borrowed, used at once */
-    if (!hit || !PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) < 3 ||
-        PyTuple_GET_ITEM(hit, 1) != Py_True)
+    if (!hit || !PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) < 3)
         goto done;
-    call = PyTuple_GET_ITEM(hit, 2);
+    int pointwise = PyTuple_GET_ITEM(hit, 1) == Py_True;
+    /* the physical callable, or for a rule's signature the prepared op */
+    call = PyTuple_GET_ITEM(hit, pointwise ? 2 : 0);
     Py_INCREF(call);
     for (int d = 0; d < depth; d++)
         if (attr_bool(chain[d], s_alive) != 1)
             goto done;
+    if (!pointwise) {
+        /* The learned call through the op's handler, in Python (``fastpath.run_rule``): the
+         * signature found here is not looked up again. */
+        PyObject *rargs[3] = {call, chain[0], args};
+        PyObject *r = PyObject_Vectorcall(g_run_rule, rargs, 3, NULL);
+        if (r == g_miss) {
+            Py_DECREF(r);
+            r = NULL;
+        } else if (r) {
+            g_hits++;
+        } else { /* the rule's error (eager's, explained): raised as the Python path raises */
+            Py_DECREF(call);
+            Py_DECREF(key);
+            return HIT_RAISE;
+        }
+        result = r;
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *a = PyTuple_GET_ITEM(args, i);
         if (vals[i] != a && method_bool(vals[i], s_is_neg) != 0)
@@ -354,7 +377,7 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
             Py_XDECREF(out);
             Py_DECREF(call);
             Py_DECREF(key);
-            return HIT_BROKEN;
+            return HIT_RAISE;
         }
         PyErr_Restore(exc_type, exc_value, exc_tb);
     }
@@ -447,7 +470,7 @@ static PyObject *tf_entry(PyObject *self, PyObject *const *argv, Py_ssize_t narg
         PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
         r = PyObject_CallMethodObjArgs(guard, s_exit, Py_None, Py_None, Py_None, NULL);
         Py_DECREF(guard);
-        if (out == HIT_BROKEN) { /* the dispatch keys could not be included again: raise that */
+        if (out == HIT_RAISE) { /* an error to raise as it is */
             Py_XDECREF(r);
             PyErr_Restore(exc_type, exc_value, exc_tb);
             return NULL;
@@ -500,6 +523,8 @@ static PyObject *init(PyObject *self, PyObject *cfg)
     TAKE(g_set_excluded, "set_excluded");
     TAKE(g_python_key, "python_key");
     TAKE(g_snapshot_key, "snapshot_key");
+    TAKE(g_run_rule, "run_rule");
+    TAKE(g_miss, "miss");
     TAKE(g_disable_tf, "disable_tf");
     TAKE(g_make_wrapper, "make_wrapper");
     TAKE(g_strided, "strided");

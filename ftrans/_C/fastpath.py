@@ -38,7 +38,7 @@ from .registry import on_change
 from .rules.pointwise import pointwise_rule
 from .shapecheck import check as _check_shapes, explain as _explain_shapes
 
-__all__ = ["fast_call", "MISS", "stats"]
+__all__ = ["fast_call", "run_rule", "MISS", "stats"]
 
 MISS = object()
 
@@ -149,6 +149,20 @@ def _fast_call(func, types, args, entry):
             except Exception as e:  # eager's per-example error, not the physical one
                 _explain_shapes(op, level, args, {}, e)
                 raise
+    return _handler_call(op, level, args, n)
+
+
+def run_rule(op, level, args):
+    """A learned call of ``op`` at ``level`` through its handler (the C entry's hand-off for
+    the signatures it does not call directly), or :data:`MISS` when a dispatch mode other than
+    vmap's own must see it.  Runs with subclass torch functions off, as ``_fast_call``."""
+    n = _stack_len()
+    if n and (n != 1 or type(_stack_at(0)) is not VmapMode):
+        return MISS
+    return _handler_call(op, level, args, n)
+
+
+def _handler_call(op, level, args, n):
     if op.ok_shapes is not None:  # per-example shape validity, as in dispatch
         _check_shapes(op, level, args, {})
     # Step over vmap's own mode (if pushed), as torch does while a mode's handler runs.

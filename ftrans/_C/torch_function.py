@@ -194,6 +194,7 @@ def _c_entry():
         "set_excluded": torch._C._dispatch_tls_set_dispatch_key_excluded,
         "python_key": torch._C.DispatchKey.Python,
         "snapshot_key": torch._C.DispatchKey.PythonTLSSnapshot,
+        "run_rule": _fastpath.run_rule, "miss": _MISS,
         "disable_tf": torch._C.DisableTorchFunctionSubclass,
         "make_wrapper": torch.Tensor._make_wrapper_subclass, "strided": torch.strided,
         "make_batched": _batched.make_batched, "batched_tensor": BatchedTensor,
