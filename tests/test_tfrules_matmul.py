@@ -11,9 +11,17 @@ import torch
 import ftrans
 from ftrans._C import fastpath, tfrules
 
-from _helpers import check_vmap, loop_reference, no_fallback
+from _helpers import check_vmap, entries, loop_reference, no_fallback, tf_entry
 
 pytestmark = pytest.mark.skipif(not fastpath.ENABLED, reason="torch lacks the dispatch-stack API")
+
+
+@pytest.fixture(autouse=True, params=entries())
+def _entry(request):
+    """Every test under each torch-function entry: the compiled one (which serves a
+    per-example operand times a plain matrix itself, when built) and Python's."""
+    with tf_entry(request.param):
+        yield
 
 B = 3
 
@@ -24,12 +32,22 @@ RIGHT = {1: (4,), 2: (4, 5), 3: (2, 4, 5), 4: (3, 1, 4, 5)}
 BATCHINGS = [(True, False), (False, True), (True, True)]
 
 
+def _c_matmuls():
+    try:
+        from ftrans._C import _fastc
+    except ImportError:
+        return 0
+    return _fastc.matmul_hits()
+
+
 class _Taken:
-    """Counts the calls the matmul rule answered (not MISS)."""
+    """Counts the calls the matmul rule answered (not MISS): the Python rule's, and the C
+    entry's for the case it serves itself (a per-example operand times a plain matrix)."""
 
     def __enter__(self):
         self.n = 0
         self.orig = {f: r for f, r in tfrules.RULES.items()}
+        self.c0 = _c_matmuls()
 
         def counting(rule):
             def run(args):
@@ -45,6 +63,7 @@ class _Taken:
 
     def __exit__(self, *exc):
         tfrules.RULES.update(self.orig)
+        self.n += _c_matmuls() - self.c0
 
 
 def _make(shape, batched, dtype, gen):

@@ -37,6 +37,9 @@ static PyObject *g_set_excluded;   /* torch._C._dispatch_tls_set_dispatch_key_ex
 static PyObject *g_python_key;     /* torch._C.DispatchKey.Python */
 static PyObject *g_snapshot_key;   /* torch._C.DispatchKey.PythonTLSSnapshot */
 static PyObject *g_run_rule;       /* fastpath.run_rule(op, level, args) */
+static PyObject *g_matmul;         /* torch.matmul */
+static PyObject *g_matmuls;        /* the torch functions that are torch.matmul (a tuple) */
+static PyTypeObject *g_parameter;  /* torch.nn.Parameter */
 static PyObject *g_miss;           /* fastpath.MISS */
 static PyObject *g_disable_tf;     /* torch._C.DisableTorchFunctionSubclass (type) */
 static PyObject *g_make_wrapper;   /* torch.Tensor._make_wrapper_subclass */
@@ -48,11 +51,12 @@ static PyTypeObject *g_vmap_mode;  /* dispatch.VmapMode */
 static int g_enabled;              /* the fast path is on (FTRANS_NO_FASTPATH unset) */
 static int g_positional;           /* _make_wrapper_subclass takes its arguments positionally */
 static long g_hits;                /* calls served here (tests check the extension is used) */
+static long g_matmul_hits;         /* of which matmuls */
 static PyObject *g_zero;           /* the int 0 */
 
 static PyObject *s_value, *s_bdim, *s_level, *s_id, *s_alive, *s_requires_grad, *s_dtype,
     *s_dim, *s_is_cuda, *s_is_neg, *s_shape, *s_is_contiguous, *s_device, *s_current_level,
-    *s_enter, *s_exit;
+    *s_enter, *s_exit, *s_layout, *s_is_complex;
 
 #define MAX_ARGS 8
 #define MAX_DEPTH 4
@@ -400,10 +404,114 @@ done:
     return result;
 }
 
+/* ``a @ b`` for a per-example ``a`` (one level, batched along dim 0 over a plain tensor) and a
+ * plain matrix or vector ``b``: ``torch.matmul`` of the value and ``b`` broadcasts the batch
+ * dim itself (``tfrules.matmul``'s case ``ba and rb <= 2``, the one a per-example vector times
+ * a weight takes).  NULL (no error) for anything else: the Python rule decides. */
+static PyObject *try_matmul(PyObject *args)
+{
+    if (PyTuple_GET_SIZE(args) != 2)
+        return NULL;
+    PyObject *a = PyTuple_GET_ITEM(args, 0), *b = PyTuple_GET_ITEM(args, 1);
+    if (Py_TYPE(a) != g_bt || !(Py_TYPE(b) == g_tensor || Py_TYPE(b) == g_parameter))
+        return NULL;
+    PyObject *level = PyObject_GetAttr(a, s_level);
+    if (!level)
+        return NULL;
+    Py_DECREF(level); /* the argument holds it */
+    PyObject *v = PyObject_GetAttr(a, s_value);
+    if (!v)
+        return NULL;
+    Py_DECREF(v); /* the wrapper holds it */
+    PyObject *bd = PyObject_GetAttr(a, s_bdim);
+    if (!bd)
+        return NULL;
+    Py_DECREF(bd);
+    if (Py_TYPE(v) != g_tensor || !(bd == g_zero || (PyLong_CheckExact(bd) &&
+                                                     PyLong_AsLong(bd) == 0)))
+        return NULL;
+    if (call_bool(g_autocast))
+        return NULL;
+    PyObject *fl = PyObject_GetAttr(g_fwad, s_current_level);
+    if (!fl)
+        return NULL;
+    long fwd = PyLong_AsLong(fl);
+    Py_DECREF(fl);
+    if (fwd != -1)
+        return NULL;
+    int grad = call_bool(g_grad_enabled);
+    if (grad < 0 || (grad && (attr_bool(a, s_requires_grad) != 0 ||
+                              attr_bool(b, s_requires_grad) != 0)))
+        return NULL;
+    if (attr_bool(level, s_alive) != 1)
+        return NULL;
+    PyObject *operands[2] = {v, b};
+    for (int k = 0; k < 2; k++) {
+        PyObject *layout = PyObject_GetAttr(operands[k], s_layout);
+        if (!layout)
+            return NULL;
+        int strided = layout == g_strided;
+        Py_DECREF(layout);
+        if (!strided || method_bool(operands[k], s_is_complex) != 0 ||
+            method_bool(operands[k], s_is_neg) != 0)
+            return NULL;
+    }
+    PyObject *r = PyObject_CallMethodNoArgs(a, s_dim);
+    long ra = r ? PyLong_AsLong(r) : -1;
+    Py_XDECREF(r);
+    r = PyObject_CallMethodNoArgs(b, s_dim);
+    long rb = r ? PyLong_AsLong(r) : -1;
+    Py_XDECREF(r);
+    if (ra < 1 || rb < 1 || rb > 2)
+        return NULL;
+    int excluded[2] = {0, 0};
+    {
+        PyObject *len = PyObject_CallNoArgs(g_stack_len);
+        if (!len)
+            return NULL;
+        long modes = PyLong_AsLong(len);
+        Py_DECREF(len);
+        if (modes < 0 || modes > 1)
+            return NULL;
+        if (modes == 1) {
+            PyObject *top = PyObject_CallOneArg(g_stack_at, g_zero);
+            if (!top)
+                return NULL;
+            int ours = Py_TYPE(top) == g_vmap_mode;
+            Py_DECREF(top);
+            if (!ours || exclude_keys(excluded) < 0)
+                return NULL;
+        }
+    }
+    PyObject *out = PyObject_Vectorcall(g_matmul, operands, 2, NULL);
+    if (excluded[0] || excluded[1]) {
+        PyObject *exc_type, *exc_value, *exc_tb;
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        if (include_keys(excluded) < 0) {
+            Py_XDECREF(exc_type);
+            Py_XDECREF(exc_value);
+            Py_XDECREF(exc_tb);
+            Py_XDECREF(out);
+            return HIT_RAISE;
+        }
+        PyErr_Restore(exc_type, exc_value, exc_tb);
+    }
+    if (!out)
+        return NULL; /* (the error is cleared by the caller; the Python path raises eager's) */
+    PyObject *w = wrap0(out, level);
+    Py_DECREF(out);
+    if (w) {
+        g_hits++;
+        g_matmul_hits++;
+    }
+    return w;
+}
+
 static PyObject *tf_entry(PyObject *self, PyObject *const *argv, Py_ssize_t nargs,
                           PyObject *kwnames)
 {
     PyObject *cls, *func, *types, *args = NULL, *kwargs = NULL;
+    int is_matmul = 0;
     if (kwnames && PyTuple_GET_SIZE(kwnames)) {
         /* torch passes everything positionally; anything else is not ours */
         PyObject *d = PyDict_New();
@@ -449,9 +557,14 @@ static PyObject *tf_entry(PyObject *self, PyObject *const *argv, Py_ssize_t narg
         int c = PyDict_Contains(g_overrides, func);
         if (c != 0)
             goto slow_clear;
-        c = PyDict_Contains(g_tf_rules, func);
-        if (c != 0)
+        is_matmul = PySequence_Contains(g_matmuls, func);
+        if (is_matmul < 0)
             goto slow_clear;
+        if (!is_matmul) {
+            c = PyDict_Contains(g_tf_rules, func);
+            if (c != 0)
+                goto slow_clear;
+        }
     }
     {
         /* Subclass __torch_function__ off while reading the arguments' metadata, as in the
@@ -465,7 +578,7 @@ static PyObject *tf_entry(PyObject *self, PyObject *const *argv, Py_ssize_t narg
             goto slow_clear;
         }
         Py_DECREF(r);
-        PyObject *out = try_hit(func, args);
+        PyObject *out = is_matmul ? try_matmul(args) : try_hit(func, args);
         PyObject *exc_type, *exc_value, *exc_tb;
         PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
         r = PyObject_CallMethodObjArgs(guard, s_exit, Py_None, Py_None, Py_None, NULL);
@@ -524,17 +637,20 @@ static PyObject *init(PyObject *self, PyObject *cfg)
     TAKE(g_python_key, "python_key");
     TAKE(g_snapshot_key, "snapshot_key");
     TAKE(g_run_rule, "run_rule");
+    TAKE(g_matmul, "matmul");
+    TAKE(g_matmuls, "matmuls");
     TAKE(g_miss, "miss");
     TAKE(g_disable_tf, "disable_tf");
     TAKE(g_make_wrapper, "make_wrapper");
     TAKE(g_strided, "strided");
     TAKE(g_make_batched, "make_batched");
-    PyObject *bt = NULL, *tensor = NULL, *vm = NULL;
+    PyObject *bt = NULL, *tensor = NULL, *vm = NULL, *param = NULL;
+    TAKE(param, "parameter");
     TAKE(bt, "batched_tensor");
     TAKE(tensor, "tensor");
     TAKE(vm, "vmap_mode");
 #undef TAKE
-    if (!PyType_Check(bt) || !PyType_Check(tensor) || !PyType_Check(vm) ||
+    if (!PyType_Check(bt) || !PyType_Check(tensor) || !PyType_Check(vm) || !PyType_Check(param) ||
         !PyDict_Check(g_cache) || !PyDict_Check(g_overrides) || !PyDict_Check(g_tf_rules) ||
         !PyList_Check(g_autodiff_depth) || PyList_GET_SIZE(g_autodiff_depth) < 1) {
         PyErr_SetString(PyExc_TypeError, "ftrans._fastc.init: bad configuration");
@@ -543,6 +659,7 @@ static PyObject *init(PyObject *self, PyObject *cfg)
     Py_XSETREF(g_bt, (PyTypeObject *)bt);
     Py_XSETREF(g_tensor, (PyTypeObject *)tensor);
     Py_XSETREF(g_vmap_mode, (PyTypeObject *)vm);
+    Py_XSETREF(g_parameter, (PyTypeObject *)param);
     PyObject *en = PyDict_GetItemString(cfg, "enabled");
     PyObject *pos = PyDict_GetItemString(cfg, "positional");
     g_enabled = en ? PyObject_IsTrue(en) : 0;
@@ -555,11 +672,17 @@ static PyObject *hits(PyObject *self, PyObject *noargs)
     return PyLong_FromLong(g_hits);
 }
 
+static PyObject *matmul_hits(PyObject *self, PyObject *noargs)
+{
+    return PyLong_FromLong(g_matmul_hits);
+}
+
 static PyMethodDef methods[] = {
     {"tf_entry", (PyCFunction)(void (*)(void))tf_entry, METH_FASTCALL | METH_KEYWORDS,
      "BatchedTensor.__torch_function__ with the fast path's hit case in C."},
     {"init", init, METH_O, "Hand over the Python objects the entry uses."},
     {"hits", hits, METH_NOARGS, "How many calls the C entry served itself."},
+    {"matmul_hits", matmul_hits, METH_NOARGS, "How many of them were matmuls."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastc", NULL, -1, methods,
@@ -586,6 +709,8 @@ PyMODINIT_FUNC PyInit__fastc(void)
     STR(s_current_level, "_current_level");
     STR(s_enter, "__enter__");
     STR(s_exit, "__exit__");
+    STR(s_layout, "layout");
+    STR(s_is_complex, "is_complex");
 #undef STR
     if (!(g_zero = PyLong_FromLong(0)))
         return NULL;
