@@ -199,6 +199,64 @@ static PyObject *wrap0(PyObject *value, PyObject *level)
  * not be included again). */
 #define HIT_RAISE ((PyObject *)-1)
 
+/* ``call(*vals)`` when no dispatch mode but vmap's own is pushed, run below it: with the Python
+ * and PythonTLSSnapshot dispatch keys excluded, as ``_DisableTorchDispatch`` does for the
+ * Python fast path (the values are plain tensors; no other Python dispatch is skipped, and the
+ * snapshot key's boxed fallback is not paid).  NULL when another mode is pushed or the call
+ * raised (the caller falls back), HIT_RAISE when the keys could not be included again. */
+static PyObject *physical_call(PyObject *call, PyObject *const *vals, Py_ssize_t n)
+{
+    int excluded[2] = {0, 0}; /* Python, PythonTLSSnapshot: excluded here, to be restored */
+    PyObject *len = PyObject_CallNoArgs(g_stack_len);
+    if (!len)
+        return NULL;
+    long modes = PyLong_AsLong(len);
+    Py_DECREF(len);
+    if (modes < 0 || modes > 1)
+        return NULL;
+    if (modes == 1) {
+        PyObject *top = PyObject_CallOneArg(g_stack_at, g_zero);
+        if (!top)
+            return NULL;
+        int ours = Py_TYPE(top) == g_vmap_mode;
+        Py_DECREF(top);
+        if (!ours || exclude_keys(excluded) < 0)
+            return NULL;
+    }
+    PyObject *out = PyObject_Vectorcall(call, vals, n, NULL);
+    if (excluded[0] || excluded[1]) {
+        PyObject *exc_type, *exc_value, *exc_tb;
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        if (include_keys(excluded) < 0) {
+            Py_XDECREF(exc_type);
+            Py_XDECREF(exc_value);
+            Py_XDECREF(exc_tb);
+            Py_XDECREF(out);
+            return HIT_RAISE;
+        }
+        PyErr_Restore(exc_type, exc_value, exc_tb);
+    }
+    return out;
+}
+
+/* Whether a physical call may stand for the logical one: no autocast, no forward-AD level.
+ * ``*grad``: grad mode (-1 on an error, with 0 returned). */
+static int plain_state(int *grad)
+{
+    *grad = -1;
+    if (call_bool(g_autocast))
+        return 0;
+    PyObject *fl = PyObject_GetAttr(g_fwad, s_current_level);
+    if (!fl)
+        return 0;
+    long fwd = PyLong_AsLong(fl);
+    Py_DECREF(fl);
+    if (fwd != -1)
+        return 0;
+    *grad = call_bool(g_grad_enabled);
+    return *grad >= 0;
+}
+
 static PyObject *try_hit(PyObject *func, PyObject *args)
 {
     Py_ssize_t n = PyTuple_GET_SIZE(args);
@@ -255,17 +313,8 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
     }
     if (depth == 0)
         return NULL;
-    if (call_bool(g_autocast))
-        return NULL;
-    PyObject *fl = PyObject_GetAttr(g_fwad, s_current_level);
-    if (!fl)
-        return NULL;
-    long fwd = PyLong_AsLong(fl);
-    Py_DECREF(fl);
-    if (fwd != -1)
-        return NULL;
-    int grad = call_bool(g_grad_enabled);
-    if (grad < 0)
+    int grad;
+    if (!plain_state(&grad))
         return NULL;
 
     /* The Python fast path's signature: per argument its type, and for tensors (type, dtype,
@@ -345,45 +394,11 @@ static PyObject *try_hit(PyObject *func, PyObject *args)
             goto done;
     }
 
-    /* No dispatch mode but vmap's own, and the physical call below it: with the Python and
-     * PythonTLSSnapshot dispatch keys excluded, as ``_DisableTorchDispatch`` does for the
-     * Python fast path (the values are plain tensors; no other Python dispatch is skipped, and
-     * the snapshot key's boxed fallback is not paid). */
-    int excluded[2] = {0, 0}; /* Python, PythonTLSSnapshot: excluded here, to be restored */
-    {
-        PyObject *len = PyObject_CallNoArgs(g_stack_len);
-        if (!len)
-            goto done;
-        long modes = PyLong_AsLong(len);
-        Py_DECREF(len);
-        if (modes < 0 || modes > 1)
-            goto done;
-        if (modes == 1) {
-            PyObject *top = PyObject_CallOneArg(g_stack_at, g_zero);
-            if (!top)
-                goto done;
-            int ours = Py_TYPE(top) == g_vmap_mode;
-            Py_DECREF(top);
-            if (!ours)
-                goto done;
-            if (exclude_keys(excluded) < 0)
-                goto done;
-        }
-    }
-    PyObject *out = PyObject_Vectorcall(call, vals, n, NULL);
-    if (excluded[0] || excluded[1]) {
-        PyObject *exc_type, *exc_value, *exc_tb;
-        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-        if (include_keys(excluded) < 0) {
-            Py_XDECREF(exc_type);
-            Py_XDECREF(exc_value);
-            Py_XDECREF(exc_tb);
-            Py_XDECREF(out);
-            Py_DECREF(call);
-            Py_DECREF(key);
-            return HIT_RAISE;
-        }
-        PyErr_Restore(exc_type, exc_value, exc_tb);
+    PyObject *out = physical_call(call, vals, n);
+    if (out == HIT_RAISE) {
+        Py_DECREF(call);
+        Py_DECREF(key);
+        return HIT_RAISE;
     }
     if (!out)
         goto done;
@@ -430,17 +445,8 @@ static PyObject *try_matmul(PyObject *args)
     if (Py_TYPE(v) != g_tensor || !(bd == g_zero || (PyLong_CheckExact(bd) &&
                                                      PyLong_AsLong(bd) == 0)))
         return NULL;
-    if (call_bool(g_autocast))
-        return NULL;
-    PyObject *fl = PyObject_GetAttr(g_fwad, s_current_level);
-    if (!fl)
-        return NULL;
-    long fwd = PyLong_AsLong(fl);
-    Py_DECREF(fl);
-    if (fwd != -1)
-        return NULL;
-    int grad = call_bool(g_grad_enabled);
-    if (grad < 0 || (grad && (attr_bool(a, s_requires_grad) != 0 ||
+    int grad;
+    if (!plain_state(&grad) || (grad && (attr_bool(a, s_requires_grad) != 0 ||
                               attr_bool(b, s_requires_grad) != 0)))
         return NULL;
     if (attr_bool(level, s_alive) != 1)
@@ -464,38 +470,9 @@ static PyObject *try_matmul(PyObject *args)
     Py_XDECREF(r);
     if (ra < 1 || rb < 1 || rb > 2)
         return NULL;
-    int excluded[2] = {0, 0};
-    {
-        PyObject *len = PyObject_CallNoArgs(g_stack_len);
-        if (!len)
-            return NULL;
-        long modes = PyLong_AsLong(len);
-        Py_DECREF(len);
-        if (modes < 0 || modes > 1)
-            return NULL;
-        if (modes == 1) {
-            PyObject *top = PyObject_CallOneArg(g_stack_at, g_zero);
-            if (!top)
-                return NULL;
-            int ours = Py_TYPE(top) == g_vmap_mode;
-            Py_DECREF(top);
-            if (!ours || exclude_keys(excluded) < 0)
-                return NULL;
-        }
-    }
-    PyObject *out = PyObject_Vectorcall(g_matmul, operands, 2, NULL);
-    if (excluded[0] || excluded[1]) {
-        PyObject *exc_type, *exc_value, *exc_tb;
-        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-        if (include_keys(excluded) < 0) {
-            Py_XDECREF(exc_type);
-            Py_XDECREF(exc_value);
-            Py_XDECREF(exc_tb);
-            Py_XDECREF(out);
-            return HIT_RAISE;
-        }
-        PyErr_Restore(exc_type, exc_value, exc_tb);
-    }
+    PyObject *out = physical_call(g_matmul, operands, 2);
+    if (out == HIT_RAISE)
+        return HIT_RAISE;
     if (!out)
         return NULL; /* (the error is cleared by the caller; the Python path raises eager's) */
     PyObject *w = wrap0(out, level);
