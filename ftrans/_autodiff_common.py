@@ -23,7 +23,7 @@ import torch
 
 from . import _pytree
 from ._C import levels as _levels
-from ._C.autograd import _levels_of, sum_exited_levels, sum_level
+from ._C.autograd import _levels_of, lift, needs_lift, sum_exited_levels, sum_level
 from ._C.batched import BatchedTensor
 from ._C.guards import mark_input
 from ._chunking import check_chunk_args
@@ -224,6 +224,13 @@ def enter(x, form: str):
     if x.is_inference():  # cannot carry autograd history: start from a normal copy
         x = x.clone()
     if x.requires_grad:
+        stack = _levels.current_stack()  # [..., enclosing level, this new level]
+        if len(stack) > 1 and needs_lift(x, stack[-2]):
+            # Made outside the enclosing transform: what an outer backward sends through this
+            # entry is summed over the enclosing levels that have returned (per-use lift, as
+            # for an op's argument; ftrans/_C/autograd.py).  Below the entry alias, so this
+            # level's own gradient is not touched.
+            x = lift(x)
         return mark_input(x.view_as(x))
     if _has_forward_tangent(x):
         x = x.clone().requires_grad_()

@@ -17,7 +17,8 @@ from . import _pytree
 
 from ._C import levels as _levels
 from ._C import aliasing as _aliasing
-from ._C.autograd import AddBatchDim, RemoveBatchDim, saved_tensor_hooks_around_vmap
+from ._C.autograd import AddBatchDim, AddBatchDims, RemoveBatchDim, lift, needs_lift, \
+    saved_tensor_hooks_around_vmap
 from ._C.batched import BatchedTensor, add_batch_dim, batched_at, remove_batch_dim
 from ._C.guards import mark_input
 from ._C.dispatch import vmap_mode
@@ -155,27 +156,46 @@ def _vmap_once(func, in_dims, out_dims, randomness, leaves, treespec, flat_dims,
     level.origin = getattr(func, "_ftrans_origin", None) or functools.partial(
         _call_form, func, in_dims, out_dims)
     grad_on = torch.is_grad_enabled()
+    stack = _levels.current_stack()
+    outer = stack[-1] if stack else None
     with vmap_mode(randomness), saved_tensor_hooks_around_vmap() or _NO_HOOKS:
         _levels.push(level)
         try:
             wrapped = []
             inputs = []  # (x, wrapper, in_dim, version, grad_fn): see _C/aliasing.py
+            diff = []  # (position, x, in_dim, x or its alias) of the inputs that require grad
+            dims = []  # the in_dims made non-negative
             for x, d in zip(leaves, flat_dims):
                 if d is None:
                     wrapped.append(x)
+                    dims.append(None)
                 else:
                     if type(x) is BatchedTensor:  # an outer level's value: no TF hop
                         with _DisableTF():
                             d, rg = d % x.dim(), x.requires_grad
                     else:
                         d, rg = d % x.dim(), x.requires_grad
+                    dims.append(d)
                     if grad_on and rg:
-                        w = mark_input(AddBatchDim.apply(x, d, level))
-                        if x.is_leaf:
-                            _aliasing.LEAVES.setdefault(level.id, set()).add(id(w))
+                        # A tensor the enclosing transform did not make enters through an
+                        # alias whose gradient is summed over the enclosing levels it is not
+                        # batched at, as an op's argument would be (see lift_args).
+                        diff.append((len(wrapped), x, d, lift(x) if outer is not None
+                                     and needs_lift(x, outer) else x))
+                        wrapped.append(None)
                     else:
-                        w = mark_input(add_batch_dim(x, d, level))
-                    wrapped.append(w)
+                        wrapped.append(mark_input(add_batch_dim(x, d, level)))
+            if diff:
+                # One autograd node for every input that requires grad
+                ws = ((AddBatchDim.apply(diff[0][3], diff[0][2], level),) if len(diff) == 1
+                      else AddBatchDims.apply(level, tuple(d for _, _, d, _ in diff),
+                                              *(x for _, _, _, x in diff)))
+                for (i, x, _, _), w in zip(diff, ws):
+                    wrapped[i] = mark_input(w)
+                    if x.is_leaf:
+                        _aliasing.LEAVES.setdefault(level.id, set()).add(id(w))
+            for x, w, d in zip(leaves, wrapped, dims):
+                if d is not None:
                     inputs.append((x, w, d, *_aliasing.entry_state(w)))
             out = func(*_pytree.tree_unflatten(treespec, wrapped), **kwargs)
             _aliasing.mutated_inputs_epilogue(inputs, level, batch_size, _remove)

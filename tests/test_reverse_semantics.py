@@ -325,3 +325,97 @@ def test_non_tensor_aux_leaves_are_returned_as_they_are():
         assert_close(vjp_fn(v)[0], v * x.cos())
         assert got["a"] == aux
         assert_close(got["b"][0], x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several inputs that require grad enter a vmap through one autograd node
+# ----------------------------------------------------------------------------------------------
+
+def test_inputs_that_require_grad_share_one_entry_node_and_get_their_own_gradients():
+    torch.manual_seed(0)
+    a, b, c = (torch.randn(4, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    d = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)  # mapped over dim 1
+    nodes = set()
+
+    def f(a, b, c, d):
+        nodes.update(type(t.grad_fn).__name__ for t in (a, b, c, d) if t.grad_fn is not None)
+        return (a * b).sin().sum() + (d * a).sum()  # c unused: its gradient stays None
+
+    out = ftrans.vmap(f, in_dims=(0, 0, 0, 1))(a, b, c, d)
+    assert nodes == {"AddBatchDimsBackward"}
+    ga, gb, gc, gd = torch.autograd.grad(out.sum(), (a, b, c, d), allow_unused=True,
+                                         create_graph=True)
+    assert gc is None
+    ref = torch.stack([f(a[i], b[i], c[i], d[:, i]) for i in range(4)])
+    ra, rb, rd = torch.autograd.grad(ref.sum(), (a, b, d), create_graph=True)
+    for g, r in ((ga, ra), (gb, rb), (gd, rd)):
+        assert_close(g, r)
+    # double backward through the shared node
+    assert_close(torch.autograd.grad(ga.sum(), b)[0], torch.autograd.grad(ra.sum(), b)[0])
+
+
+def test_the_same_tensor_twice_and_an_outer_level_input_through_the_shared_entry():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+
+    def inner(u, v, w):
+        return (u * v * w).sum()
+
+    def outer(xo):
+        return ftrans.vmap(inner)(xo, xo, w)
+
+    out = ftrans.vmap(outer)(x)
+    gx, gw = torch.autograd.grad(out.sum(), (x, w))
+    ref = torch.stack([torch.stack([inner(x[i, j], x[i, j], w[j]) for j in range(4)])
+                       for i in range(2)])
+    rx, rw = torch.autograd.grad(ref.sum(), (x, w))
+    assert_close(gx, rx)
+    assert_close(gw, rw)
+
+
+# ----------------------------------------------------------------------------------------------
+# A captured tensor that requires grad, entering an inner transform as its input, under vmap:
+# an outer backward sums its per-example contributions (it came back as an escaped
+# BatchedTensor before)
+# ----------------------------------------------------------------------------------------------
+
+_XS = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+_CAPTURED_ENTRIES = {
+    "vmap(grad)": lambda lib, w: lib.vmap(
+        lambda x: lib.grad(lambda w: (w.sin() * x).sum())(w))(_XS),
+    "vmap(vjp)": lambda lib, w: lib.vmap(
+        lambda x: lib.vjp(lambda w: w.sin() * x, w)[1](x)[0])(_XS),
+    "vmap(jvp)": lambda lib, w: lib.vmap(
+        lambda x: lib.jvp(lambda w: w.sin() * x, (w,), (x,))[1])(_XS),
+    "vmap(jacrev)": lambda lib, w: lib.vmap(lambda x: lib.jacrev(lambda w: w.sin() * x)(w))(_XS),
+    "vmap(jacfwd)": lambda lib, w: lib.vmap(lambda x: lib.jacfwd(lambda w: w.sin() * x)(w))(_XS),
+    "vmap(hessian)": lambda lib, w: lib.vmap(
+        lambda x: lib.hessian(lambda w: (w.sin() * x).sum())(w))(_XS),
+    "vmap(vmap), mapped inner input": lambda lib, w: lib.vmap(
+        lambda x: lib.vmap(lambda a, b: a * b)(w, x))(_XS),
+    "vmap(grad(vmap))": lambda lib, w: lib.vmap(lambda x: lib.grad(
+        lambda w: lib.vmap(lambda a, b: a * b)(w, x).sin().sum())(w))(_XS),
+    "vmap(vmap(grad)), in_dims None": lambda lib, w: lib.vmap(lambda x: lib.vmap(
+        lambda w, y: lib.grad(lambda w: (w.sin() * y).sum())(w), in_dims=(None, 0))(
+        w, x.view(2, 2).repeat(1, 2)))(_XS),
+    "grad(vmap(vmap)), closure": lambda lib, w: lib.grad(lambda w2: lib.vmap(
+        lambda x: lib.vmap(lambda a: a * w2.sin().sum())(x))(_XS).sum())(w),
+}
+
+
+@pytest.mark.parametrize("case", list(_CAPTURED_ENTRIES))
+def test_outer_backward_through_a_captured_input_of_an_inner_transform(case):
+    fn = _CAPTURED_ENTRIES[case]
+    results = []
+    for lib in (torch.func, ftrans):
+        w = torch.randn(4, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out = fn(lib, w)
+        (g,) = torch.autograd.grad((out * out.detach().cos()).sum(), w)
+        results.append((out.detach(), g))
+    (ref_out, ref_g), (out, g) = results
+    assert type(g) is torch.Tensor
+    assert_close(out, ref_out)
+    assert_close(g, ref_g)

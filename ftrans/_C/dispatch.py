@@ -50,6 +50,7 @@ import torch.autograd.forward_ad as _fwad
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import aliasing as _aliasing
+from . import autograd as _autograd
 from .agree import agreeing_scalar
 from .batched import BatchedTensor, make_batched
 from .custom_vmap import registered_vmap_rule, vmap_fn_for
@@ -492,6 +493,9 @@ def only_vmap_mode() -> bool:
     to see the ops, so bookkeeping and whole-function rules may skip Python dispatch."""
     n = _stack_len()
     return not n or (n == 1 and type(_stack_at(0)) is VmapMode)
+
+
+_autograd._only_vmap_mode = only_vmap_mode  # (autograd.py sits below: see its _detach)
 
 
 # The entries installed while no fast-path signature is being learned (fastpath.py swaps in
