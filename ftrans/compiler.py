@@ -40,6 +40,7 @@ from typing import Callable, Optional
 import torch
 
 from . import _joint, _pytree
+from ._fastgraph import fast_graph
 from ._C import levels as _levels
 from ._guards import Reads, global_state
 from ._statewatch import StateWatch
@@ -344,7 +345,10 @@ def _plain_runner(gm, example, opts):
 
         planned = plan(gm)
         if planned is not None:
-            runner = OutputPool(*planned)
+            plain, out, n_out = planned
+            return OutputPool(fast_graph(plain), fast_graph(out), n_out)
+    if runner is gm:
+        runner = fast_graph(gm)
     return runner
 
 _OFFSET_OPS = (torch.ops.aten.as_strided.default, torch.ops.aten.as_strided_.default,
@@ -375,6 +379,8 @@ def _differentiable(flat_fn, example, diff_pos, lifted, out_meta, watch, reads, 
     if backend is not None:
         runner.fwd = torch.compile(runner.fwd, backend=backend)
         runner.bwd = torch.compile(runner.bwd, backend=backend)
+    else:
+        runner.fwd, runner.bwd = fast_graph(runner.fwd), fast_graph(runner.bwd)
     return runner
 
 

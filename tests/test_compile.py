@@ -193,7 +193,8 @@ def test_reuse_outputs_off_allocates_every_call():
     entry_out = cf(params, x, y)
     del entry_out
     runner = next(iter(cf.cache.values())).runner
-    assert isinstance(runner, torch.fx.GraphModule)
+    assert type(runner).__name__ != "OutputPool"  # the graph itself, called directly
+    assert any(n.op == "call_function" for n in runner.graph.nodes)
 
 
 def test_output_reuse_from_several_threads():

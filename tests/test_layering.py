@@ -34,7 +34,8 @@ LAYERS = _C + [
     # transforms and their helpers
     ["ftrans._vmap_args", "ftrans._split", "ftrans._chunking", "ftrans._autodiff_common",
      "ftrans.vmap", "ftrans.autodiff", "ftrans.forward", "ftrans.nn", "ftrans.control_flow",
-     "ftrans.static_shape", "ftrans.compiler", "ftrans._outpool", "ftrans._guards",
+     "ftrans.static_shape", "ftrans.compiler", "ftrans._outpool", "ftrans._fastgraph",
+     "ftrans._guards",
      "ftrans._statewatch", "ftrans._joint", "ftrans.dp", "ftrans.dp.*"],
     # public API
     ["ftrans", "ftrans.__main__"],
